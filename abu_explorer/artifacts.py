@@ -1,0 +1,93 @@
+"""Safe, atomic artifact I/O: safetensors, .npy without pickle, JSON. Nothing here unpickles."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+class ArtifactError(RuntimeError):
+    """A missing, corrupt or mismatched artifact. The message names the path and how to rebuild it."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(path: Path, obj) -> None:
+    data = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def load_json(path: Path, hint: str = "") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"missing artifact {path}" + (f"; build it with: {hint}" if hint else ""))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"corrupt JSON artifact {path}: {e}") from e
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+
+
+def load_npy(path: Path, hint: str = "") -> np.ndarray:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"missing artifact {path}" + (f"; build it with: {hint}" if hint else ""))
+    return np.load(path, allow_pickle=False)
+
+
+def save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                metadata={k: str(v) for k, v in (metadata or {}).items()})
+    _atomic_write(path, lambda f: f.write(blob))
+
+
+def load_safetensors(path: Path, hint: str = "") -> dict:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"missing artifact {path}" + (f"; build it with: {hint}" if hint else ""))
+    return load_file(str(path))
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def state_hash(state: dict) -> str:
+    """Hash of a state dict's names, shapes and values (independent of file layout)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().contiguous().cpu()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

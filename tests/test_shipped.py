@@ -1,0 +1,45 @@
+"""The shipped model in precomputed/: loads, fits together, generates deterministically, CLI works."""
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import PRECOMPUTED, ROOT
+
+
+def test_shipped_model_generates_deterministically(shipped_explorer):
+    a = shipped_explorer.generate("red apple", seed=0, steps=20)
+    b = shipped_explorer.generate("red apple", seed=0, steps=20)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    px = np.asarray(a.image, dtype=float)
+    assert px.std() > 10  # not a flat image
+
+
+def test_shipped_dataset_matches(shipped_explorer):
+    assert shipped_explorer.dataset.content_hash == shipped_explorer.meta["dataset"]["content_hash"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "abu_explorer", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_generate_cli_is_byte_identical_and_upscales(tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for out in (a, b):
+        r = _cli("generate", "--prompt", "red apple", "--seed", "0", "--steps", "10", "--size", "128", "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        assert "wrote" in r.stdout and " s" in r.stdout
+    assert a.read_bytes() == b.read_bytes()
+    from PIL import Image
+
+    assert Image.open(a).size == (128, 128)
+
+
+def test_generate_cli_bad_input_exits_2_without_traceback(tmp_path):
+    for args, msg in [(["--prompt", ""], "empty"), (["--prompt", "x", "--seed", "-3"], "seed"),
+                      (["--prompt", "x", "--steps", "0"], "steps"),
+                      (["--prompt", "x", "--model", str(tmp_path / "nope")], "train")]:
+        r = _cli("generate", *args, "--out", str(tmp_path / "x.png"))
+        assert r.returncode == 2, (args, r.stderr)
+        assert msg in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.png").exists()

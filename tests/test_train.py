@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from abu_explorer import models, train
+from conftest import TINY_UNET
+
+
+def _setup(n=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(n, 4, 8, 8, generator=g)
+    states = torch.randn(n, 16, 16, generator=g)
+    null = torch.zeros(1, 16, 16)
+    sched = models.build_scheduler(models.model_config("scheduler"))
+    cfg = train.StageConfig(epochs=2, batch_size=8, lr=1e-3, warmup_steps=2, extra=train.UNET_RECIPE.extra)
+    return lat, states, null, sched, cfg
+
+
+def _fresh_unet():
+    torch.manual_seed(0)
+    return models.build_unet(TINY_UNET)
+
+
+def test_same_seed_same_weights_bit_for_bit():
+    lat, states, null, sched, cfg = _setup()
+    a, b = _fresh_unet(), _fresh_unet()
+    train.train_unet(a, sched, lat, states, null, cfg, progress=False)
+    train.train_unet(b, sched, lat, states, null, cfg, exclude=set(), progress=False)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    lat, states, null, sched, cfg = _setup()
+    ref = _fresh_unet()
+    train.train_unet(ref, sched, lat, states, null, cfg, progress=False)
+
+    def stop(epoch, log):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    first = _fresh_unet()
+    with pytest.raises(KeyboardInterrupt):
+        train.train_unet(first, sched, lat, states, null, cfg, run_dir=tmp_path, progress=False, on_epoch_end=stop)
+    resumed = _fresh_unet()  # a new process would start from fresh weights and read the checkpoint
+    log = train.train_unet(resumed, sched, lat, states, null, cfg, run_dir=tmp_path, progress=False)
+    assert len(log["loss"]) == 2
+    for (k, va), vb in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_leave_k_out_never_sees_excluded_rows(monkeypatch):
+    lat, states, null, sched, cfg = _setup()
+    excluded = {3, 7, 11}
+    seen = []
+    original = train.epoch_batches
+
+    def spy(rows, epoch, c):
+        batches = original(rows, epoch, c)
+        seen.extend(int(i) for b in batches for i in b)
+        return batches
+
+    monkeypatch.setattr(train, "epoch_batches", spy)
+    train.train_unet(_fresh_unet(), sched, lat, states, null, cfg, exclude=excluded, progress=False)
+    assert len(seen) == 2 * (len(lat) - len(excluded)) and not excluded & set(seen)
+    with pytest.raises(ValueError, match="outside"):
+        train.train_unet(_fresh_unet(), sched, lat, states, null, cfg, exclude={99}, progress=False)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    cfg = train.StageConfig(epochs=1, batch_size=1, lr=1.0, warmup_steps=10)
+    assert train.lr_at(0, 100, cfg) == pytest.approx(0.1)
+    assert train.lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert train.lr_at(100, 100, cfg) == pytest.approx(0.0, abs=1e-12)
