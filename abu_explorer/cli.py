@@ -15,7 +15,8 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent / "precomputed"
 def _cmd_train(args) -> int:
     from . import build
 
-    build.build(Path(args.out), Path(args.run_dir), only=args.only, progress=not args.quiet)
+    build.build(Path(args.out), Path(args.run_dir), only=args.only, progress=not args.quiet,
+                data_folder=Path(args.data) if args.data else None)
     return 0
 
 
@@ -107,7 +108,10 @@ def _cmd_attribute(args) -> int:
         if args.prompt is None:
             raise ValueError("give --prompt (with --seed), --image with --caption, or --train-index")
         query = q.from_generation(exp, args.prompt, args.seed, args.steps, args.guidance, box)
-    method = method_cls.load(exp)
+    overrides = {k: v for k, v in (("alpha", args.alpha), ("unlearn_steps", args.unlearn_steps),
+                                   ("unlearn_samples", args.unlearn_samples), ("fisher_damping", args.damping),
+                                   ("screen_candidates", args.candidates)) if v is not None}
+    method = method_cls.load(exp, **overrides)
     ranking = method.score(query, mode=args.mode)
     result = ranking.to_json(query.describe(), exp.dataset.captions, args.k)
     print(f"{args.method} ({ranking.mode}) on {n} training images in {ranking.seconds:.2f} s "
@@ -131,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--only", choices=["autoencoder", "clip", "unet"], help="one stage (the others must exist)")
     t.add_argument("--out", default=str(DEFAULT_DIR))
     t.add_argument("--run-dir", default="runs", help="resumable checkpoints")
+    t.add_argument("--data", default="", help="your own folder of NAME.png + NAME.txt (caption) instead of OpenMoji")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 
@@ -157,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
     ba.add_argument("--alphas", type=float, nargs="*", default=[])
     ba.add_argument("--self-queries", type=int, default=30)
     ba.add_argument("--fast-exact-queries", type=int, default=20)
+    ba.add_argument("--fast-exact-start", type=int, default=0, help="index of the first generated query")
     ba.add_argument("--json", default="")
     ba.set_defaults(func=_cmd_benchmark_abu)
 
@@ -181,6 +187,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--method", default="abu")
     a.add_argument("--mode", default="fast")
     a.add_argument("--k", type=int, default=20)
+    a.add_argument("--alpha", type=float, help="AbU step size (default: the tuned value in the tables' config)")
+    a.add_argument("--unlearn-steps", type=int, help="AbU Newton steps (default 1)")
+    a.add_argument("--unlearn-samples", type=int, help="(noise, timestep) draws per step (default 512)")
+    a.add_argument("--damping", type=float, help="added to the Fisher before inverting (default 0: the paper)")
+    a.add_argument("--candidates", type=int, help="fast mode: rows rescored exactly (default 200)")
     a.add_argument("--json", default="")
     a.add_argument("--model", default=str(DEFAULT_DIR))
     a.set_defaults(func=_cmd_attribute)

@@ -90,7 +90,11 @@ class Explorer:
         """The training set, rendered into the user cache on first use and checked against the hash."""
         if self._dataset is None:
             cfg = data.DataConfig(**self.meta["dataset"]["config"])
-            ds = data.build_openmoji(cfg, progress=False)
+            folder = self.meta["dataset"].get("folder")
+            if folder:
+                ds = data.load_image_folder(folder, cfg.image_size, cfg.flip)
+            else:
+                ds = data.build_openmoji(cfg, progress=False)
             if ds.content_hash != self.meta["dataset"]["content_hash"]:
                 raise artifacts.ArtifactError(
                     f"rendered dataset hash {ds.content_hash} != {self.root / 'dataset.json'} "

@@ -4,7 +4,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from abu_explorer.attribution import abu_precompute, distributed  # noqa: E402
+from abu_explorer.attribution import distributed  # noqa: E402
 from abu_explorer.attribution.ddpm_loss import loss_table  # noqa: E402
 from abu_explorer.attribution.gradients import diagonal_fisher  # noqa: E402
 
@@ -24,11 +24,9 @@ def toy():
 def compute():
     unet, sched, lat, states = toy()
     torch.set_num_threads(1)  # after importing conftest (which sets 2): bit-identity needs equal thread counts
-    cfg = abu_precompute.AbUConfig(fisher_passes=2, num_timesteps=3, screen_dim=32, batch_size=8)
     return {
         "losses": loss_table(unet, sched, lat, states, [50, 450, 850], batch_size=8),
         "fisher": diagonal_fisher(unet, sched, lat, states, passes=2, batch_size=4),
-        "screen": abu_precompute.screen_features(unet, sched, lat, states, [50, 450, 850], cfg, rows_per_group=3).float(),
     }
 
 

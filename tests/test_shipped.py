@@ -43,3 +43,42 @@ def test_generate_cli_bad_input_exits_2_without_traceback(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_shipped_abu_ranks_a_training_query_itself_first(shipped_explorer):
+    from abu_explorer.attribution import query
+    from abu_explorer.attribution.abu import AbU
+
+    engine = AbU.load(shipped_explorer)
+    ranking = engine.score(query.from_training_image(shipped_explorer, 423), mode="fast")
+    assert int(ranking.order[0]) == 423  # "red apple" unlearned -> the red apple is forgotten most
+    assert set(ranking.phases) == {"unlearn", "screen", "rescore"}
+
+
+def test_attribute_cli_writes_the_documented_json(tmp_path):
+    import json
+
+    out = tmp_path / "r.json"
+    r = _cli("attribute", "--train-index", "660", "--k", "5", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert {"query", "method", "mode", "num_train", "seconds", "results"} <= set(doc)
+    assert doc["method"] == "abu" and doc["mode"] == "fast" and doc["num_train"] == 2015
+    assert [x["rank"] for x in doc["results"]] == [1, 2, 3, 4, 5]
+    assert {"rank", "index", "caption", "score"} <= set(doc["results"][0])
+    assert "cat face" in r.stdout
+
+
+def test_attribute_cli_bad_input(tmp_path):
+    for args, msg in [(["--train-index", "1", "--k", "0"], "--k"), (["--train-index", "1", "--k", "99999"], "exceeds"),
+                      (["--train-index", "1", "--method", "nope"], "unknown method"),
+                      (["--train-index", "1", "--box", "3", "3", "3", "9"], "zero"),
+                      (["--train-index", "1", "--box", "0", "0", "64", "9"], "outside"),
+                      (["--train-index", "99999"], "out of range"),
+                      (["--image", str(tmp_path / "missing.png"), "--caption", "x"], "cannot read"),
+                      (["--train-index", "1", "--mode", "slow"], "mode")]:
+        out = tmp_path / "o.json"
+        r = _cli("attribute", *args, "--json", str(out))
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not out.exists()

@@ -91,8 +91,8 @@ def main(args) -> dict:
               f"({time.perf_counter() - t0:.0f} s)")
     if args.fast_exact_queries:
         caps = exp.dataset.captions
-        picks = [caps[(37 + 97 * i) % n] for i in range(args.fast_exact_queries)]
-        queries = [q.from_generation(exp, p, seed=1000 + i) for i, p in enumerate(picks)]
+        ids = range(args.fast_exact_start, args.fast_exact_start + args.fast_exact_queries)
+        queries = [q.from_generation(exp, caps[(37 + 97 * i) % n], seed=1000 + i) for i in ids]
         print(f"fast vs exact on {len(queries)} generated queries:")
         report["fast_vs_exact"] = fast_vs_exact(engine, queries)
         fe = report["fast_vs_exact"]
