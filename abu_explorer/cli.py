@@ -111,6 +111,8 @@ def _cmd_attribute(args) -> int:
     overrides = {k: v for k, v in (("alpha", args.alpha), ("unlearn_steps", args.unlearn_steps),
                                    ("unlearn_samples", args.unlearn_samples), ("fisher_damping", args.damping),
                                    ("screen_candidates", args.candidates)) if v is not None}
+    if overrides and args.method != "abu":
+        raise ValueError(f"{', '.join(overrides)} only apply to --method abu")
     method = method_cls.load(exp, **overrides)
     ranking = method.score(query, mode=args.mode)
     result = ranking.to_json(query.describe(), exp.dataset.captions, args.k)

@@ -1,0 +1,87 @@
+"""Nearest-neighbour baselines: pixel space and CLIP image embeddings (faiss), cosine similarity.
+
+The query image is the decoded query latent (for a generated query: exactly the image shown). With a
+box, the crop is resized (area filter) to the model's input size and embedded instead. As the paper does
+for every method, a training image scores the max over itself and its horizontal flip when the model was
+trained with flips.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import Ranking, register
+
+
+def query_pixels(explorer, query) -> torch.Tensor:
+    """(1, 3, H, W) in [-1, 1]: the decoded query, cropped to its box and resized back when it has one."""
+    x = explorer.decode(query.latent[None])
+    if query.box is None:
+        return x
+    x0, y0, x1, y1 = query.box
+    size = x.shape[-1]
+    crop = x[:, :, int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))]
+    return F.interpolate(crop, size=(size, size), mode="area" if crop.shape[-1] >= size else "bilinear",
+                         align_corners=None if crop.shape[-1] >= size else False)
+
+
+class _Nearest:
+    """Shared logic: ``embed(images) -> (B, D)`` normalised; faiss inner-product search over all rows."""
+
+    name = ""
+    box_note = "the box crop, resized to the model input, is embedded"
+
+    def __init__(self, explorer, index_type: str = "Flat"):
+        import faiss
+
+        self.explorer = explorer
+        ds = explorer.dataset
+        x = ds.as_tensor()
+        views = [x, x.flip(-1)] if ds.config.flip else [x]
+        emb = torch.stack([self.embed(v) for v in views], dim=1)  # (N, V, D)
+        self.n_views = emb.shape[1]
+        flat = emb.reshape(-1, emb.shape[-1]).numpy().astype(np.float32)
+        self.index = faiss.index_factory(flat.shape[1], index_type, faiss.METRIC_INNER_PRODUCT)
+        self.index.add(flat)
+
+    @classmethod
+    def load(cls, explorer, **kwargs):
+        return cls(explorer, **kwargs)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, query, mode: str = "", progress=None) -> Ranking:
+        t0 = time.perf_counter()
+        q = self.embed(query_pixels(self.explorer, query)).numpy().astype(np.float32)
+        sims, ids = self.index.search(q, self.index.ntotal)  # every (row, view), sorted
+        scores = torch.full((self.index.ntotal // self.n_views,), -np.inf)
+        rows = torch.from_numpy(ids[0] // self.n_views)
+        vals = torch.from_numpy(sims[0]).float()
+        scores = scores.scatter_reduce(0, rows, vals, reduce="amax")
+        notes = self.box_note if query.box is not None else ""
+        return Ranking(self.name, scores, time.perf_counter() - t0, "nn", {"search": time.perf_counter() - t0},
+                       notes=notes)
+
+
+@register("pixel")
+class PixelNN(_Nearest):
+    """Cosine similarity of raw pixels (32x32x3, centred on the dataset's white background)."""
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize((images - 1.0).flatten(1), dim=1)  # white (+1) -> 0, so empty space adds nothing
+
+
+@register("clip")
+class ClipNN(_Nearest):
+    """Cosine similarity of the project's CLIP image embeddings (open_clip image tower)."""
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        from ..train import clip_preprocess
+
+        clip = self.explorer.clip
+        return torch.cat([clip.encode_image(clip_preprocess(x), normalize=True) for x in images.split(256)])
