@@ -73,12 +73,18 @@ def _cmd_precompute(args) -> int:
 
     distributed.init_from_env()
     exp = Explorer.load(args.model)
-    cfg = abu_precompute.AbUConfig(selection=args.selection, fisher_passes=args.fisher_passes,
-                                   num_timesteps=args.timesteps)
     t0 = time.perf_counter()
-    folder = abu_precompute.precompute(exp, cfg, args.out or None, progress=not args.quiet)
+    if args.method == "dtrak":
+        from .attribution import dtrak
+
+        cfg = dtrak.DTrakConfig(selection=args.selection, num_timesteps=args.timesteps)
+        folder = dtrak.precompute(exp, cfg, args.out or None, progress=not args.quiet)
+    else:
+        cfg = abu_precompute.AbUConfig(selection=args.selection, fisher_passes=args.fisher_passes,
+                                       num_timesteps=args.timesteps)
+        folder = abu_precompute.precompute(exp, cfg, args.out or None, progress=not args.quiet)
     if distributed.rank_world()[0] == 0:
-        print(f"AbU tables in {folder} ({time.perf_counter() - t0:.1f} s)")
+        print(f"{args.method} tables in {folder} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -170,7 +176,8 @@ def parser() -> argparse.ArgumentParser:
 
     pc = sub.add_parser("precompute", help="build AbU's Fisher, loss and screen tables (resumable; torchrun-able)")
     pc.add_argument("--model", default=str(DEFAULT_DIR))
-    pc.add_argument("--out", default="", help="default: MODEL/abu")
+    pc.add_argument("--method", default="abu", choices=["abu", "dtrak"])
+    pc.add_argument("--out", default="", help="default: MODEL/<method>")
     pc.add_argument("--selection", default="cross-attn", choices=["cross-attn", "attn", "all"])
     pc.add_argument("--fisher-passes", type=int, default=5)
     pc.add_argument("--timesteps", type=int, default=10)

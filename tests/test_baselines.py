@@ -52,3 +52,40 @@ def test_registry_lists_every_method():
     assert {"abu", "pixel", "clip", "random"} <= set(METHODS)
     with pytest.raises(ValueError, match="unknown method"):
         get_method("dino")
+
+
+def test_dtrak_matches_a_plain_reference(tiny_explorer, tmp_path):
+    from abu_explorer.attribution import dtrak
+    from abu_explorer.attribution.ddpm_loss import eval_timesteps, item_noise
+    from abu_explorer.attribution.params import select
+
+    cfg = dtrak.DTrakConfig(num_timesteps=2, proj_dim=8, batch_size=6)
+    dtrak.precompute(tiny_explorer, cfg, tmp_path, progress=False)
+    method = dtrak.DTrak.load(tiny_explorer, tmp_path)
+    query = q.from_generation(tiny_explorer, "red apple", seed=5, steps=3, box=(0, 0, 20, 24))
+    ranking = method.score(query)
+
+    unet, sched = tiny_explorer.unet, tiny_explorer.scheduler
+    params = list(select(unet, "cross-attn").values())
+    cache = tiny_explorer.training_cache()
+    ts = eval_timesteps(2)
+
+    def grad(latent, state, key, mask=None):
+        total = 0
+        for t in ts:
+            noise = item_noise(0, key, 0, t, tuple(latent.shape))
+            xt = sched.add_noise(latent[None], noise[None], torch.tensor([t]))
+            out = unet(xt, torch.tensor([t]), state[None]).sample.pow(2)
+            f = out.mean() if mask is None else (out * mask).sum() / (mask.sum() * out.shape[1])
+            total = total + f / len(ts)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, params)])
+
+    phi = dtrak.project(torch.stack([grad(cache.latents[i], cache.text_states[i], i)
+                                     for i in range(len(cache.latents))]), 8, 0)
+    ctx = tiny_explorer.encode_text(["red apple"])[0]
+    phi_q = dtrak.project(grad(query.latent, ctx, dtrak.QUERY_ROW, query.mask)[None], 8, 0)[0]
+    ref = phi @ torch.linalg.solve(phi.T @ phi, phi_q)
+    # stored features are fp16: compare by correlation, as the parity bar does
+    assert torch.corrcoef(torch.stack([ranking.scores, ref]))[0, 1] > 0.999
+    with pytest.raises(ValueError, match="singular"):
+        dtrak.DTrak(tiny_explorer, dtrak.DTrakConfig(proj_dim=64), torch.randn(24, 64))

@@ -1,0 +1,139 @@
+"""D-TRAK (Zheng, Pang, Du, Lin; ICLR 2024): TRAK for diffusion models with a squared-norm output.
+
+# Notation (code -> paper)
+#   f(z) = mean_t ||eps_theta(x_t, t)||^2  -> the model output function (D-TRAK's "Square" choice), at fixed
+#                                            timesteps and fixed noise, masked to the box for local queries
+#   phi(z) = P^T grad_theta f(z)            -> projected gradient features, P fixed Gaussian (d columns)
+#   Phi                                     -> (N, d) training features, stored fp16 in ``precomputed/dtrak``
+#   scores = Phi (Phi^T Phi + lambda I)^-1 phi(query)
+# theta is the same selection as AbU (cross-attention K/V by default). With d >= N and lambda = 0 the
+# kernel is singular: loading refuses that combination.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import artifacts
+from . import Ranking, distributed, register
+from .ddpm_loss import eval_timesteps, item_noise
+from .gradients import PerExampleGradients
+
+HINT = "python -m abu_explorer precompute --method dtrak"
+QUERY_ROW = 2**40  # noise key of a query (no training row has it)
+
+
+@dataclass(frozen=True)
+class DTrakConfig:
+    selection: str = "cross-attn"
+    num_timesteps: int = 10
+    noise_seed: int = 0
+    proj_dim: int = 1024
+    projection_seed: int = 0
+    lam: float = 0.0  # ridge term; must be > 0 when proj_dim >= N
+    batch_size: int = 160
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def project(vectors: torch.Tensor, dim: int, seed: int, chunk: int = 8192) -> torch.Tensor:
+    """(B, P) -> (B, dim) through a fixed Gaussian matrix (entries N(0, 1/dim)), generated in chunks."""
+    out = torch.zeros(len(vectors), dim)
+    for c, start in enumerate(range(0, vectors.shape[1], chunk)):
+        stop = min(start + chunk, vectors.shape[1])
+        g = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        out += vectors[:, start:stop].float() @ torch.randn(stop - start, dim, generator=g)
+    return out / dim ** 0.5
+
+
+def _output(unet, scheduler, x0, t, noise, context, mask=None) -> torch.Tensor:
+    """Per-item ||eps_theta(x_t, t)||^2 (mean over elements; masked cells only with a box)."""
+    pred = unet(scheduler.add_noise(x0, noise, t), t, context).sample.pow(2)
+    if mask is None:
+        return pred.mean(dim=(1, 2, 3))
+    w = mask.to(pred.dtype)[None, None]
+    return (pred * w).sum(dim=(1, 2, 3)) / (w.sum() * pred.shape[1])
+
+
+def features(unet, scheduler, latents, states, rows_keys, cfg: DTrakConfig, mask=None, progress=None):
+    """(R, d) projected gradients of f for latents (R, C, h, w) with noise keyed by ``rows_keys``."""
+    timesteps = eval_timesteps(cfg.num_timesteps, scheduler.config.num_train_timesteps)
+    pex = PerExampleGradients(unet, cfg.selection)
+    per = max(1, cfg.batch_size // len(timesteps))
+    shape = tuple(latents.shape[1:])
+
+    def batch(b: int) -> torch.Tensor:
+        idx = list(range(b * per, min((b + 1) * per, len(latents))))
+        items = [(i, t) for i in idx for t in timesteps]
+        r = torch.tensor([i for i, _ in items])
+        t = torch.tensor([t for _, t in items])
+        noise = torch.stack([item_noise(cfg.noise_seed, int(rows_keys[i]), 0, t, shape) for i, t in items])
+        g = pex(lambda: _output(unet, scheduler, latents[r], t, noise, states[r], mask), len(items))
+        return project(g.view(len(idx), len(timesteps), -1).mean(dim=1), cfg.proj_dim, cfg.projection_seed)
+
+    num = (len(latents) + per - 1) // per
+    return torch.cat(distributed.run_batches(batch, num, progress))
+
+
+def precompute(explorer, cfg: DTrakConfig = DTrakConfig(), folder: Path | None = None, progress=True) -> Path:
+    from tqdm.auto import tqdm
+
+    from .abu_precompute import _provenance
+
+    folder = Path(folder or Path(explorer.root) / "dtrak")
+    cache = explorer.training_cache()
+    if cache.latents.dim() == 5:
+        raise ValueError("D-TRAK here supports models trained without flips")
+    bar = tqdm(desc="d-trak features", disable=not progress or distributed.rank_world()[0] != 0)
+    phi = features(explorer.unet, explorer.scheduler, cache.latents, cache.text_states,
+                   torch.arange(len(cache.latents)), cfg,
+                   progress=lambda i, n: (setattr(bar, "total", n), bar.update(i - bar.n)))
+    if distributed.rank_world()[0] == 0:
+        artifacts.save_npy(folder / "features.npy", phi.half().numpy())
+        artifacts.save_json(folder / "meta.json", {"config": cfg.to_dict(), **_provenance(explorer),
+                                                   "num_train": len(phi)})
+    return folder
+
+
+@register("dtrak")
+class DTrak:
+    def __init__(self, explorer, cfg: DTrakConfig, phi: torch.Tensor):
+        self.explorer, self.cfg = explorer, cfg
+        n, d = phi.shape
+        if d >= n and cfg.lam <= 0:
+            raise ValueError(f"proj_dim {d} >= N {n} with lambda 0: the kernel is singular; set lam > 0")
+        self.phi = phi.float()
+        gram = self.phi.T @ self.phi + cfg.lam * torch.eye(d)
+        self.chol = torch.linalg.cholesky(gram.double())
+
+    @classmethod
+    def load(cls, explorer, folder=None, **overrides):
+        from .abu_precompute import _provenance
+
+        folder = Path(folder or Path(explorer.root) / "dtrak")
+        meta = artifacts.load_json(folder / "meta.json", HINT)
+        for key, value in _provenance(explorer).items():
+            if meta[key] != value:
+                raise artifacts.ArtifactError(f"{folder / 'meta.json'}: {key} does not match the model; rebuild: {HINT}")
+        cfg = dataclasses.replace(DTrakConfig(**meta["config"]), **overrides)
+        phi = torch.from_numpy(artifacts.load_npy(folder / "features.npy", HINT))
+        if phi.shape != (meta["num_train"], cfg.proj_dim):
+            raise artifacts.ArtifactError(f"{folder / 'features.npy'} has shape {tuple(phi.shape)}; rebuild: {HINT}")
+        return cls(explorer, cfg, phi)
+
+    def score(self, query, mode: str = "", progress=None) -> Ranking:
+        t0 = time.perf_counter()
+        ctx = self.explorer.encode_text([query.prompt])
+        phi_q = features(self.explorer.unet, self.explorer.scheduler, query.latent[None], ctx,
+                         torch.tensor([QUERY_ROW]), self.cfg, query.mask)[0]
+        t1 = time.perf_counter()
+        weights = torch.cholesky_solve(phi_q.double()[:, None], self.chol)[:, 0].float()
+        scores = self.phi @ weights
+        notes = "gradient of the box-masked output" if query.box is not None else ""
+        return Ranking("dtrak", scores, time.perf_counter() - t0, "trak",
+                       {"query_gradient": t1 - t0, "kernel": time.perf_counter() - t1}, notes=notes)
