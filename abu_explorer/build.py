@@ -40,6 +40,13 @@ def _staging(out: Path, name: str) -> Path:
     return tmp
 
 
+def _write_meta(folder: Path, recipe, ds: data.Dataset, model, log: dict, **extra) -> None:
+    artifacts.save_json(folder / "train_meta.json", {
+        "recipe": recipe.to_dict(), "data": ds.config.to_dict(), "data_hash": ds.content_hash,
+        "weights_hash": artifacts.state_hash(model.state_dict()), "log": log,
+        "params": models.num_params(model), **extra})
+
+
 def build_autoencoder(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.AE_RECIPE, progress=True,
                       config: dict | None = None) -> None:
     torch.manual_seed(recipe.seed)
@@ -50,10 +57,7 @@ def build_autoencoder(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.A
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     tmp = _staging(out, "autoencoder")
     vae.save_pretrained(tmp, safe_serialization=True)
-    artifacts.save_json(tmp / "train_meta.json", {
-        "recipe": recipe.to_dict(), "data": ds.config.to_dict(), "data_hash": ds.content_hash,
-        "weights_hash": artifacts.state_hash(vae.state_dict()), "log": log,
-        "params": models.num_params(vae)})
+    _write_meta(tmp, recipe, ds, vae, log)
     _commit_dir(tmp, out / "autoencoder")
 
 
@@ -69,10 +73,7 @@ def build_clip(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.CLIP_REC
     artifacts.save_json(tmp / "open_clip_config.json", {"model_cfg": cfg})
     artifacts.save_safetensors(tmp / "open_clip_model.safetensors", clip.state_dict())
     artifacts.save_json(tmp / "tokenizer.json", tok.to_dict())
-    artifacts.save_json(tmp / "train_meta.json", {
-        "recipe": recipe.to_dict(), "data": ds.config.to_dict(), "data_hash": ds.content_hash,
-        "weights_hash": artifacts.state_hash(clip.state_dict()), "log": log,
-        "params": models.num_params(clip)})
+    _write_meta(tmp, recipe, ds, clip, log)
     _commit_dir(tmp, out / "clip")
 
 
@@ -95,11 +96,8 @@ def build_unet(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.UNET_REC
                            run_dir=run_dir, progress=progress, on_epoch_end=on_epoch_end)
     tmp = _staging(out, "unet")
     unet.save_pretrained(tmp, safe_serialization=True)
-    artifacts.save_json(tmp / "train_meta.json", {
-        "recipe": recipe.to_dict(), "data": ds.config.to_dict(), "data_hash": ds.content_hash,
-        "autoencoder_hash": exp.component_hash("autoencoder"), "clip_hash": exp.component_hash("clip"),
-        "weights_hash": artifacts.state_hash(unet.state_dict()), "log": log,
-        "params": models.num_params(unet)})
+    _write_meta(tmp, recipe, ds, unet, log, autoencoder_hash=exp.component_hash("autoencoder"),
+                clip_hash=exp.component_hash("clip"))
     _commit_dir(tmp, out / "unet")
 
 

@@ -99,6 +99,9 @@ def _cmd_attribute(args) -> int:
     if args.mode not in ("fast", "exact"):
         raise ValueError(f"--mode must be fast or exact, got {args.mode!r}")
     method_cls = get_method(args.method)
+    from .attribution import distributed
+
+    distributed.init_from_env()  # under torchrun the exact scan is sharded; rank 0 prints and writes
     exp = Explorer.load(args.model)
     n = len(exp.dataset)
     if args.k > n:
@@ -122,6 +125,8 @@ def _cmd_attribute(args) -> int:
     method = method_cls.load(exp, **overrides)
     ranking = method.score(query, mode=args.mode)
     result = ranking.to_json(query.describe(), exp.dataset.captions, args.k)
+    if distributed.rank_world()[0] != 0:
+        return 0
     print(f"{args.method} ({ranking.mode}) on {n} training images in {ranking.seconds:.2f} s "
           + " ".join(f"[{p} {s:.2f} s]" for p, s in ranking.phases.items()))
     print(f"{'rank':>4}  {'index':>5}  {'score':>11}  caption")
