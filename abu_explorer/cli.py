@@ -49,6 +49,22 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
+def _cmd_counterfactual(args) -> int:
+    from . import counterfactual
+    from .attribution import get_method, query as q
+    from .pipeline import Explorer
+
+    if args.method != "random":
+        get_method(args.method)
+    exp = Explorer.load(args.model)
+    box = tuple(args.box) if args.box else None
+    query = q.from_generation(exp, args.prompt, args.seed, args.steps, args.guidance, box)
+    result = counterfactual.run(exp, query, args.method, args.k, Path(args.results), draw=args.draw)
+    print(counterfactual.show(result))
+    print(f"result: {Path(args.results) / result['key'] / 'result.json'}")
+    return 0
+
+
 def _cmd_benchmark_abu(args) -> int:
     from .attribution import evaluate
 
@@ -209,6 +225,19 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--json", default="")
     a.add_argument("--model", default=str(DEFAULT_DIR))
     a.set_defaults(func=_cmd_attribute)
+
+    c = sub.add_parser("counterfactual", help="remove a method's top-K, retrain the UNet, regenerate, measure")
+    c.add_argument("--prompt", required=True)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=int, default=50)
+    c.add_argument("--guidance", type=float, default=None)
+    c.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
+    c.add_argument("--method", default="abu")
+    c.add_argument("--k", type=int, default=17)
+    c.add_argument("--draw", type=int, default=0, help="which random draw (method random)")
+    c.add_argument("--results", default="results/counterfactual")
+    c.add_argument("--model", default=str(DEFAULT_DIR))
+    c.set_defaults(func=_cmd_counterfactual)
 
     d = sub.add_parser("dataset", help="render the OpenMoji set into the cache; optionally a contact sheet")
     d.add_argument("--sheet", default="")
