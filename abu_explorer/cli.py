@@ -139,7 +139,12 @@ def _cmd_attribute(args) -> int:
     if overrides and args.method != "abu":
         raise ValueError(f"{', '.join(overrides)} only apply to --method abu")
     method = method_cls.load(exp, **overrides)
-    ranking = method.score(query, mode=args.mode)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=f"{args.method} scan", disable=args.method != "abu" or distributed.rank_world()[0] != 0)
+    ranking = method.score(query, mode=args.mode,
+                           progress=lambda i, total: (setattr(bar, "total", total), bar.update(i - bar.n)))
+    bar.close()
     result = ranking.to_json(query.describe(), exp.dataset.captions, args.k)
     if distributed.rank_world()[0] != 0:
         return 0
