@@ -108,3 +108,18 @@ def show(result: dict) -> str:
     lines.append(f"removed: {', '.join(result['removed_captions'][:10])}" + (" ..." if result["k"] > 10 else ""))
     return "\n".join(lines)
 
+
+
+def strip(results_dir: Path, results: list[dict], path: Path) -> None:
+    """Original, then each result's regenerated image, captioned with method, K and its metrics."""
+    from PIL import Image
+
+    from .contact_sheet import grid
+
+    first = Path(results_dir) / results[0]["key"]
+    images = [Image.open(first / "original.png").convert("RGB")]
+    captions = [f"original: {results[0]['query']['prompt']}"]
+    for r in results:
+        images.append(Image.open(Path(results_dir) / r["key"] / "regenerated.png").convert("RGB"))
+        captions.append(f"-{r['method']} K={r['k']}: dL {r['delta_loss']:+.4f} CLIP {r['delta_g_clip']:.2f}")
+    grid(images, captions, cols=len(images), scale=5, caption_lines=3).save(path)
