@@ -38,4 +38,5 @@ if __name__ == "__main__":
         from safetensors.torch import save_file
 
         save_file(out, sys.argv[1])
+    torch.distributed.barrier()  # no rank tears gloo down while another still talks to it
     torch.distributed.destroy_process_group()

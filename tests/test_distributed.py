@@ -12,9 +12,12 @@ HERE = Path(__file__).resolve().parent
 def test_two_process_results_are_bit_identical(tmp_path):
     out = tmp_path / "dist.safetensors"
     env = {**os.environ, "PYTHONPATH": f"{HERE}:{HERE.parent}", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", "29533", str(HERE / "dist_worker.py"), str(out)],
-                       env=env, capture_output=True, text=True, timeout=600)
+    for attempt in range(2):  # gloo teardown aborted once in ~10 runs ("terminate called ..."): one retry
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "--master-port", str(29533 + attempt), str(HERE / "dist_worker.py"), str(out)],
+                           env=env, capture_output=True, text=True, timeout=600)
+        if r.returncode == 0:
+            break
     assert r.returncode == 0, r.stderr[-3000:]
     from safetensors.torch import load_file
 
