@@ -72,6 +72,19 @@ def _cmd_benchmark_abu(args) -> int:
     return 0
 
 
+def _cmd_benchmark_methods(args) -> int:
+    from .attribution import benchmark_methods
+
+    benchmark_methods.main(args)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from . import counterfactual_eval
+
+    return counterfactual_eval.main(args)
+
+
 def _cmd_dataset(args) -> int:
     from . import contact_sheet, data
 
@@ -90,7 +103,12 @@ def _cmd_precompute(args) -> int:
     distributed.init_from_env()
     exp = Explorer.load(args.model)
     t0 = time.perf_counter()
-    if args.method == "dtrak":
+    if args.method == "if":
+        from .attribution import influence
+
+        cfg = influence.IFConfig(selection=args.selection, num_timesteps=args.timesteps, damping=args.damping)
+        folder = influence.precompute(exp, cfg, args.out or None, progress=not args.quiet)
+    elif args.method == "dtrak":
         from .attribution import dtrak
 
         cfg = dtrak.DTrakConfig(selection=args.selection, num_timesteps=args.timesteps)
@@ -133,15 +151,21 @@ def _cmd_attribute(args) -> int:
         if args.prompt is None:
             raise ValueError("give --prompt (with --seed), --image with --caption, or --train-index")
         query = q.from_generation(exp, args.prompt, args.seed, args.steps, args.guidance, box)
-    overrides = {k: v for k, v in (("alpha", args.alpha), ("unlearn_steps", args.unlearn_steps),
-                                   ("unlearn_samples", args.unlearn_samples), ("fisher_damping", args.damping),
-                                   ("screen_candidates", args.candidates)) if v is not None}
-    if overrides and args.method != "abu":
-        raise ValueError(f"{', '.join(overrides)} only apply to --method abu")
+    if args.method == "if":
+        overrides = {k: v for k, v in (("damping", args.damping), ("screen_candidates", args.candidates))
+                     if v is not None}
+        if any(v is not None for v in (args.alpha, args.unlearn_steps, args.unlearn_samples)):
+            raise ValueError("--alpha, --unlearn-steps and --unlearn-samples only apply to --method abu")
+    else:
+        overrides = {k: v for k, v in (("alpha", args.alpha), ("unlearn_steps", args.unlearn_steps),
+                                       ("unlearn_samples", args.unlearn_samples), ("fisher_damping", args.damping),
+                                       ("screen_candidates", args.candidates)) if v is not None}
+        if overrides and args.method != "abu":
+            raise ValueError(f"{', '.join(overrides)} only apply to --method abu (and --damping, --candidates to if)")
     method = method_cls.load(exp, **overrides)
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc=f"{args.method} scan", disable=args.method != "abu" or distributed.rank_world()[0] != 0)
+    bar = tqdm(desc=f"{args.method} scan", disable=args.method not in ("abu", "if") or distributed.rank_world()[0] != 0)
     ranking = method.score(query, mode=args.mode,
                            progress=lambda i, total: (setattr(bar, "total", total), bar.update(i - bar.n)))
     bar.close()
@@ -200,13 +224,23 @@ def parser() -> argparse.ArgumentParser:
     ba.add_argument("--json", default="")
     ba.set_defaults(func=_cmd_benchmark_abu)
 
-    pc = sub.add_parser("precompute", help="build AbU's Fisher, loss and screen tables (resumable; torchrun-able)")
+    bm = sub.add_parser("benchmark-methods", help="cost of every attribution method: precompute, storage, latency")
+    bm.add_argument("--model", default=str(DEFAULT_DIR))
+    bm.add_argument("--methods", nargs="*", default=[])
+    bm.add_argument("--queries", type=int, default=5)
+    bm.add_argument("--exact", action="store_true", help="also one query in each exact mode")
+    bm.add_argument("--precompute", action="store_true", help="also rebuild and time each method's tables")
+    bm.add_argument("--json", default="")
+    bm.set_defaults(func=_cmd_benchmark_methods)
+
+    pc = sub.add_parser("precompute", help="build a method's tables: AbU (Fisher, losses), D-TRAK or IF features (torchrun-able)")
     pc.add_argument("--model", default=str(DEFAULT_DIR))
-    pc.add_argument("--method", default="abu", choices=["abu", "dtrak"])
+    pc.add_argument("--method", default="abu", choices=["abu", "dtrak", "if"])
     pc.add_argument("--out", default="", help="default: MODEL/<method>")
     pc.add_argument("--selection", default="cross-attn", choices=["cross-attn", "attn", "all"])
     pc.add_argument("--fisher-passes", type=int, default=5)
     pc.add_argument("--timesteps", type=int, default=10)
+    pc.add_argument("--damping", type=float, default=None, help="if: EK-FAC damping (default 0.1 x mean eigenvalue)")
     pc.add_argument("--quiet", action="store_true")
     pc.set_defaults(func=_cmd_precompute)
 
@@ -225,7 +259,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--alpha", type=float, help="AbU step size (default: the tuned value in the tables' config)")
     a.add_argument("--unlearn-steps", type=int, help="AbU Newton steps (default 1)")
     a.add_argument("--unlearn-samples", type=int, help="(noise, timestep) draws per step (default 512)")
-    a.add_argument("--damping", type=float, help="added to the Fisher before inverting (default 0: the paper)")
+    a.add_argument("--damping", type=float, help="abu: added to the Fisher before inverting (default 0: the paper); "
+                   "if: EK-FAC damping (default 0.1 x mean eigenvalue)")
     a.add_argument("--candidates", type=int, help="fast mode: rows rescored exactly (default 200)")
     a.add_argument("--json", default="")
     a.add_argument("--model", default=str(DEFAULT_DIR))
@@ -243,6 +278,20 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--results", default="results/counterfactual")
     c.add_argument("--model", default=str(DEFAULT_DIR))
     c.set_defaults(func=_cmd_counterfactual)
+
+    e = sub.add_parser("evaluate", help="the counterfactual table: many leave-K-out retrains (resumable)")
+    e.add_argument("what", choices=["counterfactual"])
+    e.add_argument("--queries", required=True, help='JSON list of {"prompt", "seed"[, "steps", "guidance", "box"]}')
+    e.add_argument("--methods", default="abu,dtrak,if,clip,pixel,random")
+    e.add_argument("--k", default="17", help="comma-separated K values")
+    e.add_argument("--draws", type=int, default=2, help="random draws per query")
+    e.add_argument("--max-cells", type=int, default=None, help="stop after this many new retrains")
+    e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    e.add_argument("--results", default="results/counterfactual")
+    e.add_argument("--assets", default="assets", help="where the table, plot and strips go ('' for none)")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--model", default=str(DEFAULT_DIR))
+    e.set_defaults(func=_cmd_evaluate)
 
     d = sub.add_parser("dataset", help="render the OpenMoji set into the cache; optionally a contact sheet")
     d.add_argument("--sheet", default="")

@@ -9,6 +9,7 @@ A result is cached by (model hashes, query, method, K, random draw, recipe) and 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -56,26 +57,34 @@ def request_key(explorer, query, method: str, k: int, draw: int, recipe: train.S
 
 
 def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE,
-        draw: int = 0, progress: bool = True) -> dict:
-    """One remove-and-regenerate request; resumable (epoch checkpoints) and cached by its key."""
-    from .pipeline import Explorer, to_pil
+        draw: int = 0, progress: bool = True, on_epoch=None, lock=None) -> dict:
+    """One remove-and-regenerate request; resumable (epoch checkpoints) and cached by its key.
+
+    ``on_epoch(epoch, total, log)`` follows the retraining (it may raise to cancel: the checkpoint stays and
+    a later call resumes); ``lock`` guards every use of the shared UNet (attribution and measuring)."""
+    from .pipeline import Explorer
+
+    lock = lock or contextlib.nullcontext()
 
     key = request_key(explorer, query, method, k, draw, recipe)
     out = Path(results_dir) / key
     if (out / "result.json").exists():
         return artifacts.load_json(out / "result.json")
     # 1. what to remove
-    removed = removal(explorer, query, method, k, draw)
+    with lock:
+        removed = removal(explorer, query, method, k, draw)
     # 2. retrain the UNet from scratch without them (same recipe, same seed)
     cache = explorer.training_cache()
     torch.manual_seed(recipe.seed)
     unet = models.build_unet(dict(explorer.unet.config))
     log = train.train_unet(unet, explorer.scheduler, cache.latents, cache.text_states, cache.null_state, recipe,
-                           exclude=set(removed), run_dir=out / "ckpt", progress=progress)
+                           exclude=set(removed), run_dir=out / "ckpt", progress=progress,
+                           on_epoch_end=(lambda e, lg: on_epoch(e, recipe.epochs, lg)) if on_epoch else None)
     unet.eval()
     # 3. regenerate with the same noise, prompt and sampler; measure
     context = explorer.encode_text([query.prompt])
-    loss0 = query_loss(explorer.unet, explorer.scheduler, query.latent, context, query.mask)
+    with lock:
+        loss0 = query_loss(explorer.unet, explorer.scheduler, query.latent, context, query.mask)
     loss1 = query_loss(unet, explorer.scheduler, query.latent, context, query.mask)
     result = {"key": key, "query": query.describe(), "method": method, "k": k, "draw": draw, "removed": removed,
               "removed_captions": [explorer.dataset.captions[i] for i in removed],
@@ -85,7 +94,8 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
     if src.get("type") == "generated":
         other = Explorer(explorer.root, explorer.vae, explorer.clip, explorer.tokenizer, unet,
                          explorer.scheduler_config, explorer.dataset, explorer.meta)
-        a = explorer.generate(query.prompt, src["seed"], src["steps"], src["guidance"]).image
+        with lock:
+            a = explorer.generate(query.prompt, src["seed"], src["steps"], src["guidance"]).image
         b = other.generate(query.prompt, src["seed"], src["steps"], src["guidance"]).image
         xa, xb = (torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0) for im in (a, b))
         with torch.no_grad():

@@ -49,6 +49,7 @@ class Explorer:
         self._dataset = dataset
         self.meta = meta
         self._null = None
+        self._training_cache: TrainingCache | None = None
 
     # --- loading ---------------------------------------------------------------------------------
 
@@ -131,13 +132,19 @@ class Explorer:
         return self.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor).sample.clamp(-1, 1)
 
     def training_cache(self) -> TrainingCache:
+        """Latents and caption states of every training row (memoised: they depend on AE + CLIP only).
+
+        Consumers read it and must not modify it in place."""
+        if self._training_cache is not None:
+            return self._training_cache
         ds = self.dataset
         x = ds.as_tensor()
         lat = self.encode_images(x)
         if ds.config.flip:
             lat = torch.stack([lat, self.encode_images(x.flip(-1))], dim=1)
         states = torch.cat([self.encode_text(list(c)) for c in _chunks(ds.captions, 512)])
-        return TrainingCache(lat.clone(), states.clone(), self.null_state.clone())
+        self._training_cache = TrainingCache(lat.clone(), states.clone(), self.null_state.clone())
+        return self._training_cache
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -160,6 +167,12 @@ class Explorer:
         images = to_pil(self.decode(lat))
         return [Generation(im, z.clone(), p, s, steps, guidance, self.tokenizer.unknown_words(p))
                 for im, z, p, s in zip(images, lat, prompts, seeds)]
+
+
+def provenance(explorer: Explorer) -> dict:
+    """What an attribution artifact was computed from: every component's weights hash and the data hash."""
+    return {"unet_hash": explorer.component_hash("unet"), "autoencoder_hash": explorer.component_hash("autoencoder"),
+            "clip_hash": explorer.component_hash("clip"), "data_hash": explorer.meta["dataset"]["content_hash"]}
 
 
 def _chunks(xs: list, n: int):
@@ -189,7 +202,7 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     img = img.convert("RGBA")
     white = Image.new("RGBA", img.size, (255, 255, 255, 255))
     img = Image.alpha_composite(white, img).convert("RGB").resize((size, size), Image.Resampling.BOX)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 
 def describe(root: Path) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# ABU_TEST_THREADS=1 leaves a core free when a long job runs beside the tests
+torch.set_num_threads(int(os.environ.get("ABU_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 ROOT = Path(__file__).resolve().parent.parent
 PRECOMPUTED = ROOT / "precomputed"
@@ -90,3 +91,38 @@ def shipped_explorer():
     if not (PRECOMPUTED / "unet" / "train_meta.json").exists():
         pytest.fail(f"shipped model missing under {PRECOMPUTED}; build it with: python -m abu_explorer train")
     return Explorer.load(PRECOMPUTED)
+
+
+@pytest.fixture(scope="session")
+def tiny_app(tiny_model_dir, tiny_dataset, tmp_path_factory):
+    """An ExplorerApp on the tiny model with every method's tables and a seconds-long retrain recipe."""
+    import shutil
+
+    from abu_explorer.attribution import abu_precompute, dtrak, influence
+    from abu_explorer.pipeline import Explorer
+    from abu_explorer.ui import ExplorerApp
+
+    root = tmp_path_factory.mktemp("tiny-app") / "precomputed"
+    shutil.copytree(tiny_model_dir, root)
+    exp = Explorer.load(root, dataset=tiny_dataset)
+    abu_precompute.precompute(exp, abu_precompute.AbUConfig(fisher_passes=1, num_timesteps=2, batch_size=16),
+                              progress=False)
+    dtrak.precompute(exp, dtrak.DTrakConfig(num_timesteps=2, proj_dim=8, batch_size=8), progress=False)
+    influence.precompute(exp, influence.IFConfig(num_timesteps=2, batch_size=8, fit_draws=1), progress=False)
+    return ExplorerApp(exp, root.parent / "results", recipe=tiny_recipes()[2])
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_app):
+    """The real Gradio app on the tiny model, launched on a free loopback port."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    import app as app_module
+
+    demo = app_module.build_demo(tiny_app)
+    demo.queue(max_size=32, default_concurrency_limit=1)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                            show_error=True)
+    yield url
+    demo.close()

@@ -54,7 +54,7 @@ def register(name: str):
 
 
 def get_method(name: str) -> type:
-    from . import abu, dtrak, nearest, random_baseline  # noqa: F401  (each registers its methods)
+    from . import abu, dtrak, influence, nearest, random_baseline  # noqa: F401  (each registers its methods)
 
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")

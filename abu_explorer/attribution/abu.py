@@ -118,20 +118,7 @@ class AbU:
         return change.max(dim=1).values
 
     def screen(self, delta: torch.Tensor) -> torch.Tensor:
-        """Value-shift screen: sum over attn2.to_v layers and caption tokens of ||dW_v c_z||^2 per row."""
-        states = self.cache.text_states  # (N, L, D)
-        shift = torch.zeros(len(states))
-        i, used = 0, 0
-        for name, p in self.selected.items():
-            if ".attn2.to_v." in name and name.endswith("weight"):
-                dw = delta[i:i + p.numel()].view_as(p)
-                shift += torch.einsum("oi,nli->nlo", dw, states).pow(2).sum(dim=(1, 2))
-                used += 1
-            i += p.numel()
-        if not used:
-            raise ValueError(f"fast mode needs attn2.to_v weights in the selection ({self.cfg.selection!r}); "
-                             f"use --mode exact")
-        return shift
+        return value_shift(self.selected, delta, self.cache.text_states, self.cfg.selection)
 
     def score(self, query, mode: str = "fast", progress=None) -> Ranking:
         if mode not in ("fast", "exact"):
@@ -158,17 +145,38 @@ class AbU:
         rows = torch.sort(-predicted, stable=True).indices[:m]
         exact = self.rescore(delta, rows, progress)
         phases["rescore"] = time.perf_counter() - t2
-        scores = torch.empty(n)
-        scores[rows] = exact
-        rest = torch.ones(n, dtype=torch.bool)
-        rest[rows] = False
-        if rest.any():  # placeholders strictly below every exact score, in screen order (not loss changes)
-            others = torch.nonzero(rest).squeeze(1)
-            others = others[torch.sort(-predicted[others], stable=True).indices]
-            scores[others] = exact.min() - 1e-6 * torch.arange(1, len(others) + 1, dtype=scores.dtype)
+        scores = fill_below(n, rows, exact, predicted)
         return Ranking("abu", scores, time.perf_counter() - t0, "fast", phases, exact_rows=rows,
                        notes=f"the {m} of {n} rows with the largest value shift rescored exactly; "
                              f"the others are ranked below them by the screen (their scores are placeholders)")
+
+
+def value_shift(selected: dict, delta: torch.Tensor, states: torch.Tensor, selection: str) -> torch.Tensor:
+    """Screen: sum over attn2.to_v layers and caption tokens of ||dW_v c_z||^2 per row (states: (N, L, D))."""
+    shift = torch.zeros(len(states))
+    i, used = 0, 0
+    for name, p in selected.items():
+        if ".attn2.to_v." in name and name.endswith("weight"):
+            dw = delta[i:i + p.numel()].view_as(p)
+            shift += torch.einsum("oi,nli->nlo", dw, states).pow(2).sum(dim=(1, 2))
+            used += 1
+        i += p.numel()
+    if not used:
+        raise ValueError(f"fast mode needs attn2.to_v weights in the selection ({selection!r}); use --mode exact")
+    return shift
+
+
+def fill_below(n: int, rows: torch.Tensor, exact: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """Scores for all n rows: ``exact`` on ``rows``, the rest strictly below them in ``predicted`` order."""
+    scores = torch.empty(n)
+    scores[rows] = exact
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[rows] = False
+    if rest.any():  # placeholders, not measurements
+        others = torch.nonzero(rest).squeeze(1)
+        others = others[torch.sort(-predicted[others], stable=True).indices]
+        scores[others] = exact.min() - 1e-6 * torch.arange(1, len(others) + 1, dtype=scores.dtype)
+    return scores
 
 
 class _Applied:

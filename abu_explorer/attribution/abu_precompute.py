@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import artifacts
+from ..pipeline import provenance
 from . import distributed
 from .ddpm_loss import eval_timesteps, loss_table
 from .gradients import diagonal_fisher
@@ -68,11 +69,6 @@ class AbUTables:
     timesteps: list[int]
 
 
-def _provenance(explorer) -> dict:
-    return {"unet_hash": explorer.component_hash("unet"), "autoencoder_hash": explorer.component_hash("autoencoder"),
-            "clip_hash": explorer.component_hash("clip"), "data_hash": explorer.meta["dataset"]["content_hash"]}
-
-
 def default_folder(explorer) -> Path:
     return Path(explorer.root) / "abu"
 
@@ -87,7 +83,7 @@ def precompute(explorer, cfg: AbUConfig = AbUConfig(), folder: Path | None = Non
     unet, sched = explorer.unet, explorer.scheduler
     timesteps = eval_timesteps(cfg.num_timesteps, sched.config.num_train_timesteps)
     meta = {"settings": cfg.table_settings(), "config": cfg.to_dict(), "timesteps": timesteps,
-            **_provenance(explorer), "num_train": len(cache.text_states), "flips": cache.latents.dim() == 5,
+            **provenance(explorer), "num_train": len(cache.text_states), "flips": cache.latents.dim() == 5,
             "num_params": sum(p.numel() for p in select(unet, cfg.selection).values())}
     old = artifacts.load_json(folder / "meta.json") if (folder / "meta.json").exists() else None
     same = old is not None and all(old.get(k) == v for k, v in meta.items() if k != "config")
@@ -124,7 +120,7 @@ def load_tables(explorer, folder: Path | None = None, cfg: AbUConfig | None = No
     if missing:
         raise artifacts.ArtifactError(f"{folder}: unfinished precompute (missing {', '.join(sorted(missing))}); "
                                       f"resume it with: {HINT}")
-    for key, value in _provenance(explorer).items():
+    for key, value in provenance(explorer).items():
         if meta[key] != value:
             raise artifacts.ArtifactError(f"{folder / 'meta.json'}: {key} {meta[key]} does not match the loaded "
                                           f"model ({value}); rebuild with: {HINT}")

@@ -83,7 +83,7 @@ def features(unet, scheduler, latents, states, rows_keys, cfg: DTrakConfig, mask
 def precompute(explorer, cfg: DTrakConfig = DTrakConfig(), folder: Path | None = None, progress=True) -> Path:
     from tqdm.auto import tqdm
 
-    from .abu_precompute import _provenance
+    from ..pipeline import provenance
 
     folder = Path(folder or Path(explorer.root) / "dtrak")
     cache = explorer.training_cache()
@@ -95,7 +95,7 @@ def precompute(explorer, cfg: DTrakConfig = DTrakConfig(), folder: Path | None =
                    progress=lambda i, n: (setattr(bar, "total", n), bar.update(i - bar.n)))
     if distributed.rank_world()[0] == 0:
         artifacts.save_npy(folder / "features.npy", phi.half().numpy())
-        artifacts.save_json(folder / "meta.json", {"config": cfg.to_dict(), **_provenance(explorer),
+        artifacts.save_json(folder / "meta.json", {"config": cfg.to_dict(), **provenance(explorer),
                                                    "num_train": len(phi)})
     return folder
 
@@ -113,11 +113,11 @@ class DTrak:
 
     @classmethod
     def load(cls, explorer, folder=None, **overrides):
-        from .abu_precompute import _provenance
+        from ..pipeline import provenance
 
         folder = Path(folder or Path(explorer.root) / "dtrak")
         meta = artifacts.load_json(folder / "meta.json", HINT)
-        for key, value in _provenance(explorer).items():
+        for key, value in provenance(explorer).items():
             if meta[key] != value:
                 raise artifacts.ArtifactError(f"{folder / 'meta.json'}: {key} does not match the model; rebuild: {HINT}")
         cfg = dataclasses.replace(DTrakConfig(**meta["config"]), **overrides)

@@ -5,6 +5,7 @@ image + caption (encoded by the autoencoder), and a training image by index (a s
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -72,8 +73,10 @@ def from_image(explorer, image: Image.Image | str, caption: str, box: Box | None
             raise QueryError(f"cannot read image {image}: {e}") from None
     explorer.tokenizer.encode(caption, allow_empty=False)
     size = explorer.dataset.config.image_size
-    latent = explorer.encode_images(image_to_tensor(image, size))[0]
-    return with_box(Query(latent, caption, {"type": "upload"}, size), box)
+    pixels = image_to_tensor(image, size)
+    latent = explorer.encode_images(pixels)[0]
+    digest = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()[:16]  # two uploads never share a cache key
+    return with_box(Query(latent, caption, {"type": "upload", "image_hash": digest}, size), box)
 
 
 def from_training_image(explorer, index: int, box: Box | None = None) -> Query:

@@ -1,0 +1,204 @@
+"""``python -m abu_explorer evaluate counterfactual``: the project's own Table 1.
+
+Every (query, method, K[, random draw]) cell is one ``counterfactual.run`` request, cached by its key in
+the results folder, so the runner is resumable: stop it at any time and run the same command again.
+Cells run in rounds (every query for one method, then the next method), so a partial run already gives
+complete rows. After each cell the summary (mean +- standard error per method and K), the plot and the
+per-query regeneration strips are rewritten.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import artifacts, counterfactual, train
+
+METRICS = ("delta_loss", "delta_g_mse", "delta_g_clip")
+LABELS = {"delta_loss": "dL (higher = more forgotten)", "delta_g_mse": "dG-MSE (higher = more changed)",
+          "delta_g_clip": "dG-CLIP (lower = more changed)"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    query: int  # index into the queries file
+    method: str
+    k: int
+    draw: int = 0
+
+
+def load_queries(path: Path) -> list[dict]:
+    """A JSON list of {"prompt", "seed"[, "steps", "guidance", "box"]}."""
+    doc = artifacts.load_json(Path(path))
+    items = doc["queries"] if isinstance(doc, dict) else doc
+    if not items:
+        raise ValueError(f"{path}: no queries")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "prompt" not in item:
+            raise ValueError(f"{path}: query {i} needs a 'prompt' (and optionally seed, steps, guidance, box)")
+    return items
+
+
+def plan(num_queries: int, methods: list[str], ks: list[int], draws: int) -> list[Cell]:
+    """Rounds: for each K, each method (random once per draw), all queries."""
+    cells = []
+    for k in ks:
+        for m in methods:
+            for d in range(draws if m == "random" else 1):
+                cells += [Cell(q, m, k, d) for q in range(num_queries)]
+    # random draw 1+ after every method's first round: the control's spread matters less than coverage
+    return sorted(cells, key=lambda c: (ks.index(c.k), c.draw, methods.index(c.method), c.query))
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return math.nan, math.nan
+    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.nan
+    return statistics.mean(xs), se
+
+
+def summarize(results: list[dict], methods: list[str]) -> dict:
+    """Mean +- standard error over queries (and random draws) per method and K; random's per-draw spread."""
+    rows = []
+    for m in methods:
+        for k in sorted({r["k"] for r in results if r["method"] == m}):
+            rs = [r for r in results if r["method"] == m and r["k"] == k]
+            row = {"method": m, "k": k, "n": len(rs), "queries": len({json.dumps(r["query"], sort_keys=True) for r in rs})}
+            for metric in METRICS:
+                row[metric] = mean_se([r[metric] for r in rs if metric in r])
+            if m == "random":  # spread over draws: per-draw means
+                per_draw = {}
+                for r in rs:
+                    per_draw.setdefault(r["draw"], []).append(r["delta_loss"])
+                row["delta_loss_per_draw"] = {d: statistics.mean(v) for d, v in sorted(per_draw.items())}
+            rows.append(row)
+    return {"rows": rows}
+
+
+def table(summary: dict, num_train: int) -> str:
+    lines = ["| method | K (% of N) | cells | dL x1e-3 | dG-MSE x1e-3 | dG-CLIP |", "|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        def fmt(metric, scale):
+            m, se = r[metric]
+            digits = 1 if scale > 1 else 3
+            if math.isnan(m):
+                return "-"
+            return f"{m * scale:.{digits}f}" + ("" if math.isnan(se) else f" ± {se * scale:.{digits}f}")
+
+        lines.append(f"| {r['method']} | {r['k']} ({100 * r['k'] / num_train:.2f}%) | {r['n']} | "
+                     f"{fmt('delta_loss', 1e3)} | {fmt('delta_g_mse', 1e3)} | "
+                     f"{fmt('delta_g_clip', 1)} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in summary["rows"]))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 3.4), dpi=110)
+    for ax, metric in zip(axes, METRICS):
+        for j, m in enumerate(methods):
+            rs = [r for r in summary["rows"] if r["method"] == m]
+            ks = [r["k"] * (1 + 0.03 * (j - len(methods) / 2)) for r in rs]  # small dodge so bars do not overlap
+            ys = [r[metric][0] for r in rs]
+            es = [0 if math.isnan(r[metric][1]) else r[metric][1] for r in rs]
+            ax.errorbar(ks, ys, yerr=es, fmt="o-" if len(ks) > 1 else "o", capsize=3, label=m,
+                        ls="--" if m == "random" else "-")
+        ax.set_xscale("log")
+        ax.set_xlabel("K (images removed)")
+        ax.set_title(LABELS[metric], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]
+
+
+def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int, results_dir: Path,
+        assets_dir: Path | None, progress: bool = True, max_cells: int | None = None) -> dict:
+    from .attribution import get_method, query as q
+
+    for m in methods:
+        if m != "random":
+            get_method(m)  # unknown names fail before hours of work
+    n = len(explorer.dataset)
+    for k in ks:
+        if not 1 <= k <= n:
+            raise ValueError(f"K must be in [1, {n}], got {k}")
+    built = [q.from_generation(explorer, d["prompt"], int(d.get("seed", 0)), int(d.get("steps", 50)),
+                               d.get("guidance"), tuple(d["box"]) if d.get("box") else None) for d in queries]
+    cells = plan(len(queries), methods, ks, draws)
+    results, done_now = [], 0
+    for i, cell in enumerate(cells):
+        key = counterfactual.request_key(explorer, built[cell.query], cell.method, cell.k, cell.draw,
+                                         train.UNET_RECIPE)
+        cached = (Path(results_dir) / key / "result.json").exists()
+        if not cached and max_cells is not None and done_now >= max_cells:
+            continue
+        if not cached:
+            print(f"[{i + 1}/{len(cells)}] {queries[cell.query]['prompt']!r} {cell.method} K={cell.k} "
+                  f"draw {cell.draw}: retraining", flush=True)
+            t0 = time.perf_counter()
+        r = counterfactual.run(explorer, built[cell.query], cell.method, cell.k, results_dir, draw=cell.draw,
+                               progress=progress)
+        if not cached:
+            done_now += 1
+            print(f"  {counterfactual.show(r).splitlines()[0]} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+        results.append({**r, "query_index": cell.query})
+        if assets_dir is not None and not cached:
+            write_report(explorer, queries, methods, results, results_dir, assets_dir)
+    report = write_report(explorer, queries, methods, results, results_dir, assets_dir) if assets_dir else None
+    return {"cells": len(cells), "done": len(results), "report": report}
+
+
+def write_report(explorer, queries, methods, results, results_dir: Path, assets_dir: Path) -> dict:
+    """Summary JSON + markdown table + plot + one regeneration strip per query (first draw, first K)."""
+    n = len(explorer.dataset)
+    assets_dir = Path(assets_dir)
+    assets_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(results, methods)
+    summary.update({"num_train": n, "queries": queries, "threads": torch.get_num_threads(),
+                    "cells": [{k: r[k] for k in ("key", "query_index", "method", "k", "draw", *METRICS) if k in r}
+                              for r in results]})
+    artifacts.save_json(assets_dir / "counterfactual_summary.json", summary)
+    (assets_dir / "counterfactual_table.md").write_text(table(summary, n) + "\n")
+    plot(summary, assets_dir / "counterfactual_plot.png",
+         f"Leave-K-out retraining on the embedded model: {len({r['query_index'] for r in results})} queries, "
+         f"mean ± s.e.")
+    for qi, d in enumerate(queries):
+        mine = [r for r in results if r["query_index"] == qi and r["draw"] == 0 and "delta_g_clip" in r]
+        mine.sort(key=lambda r: (r["k"], methods.index(r["method"])))
+        if mine:
+            counterfactual.strip(results_dir, mine, assets_dir / f"counterfactual_strip_{slug(d['prompt'])}.png")
+    return summary
+
+
+def main(args) -> int:
+    from .pipeline import Explorer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    exp = Explorer.load(args.model)
+    queries = load_queries(Path(args.queries))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    ks = [int(k) for k in args.k.split(",")]
+    out = run(exp, queries, methods, ks, args.draws, Path(args.results), Path(args.assets) if args.assets else None,
+              progress=not args.quiet, max_cells=args.max_cells)
+    if out["report"]:
+        print(table(out["report"], len(exp.dataset)))
+    print(f"{out['done']}/{out['cells']} cells done")
+    return 0

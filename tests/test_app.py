@@ -1,0 +1,64 @@
+"""The launched Gradio app, driven through gradio_client (tiny model, loopback)."""
+import pytest
+from gradio_client import Client, handle_file
+
+from abu_explorer import ui
+
+NO_BOX = [None, None, None, None]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    return Client(tiny_server, verbose=False)
+
+
+def attribute(client, name, prompt="red apple", box=NO_BOX, k=4, methods=None, mode="fast"):
+    return client.predict(prompt, 2, 4, 3.0, None, "", *box, k, methods or list(ui.ORDER), mode,
+                          api_name=f"/attribute_{name}")
+
+
+def test_generate(client):
+    image, note, *box = client.predict("red apple", 2, 4, 3.0, api_name="/generate")
+    assert image.endswith(".png") and box == NO_BOX
+
+
+@pytest.mark.parametrize("name", ui.ORDER)
+def test_attribute_each_method_whole_and_box(client, name):
+    head, gallery = attribute(client, name)
+    assert ui.LABELS[name] in head and len(gallery) == 4
+    assert gallery[0]["caption"].startswith("#1 ")
+    head_b, gallery_b = attribute(client, name, box=[0, 0, 16, 16])
+    assert len(gallery_b) == 4
+
+
+def test_unchecked_method_is_hidden(client):
+    head, gallery = attribute(client, "abu", methods=["clip"])
+    assert head == "" and gallery == []
+
+
+@pytest.mark.parametrize("prompt,box,k,match", [
+    ("", NO_BOX, 4, "prompt"), ("apple " * 40, NO_BOX, 4, "at most"), ("red apple", [3, 3, 3, 8], 4, "zero"),
+    ("red apple", [0, 0, 99, 8], 4, "maximum|outside"), ("red apple", [0, None, 4, 8], 4, "all four"),
+    ("red apple", NO_BOX, 0, "K|minimum"),
+])
+def test_errors_are_readable(client, prompt, box, k, match):
+    with pytest.raises(Exception, match=match):
+        attribute(client, "clip", prompt=prompt, box=box, k=k)
+
+
+def test_upload(client, tiny_app, tmp_path):
+    img, caption = tiny_app.explorer.training_example(5)
+    path = tmp_path / "up.png"
+    img.save(path)
+    preview, note, *_ = client.predict(handle_file(str(path)), caption, api_name="/upload")
+    assert preview.endswith(".png") and "upload" in note
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(Exception):
+        client.predict(handle_file(str(bad)), caption, api_name="/upload")
+
+
+def test_show_box(client):
+    client.predict("red apple", 2, 4, 3.0, api_name="/generate")  # the query source is per session: back to generated
+    preview = client.predict("red apple", 2, 4, 3.0, None, "", 0, 0, 16, 16, api_name="/show_box")
+    assert preview.endswith(".png")

@@ -1,0 +1,122 @@
+"""The functions behind the web app, without Gradio (tiny model)."""
+import time
+
+import pytest
+import torch
+
+from abu_explorer import ui
+from abu_explorer.attribution.query import QueryError
+from abu_explorer.tokenizer import PromptError
+
+GEN = {"type": "generated", "prompt": "red apple", "seed": 3, "steps": 4, "guidance": 3.0}
+
+
+def test_generation_is_cached_and_deterministic(tiny_app):
+    a = tiny_app.generate("red apple", 3, 4, 3.0)
+    assert tiny_app.generate("red apple", 3, 4, 3.0) is a
+    tiny_app._queries.clear()
+    b = tiny_app.generate("red apple", 3, 4, 3.0)
+    assert torch.equal(a.latent, b.latent)
+
+
+@pytest.mark.parametrize("args,match", [
+    (("", 0, 4, 3.0), "prompt"), (("   ", 0, 4, 3.0), "prompt"), (("apple " * 40, 0, 4, 3.0), "at most"),
+    (("red apple", -1, 4, 3.0), "seed"), (("red apple", 1.5, 4, 3.0), "seed"), (("red apple", 0, 0, 3.0), "steps"),
+    (("red apple", 0, 4, 99.0), "guidance"), (("red apple", "x", 4, 3.0), "seed"),
+])
+def test_bad_generation_input_is_refused_clearly(tiny_app, args, match):
+    with pytest.raises((ui.UIError, PromptError), match=match):
+        tiny_app.generate(*args)
+
+
+@pytest.mark.parametrize("name", ui.ORDER)
+def test_every_method_attributes_whole_and_box(tiny_app, name):
+    whole = tiny_app.attribute(tiny_app.query(GEN), name, 5)
+    boxed = tiny_app.attribute(tiny_app.query(GEN, (0, 0, 16, 20)), name, 5)
+    for out in (whole, boxed):
+        assert [r["rank"] for r in out["results"]] == [1, 2, 3, 4, 5]
+        assert out["method"] == name and out["label"] == ui.LABELS[name]
+    assert boxed["query"]["box"] == [0.0, 0.0, 16.0, 20.0]
+    if name != "random":
+        assert whole["results"] != boxed["results"] or name in ("random",)
+    tiles = tiny_app.tiles(whole)
+    assert len(tiles) == 5 and tiles[0][0].size == (128, 128) and tiles[0][1].startswith("#1 ")
+    again = tiny_app.attribute(tiny_app.query(GEN), name, 5)
+    assert [r["index"] for r in again["results"]] == [r["index"] for r in whole["results"]]  # determinism
+
+
+def test_bad_attribution_input_is_refused_clearly(tiny_app):
+    query = tiny_app.query(GEN)
+    n = len(tiny_app.explorer.dataset)
+    with pytest.raises(ui.UIError, match="K"):
+        tiny_app.attribute(query, "clip", n + 1)
+    with pytest.raises(ui.UIError, match="K"):
+        tiny_app.attribute(query, "clip", 0)
+    with pytest.raises(ui.UIError, match="unknown method"):
+        tiny_app.attribute(query, "dino", 5)
+    with pytest.raises(ui.UIError, match="mode"):
+        tiny_app.attribute(query, "abu", 5, "slow")
+    with pytest.raises(QueryError, match="zero"):
+        tiny_app.query(GEN, (4, 4, 4, 9))
+    with pytest.raises(QueryError, match="outside"):
+        tiny_app.query(GEN, (0, 0, 40, 9))
+    with pytest.raises(ui.UIError, match="all four"):
+        tiny_app.query(GEN, (0, None, 4, 9))
+    assert tiny_app.query(GEN, (None, None, None, None)).box is None
+    with pytest.raises(ui.UIError, match="upload an image"):
+        tiny_app.query({"type": "upload", "image": None, "caption": "x"})
+
+
+def test_upload_query_and_corrupt_upload(tiny_app, tmp_path):
+    img, caption = tiny_app.explorer.training_example(3)
+    out = tiny_app.attribute(tiny_app.query({"type": "upload", "image": img, "caption": caption}), "pixel", 3)
+    assert out["query"]["type"] == "upload" and len(out["query"]["image_hash"]) == 16 and len(out["results"]) == 3
+    other, _ = tiny_app.explorer.training_example(4)
+    assert tiny_app.query({"type": "upload", "image": other, "caption": caption}).describe() != \
+        tiny_app.query({"type": "upload", "image": img, "caption": caption}).describe()  # distinct cache keys
+    with pytest.raises(ui.UIError, match="caption"):
+        tiny_app.query({"type": "upload", "image": img, "caption": " "})
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(QueryError, match="cannot read"):
+        tiny_app.query({"type": "upload", "image": str(bad), "caption": "apple"})
+
+
+def test_clicks_and_box_drawing():
+    assert ui.clicks_to_box((200, 40), (40, 160), 256, 32) == (5, 5, 25, 20)
+    from PIL import Image
+
+    img = Image.new("RGB", (32, 32), "white")
+    drawn = ui.draw_box(img, (0, 0, 16, 16), 256)
+    assert drawn.size == (256, 256) and drawn.getpixel((1, 60)) != (255, 255, 255)
+    assert drawn.getpixel((200, 200)) == (255, 255, 255)
+
+
+def test_counterfactual_job_runs_once_and_is_cached(tiny_app):
+    query = tiny_app.query(GEN)
+    job = tiny_app.submit_counterfactual(query, "clip", 2)
+    assert tiny_app.submit_counterfactual(query, "clip", 2) is job  # never run twice
+    t0 = time.time()
+    while job.status in ("queued", "running") and time.time() - t0 < 300:
+        time.sleep(0.2)
+    assert job.status == "done", job.error
+    assert job.total_units == tiny_app.recipe.epochs and job.done_units == tiny_app.recipe.epochs
+    cached = tiny_app.cached_counterfactual(query, "clip", 2)
+    assert cached == job.result and len(cached["removed"]) == 2
+    img, md = tiny_app.counterfactual_view(cached)
+    assert img is not None and "dL" in md
+
+
+def test_cancelled_job_stops_and_resumes(tiny_app):
+    query = tiny_app.query(GEN)
+    job = tiny_app.submit_counterfactual(query, "random", 3)
+    tiny_app.jobs.cancel(job.key)
+    t0 = time.time()
+    while job.status in ("queued", "running") and time.time() - t0 < 300:
+        time.sleep(0.2)
+    assert job.status == "cancelled"
+    again = tiny_app.submit_counterfactual(query, "random", 3)
+    assert again is not job
+    while again.status in ("queued", "running") and time.time() - t0 < 300:
+        time.sleep(0.2)
+    assert again.status == "done", again.error
