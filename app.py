@@ -41,7 +41,7 @@ CC BY-SA 4.0. Built with diffusers, open_clip, faiss, kronfluence and Gradio.
 def build_demo(app=None):
     import gradio as gr
 
-    from abu_explorer import ui
+    from abu_explorer import examples, ui
     from abu_explorer.artifacts import ArtifactError
     from abu_explorer.pipeline import DEFAULT_GUIDANCE
     from abu_explorer.tokenizer import PromptError
@@ -52,6 +52,8 @@ def build_demo(app=None):
         explorer = Explorer.load(os.environ.get("ABU_MODEL_DIR", ROOT / "precomputed"))
         app = ui.ExplorerApp(explorer, Path(os.environ.get("ABU_RESULTS_DIR", ROOT / "results" / "counterfactual")))
     n_train = len(app.explorer.dataset)
+    cf_default_k = max(1, round(0.0085 * n_train))
+    example_items = examples.load(app)
     errors = (ui.UIError, PromptError, ArtifactError, ValueError, FileNotFoundError)
 
     def friendly(fn):
@@ -169,6 +171,19 @@ def build_demo(app=None):
             app.jobs.cancel(key)
         return "Cancel requested (a running retrain stops after its current epoch; requesting it again resumes it)."
 
+    # --- 3. examples ---------------------------------------------------------------------------------------
+
+    @friendly
+    def show_example(name):
+        item = next((it for it in example_items if it["name"] == name), None)
+        if item is None:
+            raise ui.UIError(f"no example {name!r}")
+        outs = [item["image_path"], examples.counterfactual_tiles(app, item, cf_default_k)]
+        for m in ui.ORDER:
+            r = item["rankings"].get(m)
+            outs += [f"**{ui.LABELS[m]}** · {r['mode']} · {r['wall_seconds']:.2f} s" if r else "", app.tiles(r) if r else []]
+        return outs
+
     # --- layout ---------------------------------------------------------------------------------------
 
     with gr.Blocks(title="AbU Explorer") as demo:
@@ -236,9 +251,10 @@ def build_demo(app=None):
                 with gr.Row():
                     cf_method = gr.Dropdown([(ui.LABELS[m], m) for m in ui.ORDER if m != "random"], value="abu",
                                             label="method")
-                    cf_k = gr.Number(value=max(1, round(0.0085 * n_train)), precision=0, minimum=1, maximum=n_train,
+                    cf_k = gr.Number(value=cf_default_k, precision=0, minimum=1, maximum=n_train,
                                      label="K (0.85% of N, as in the paper's middle setting)")
                     cf_btn = gr.Button("Remove & regenerate", variant="primary")
+                    cf_refresh = gr.Button("Refresh")
                     cf_cancel = gr.Button("Cancel")
                 cf_keys = gr.State([])
                 with gr.Row():
@@ -255,15 +271,28 @@ def build_demo(app=None):
                 timer = gr.Timer(5.0)
 
             with gr.Tab("Examples", id="examples"):
-                gr.Markdown("Curated queries with their counterfactual checks, all precomputed: the whole story "
-                            "without waiting. (Pick one, then press Attribute on the first tab to see the rankings.)")
-                strips = sorted((ROOT / "assets").glob("counterfactual_strip_*.png"))
-                for path in strips:
-                    gr.Image(str(path), label=path.stem.replace("counterfactual_strip_", "").replace("_", " "),
-                             interactive=False, show_label=True)
+                gr.Markdown("Curated queries with every method's ranking and the finished remove-and-regenerate "
+                            "checks, all precomputed: the whole story without waiting.")
+                ex_choice = gr.Radio([(f"{it['source']['prompt']} (seed {it['source']['seed']})", it["name"])
+                                      for it in example_items], label="example", elem_id="example-choice")
+                with gr.Row():
+                    ex_img = gr.Image(label="query", interactive=False, type="filepath", height=ui.SHOW + 40)
+                    ex_cf = gr.Gallery(label=f"remove K={cf_default_k} and regenerate (finished retrains)", columns=4,
+                                       height=ui.SHOW + 120, allow_preview=False, format="png")
+                ex_heads, ex_gals = {}, {}
+                with gr.Row(equal_height=False):
+                    for name in ui.ORDER:
+                        with gr.Column(min_width=150):
+                            ex_heads[name] = gr.Markdown()
+                            ex_gals[name] = gr.Gallery(label=ui.LABELS[name], columns=2, height=480,
+                                                       allow_preview=False, format="png")
+                table = ROOT / "assets" / "counterfactual_table.md"
+                if table.exists():
+                    gr.Markdown("#### The evaluation so far (mean ± s.e. over queries; see README)\n"
+                                + table.read_text())
                 plot = ROOT / "assets" / "counterfactual_plot.png"
                 if plot.exists():
-                    gr.Image(str(plot), label="mean over queries", interactive=False)
+                    gr.Image(str(plot), label="counterfactual metrics per method", interactive=False)
 
             with gr.Tab("About", id="about"):
                 gr.Markdown(ABOUT)
@@ -291,6 +320,9 @@ def build_demo(app=None):
                      api_name="counterfactual")
         cf_cancel.click(cancel, [cf_keys], [cf_status], **LIGHT, api_name=False)
         timer.tick(poll, [cf_keys], [*cf_outs, cf_jobs], **LIGHT, api_name=False)
+        cf_refresh.click(poll, [cf_keys], [*cf_outs, cf_jobs], **LIGHT, api_name="counterfactual_status")
+        ex_outs = [ex_img, ex_cf] + [c for m in ui.ORDER for c in (ex_heads[m], ex_gals[m])]
+        ex_choice.change(show_example, [ex_choice], ex_outs, **LIGHT, api_name="example")
 
         def from_url(request: gr.Request):
             params = dict(request.query_params) if request else {}

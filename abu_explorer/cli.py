@@ -79,6 +79,17 @@ def _cmd_benchmark_methods(args) -> int:
     return 0
 
 
+def _cmd_examples(args) -> int:
+    from . import examples
+    from .pipeline import Explorer
+    from .ui import ExplorerApp
+
+    app = ExplorerApp(Explorer.load(args.model), Path(args.results))
+    out = examples.build(app, Path(args.queries), progress=not args.quiet)
+    print(f"wrote {out / 'examples.json'}")
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from . import counterfactual_eval
 
@@ -292,6 +303,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--model", default=str(DEFAULT_DIR))
     e.set_defaults(func=_cmd_evaluate)
+
+    x = sub.add_parser("examples", help="precompute the app's curated examples (every method's ranking)")
+    x.add_argument("--queries", default="evaluation/counterfactual_queries.json")
+    x.add_argument("--results", default="results/counterfactual")
+    x.add_argument("--quiet", action="store_true")
+    x.add_argument("--model", default=str(DEFAULT_DIR))
+    x.set_defaults(func=_cmd_examples)
 
     d = sub.add_parser("dataset", help="render the OpenMoji set into the cache; optionally a contact sheet")
     d.add_argument("--sheet", default="")

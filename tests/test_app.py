@@ -62,3 +62,24 @@ def test_show_box(client):
     client.predict("red apple", 2, 4, 3.0, api_name="/generate")  # the query source is per session: back to generated
     preview = client.predict("red apple", 2, 4, 3.0, None, "", 0, 0, 16, 16, api_name="/show_box")
     assert preview.endswith(".png")
+
+
+def test_remove_and_regenerate_runs_in_the_background_and_caches(client):
+    import time
+
+    client.predict("red apple", 2, 4, 3.0, api_name="/generate")
+    out = client.predict("red apple", 2, 4, 3.0, None, "", None, None, None, None, "pixel", 2,
+                         api_name="/counterfactual")
+    assert len(out) == 6
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        orig, img, md, rand, rand_md, status, jobs = client.predict(api_name="/counterfactual_status")
+        if md and rand_md:
+            break
+        time.sleep(0.5)
+    assert "dL" in md and "random" in rand_md and orig and img and rand
+    assert "remove top-2 of Pixel NN: done" in jobs
+    # asking again shows the cached result at once, without a new job
+    out = client.predict("red apple", 2, 4, 3.0, None, "", None, None, None, None, "pixel", 2,
+                         api_name="/counterfactual")
+    assert "dL" in out[2] and out[5] == ""

@@ -120,3 +120,23 @@ def test_cancelled_job_stops_and_resumes(tiny_app):
     while again.status in ("queued", "running") and time.time() - t0 < 300:
         time.sleep(0.2)
     assert again.status == "done", again.error
+
+
+def test_examples_build_load_and_refuse_another_model(tiny_app, tmp_path):
+    import json
+
+    from abu_explorer import examples
+    from abu_explorer.artifacts import ArtifactError
+
+    queries = tmp_path / "q.json"
+    queries.write_text(json.dumps({"queries": [{"prompt": "red apple", "seed": 3, "steps": 4}]}))
+    out = examples.build(tiny_app, queries, tmp_path / "ex", methods=["clip", "random"], progress=False)
+    items = examples.load(tiny_app, out)
+    assert len(items) == 1 and set(items[0]["rankings"]) == {"clip", "random"}
+    assert len(items[0]["rankings"]["clip"]["results"]) == examples.TOP
+    assert examples.load(tiny_app, tmp_path / "none") == []
+    doc = json.loads((out / "examples.json").read_text())
+    doc["provenance"]["unet_hash"] = "0" * 16
+    (out / "examples.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match="another model.*python -m abu_explorer examples"):
+        examples.load(tiny_app, out)

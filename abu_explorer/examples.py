@@ -1,0 +1,89 @@
+"""The app's gallery of curated examples: every method's ranking precomputed, next to the counterfactuals.
+
+``python -m abu_explorer examples`` writes ``precomputed/examples/examples.json`` (rankings, settings,
+model hashes) and one PNG per query; counterfactual results are looked up in the results folder by key,
+so the tab fills in as the evaluation runner finishes retrains.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import artifacts
+from .counterfactual_eval import load_queries, slug
+
+HINT = "python -m abu_explorer examples"
+TOP = 12
+
+
+def build(app, queries_file: Path, out: Path | None = None, methods=None, progress: bool = True) -> Path:
+    from .pipeline import provenance
+    from .ui import ORDER
+
+    out = Path(out or Path(app.explorer.root) / "examples")
+    items = []
+    for d in load_queries(queries_file):
+        source = {"type": "generated", "prompt": d["prompt"], "seed": int(d.get("seed", 0)),
+                  "steps": int(d.get("steps", 50)), "guidance": float(d.get("guidance", 3.0))}
+        query = app.query(source, d.get("box"))
+        name = slug(d["prompt"]) + f"_s{source['seed']}"
+        rankings = {}
+        for m in methods or ORDER:
+            t0 = time.perf_counter()
+            rankings[m] = app.attribute(query, m, TOP)
+            if progress:
+                print(f"  {d['prompt']!r} {m}: {time.perf_counter() - t0:.1f} s", flush=True)
+        items.append({"name": name, "source": source, "box": d.get("box"), "rankings": rankings})
+        out.mkdir(parents=True, exist_ok=True)
+        app.preview(source, d.get("box")).save(out / f"{name}.png")
+    artifacts.save_json(out / "examples.json", {"provenance": provenance(app.explorer), "top": TOP, "items": items})
+    return out
+
+
+def load(app, folder: Path | None = None) -> list[dict]:
+    """The curated examples; [] when none were built; an error when they belong to another model."""
+    from .pipeline import provenance
+
+    folder = Path(folder or Path(app.explorer.root) / "examples")
+    if not (folder / "examples.json").exists():
+        return []
+    doc = artifacts.load_json(folder / "examples.json", HINT)
+    if doc["provenance"] != provenance(app.explorer):
+        raise artifacts.ArtifactError(f"{folder / 'examples.json'} was built for another model; rebuild: {HINT}")
+    for item in doc["items"]:
+        item["image_path"] = str(folder / f"{item['name']}.png")
+    return doc["items"]
+
+
+def counterfactuals(app, item: dict, k: int) -> list[dict]:
+    """Every finished counterfactual result for this example at K (any method, any random draw)."""
+    from .ui import ORDER
+
+    query = app.query(item["source"], item.get("box"))
+    found = []
+    for m in ORDER:
+        for draw in range(4 if m == "random" else 1):
+            r = app.cached_counterfactual(query, m, k, draw)
+            if r is not None:
+                found.append(r)
+    return found
+
+
+def counterfactual_tiles(app, item: dict, k: int, size: int = 160):
+    """[(image, caption)]: the original, then each finished counterfactual's regenerated image."""
+    from PIL import Image
+
+    results = counterfactuals(app, item, k)
+    if not results:
+        return []
+    folder = Path(app.results_dir)
+    tiles = [(Image.open(folder / results[0]["key"] / "original.png").convert("RGB")
+              .resize((size, size), Image.Resampling.NEAREST), "original")]
+    for r in results:
+        path = folder / r["key"] / "regenerated.png"
+        if path.exists():
+            label = f"-{r['method']}" + (f" (draw {r['draw']})" if r["method"] == "random" else "")
+            tiles.append((Image.open(path).convert("RGB").resize((size, size), Image.Resampling.NEAREST),
+                          f"{label} K={r['k']}: dL {r['delta_loss']:+.4f}, MSE {r['delta_g_mse']:.3f}, "
+                          f"CLIP {r['delta_g_clip']:.2f}"))
+    return tiles
