@@ -3,6 +3,7 @@
 Thin by design: every event calls ``abu_explorer.ui.ExplorerApp``, which is tested without Gradio.
 ABU_MODEL_DIR and ABU_RESULTS_DIR point it at another model folder / counterfactual results folder.
 """
+import functools
 import os
 from pathlib import Path
 
@@ -57,12 +58,12 @@ def build_demo(app=None):
     errors = (ui.UIError, PromptError, ArtifactError, ValueError, FileNotFoundError)
 
     def friendly(fn):
+        @functools.wraps(fn)  # Gradio reads the signature (SelectData, Progress) through __wrapped__
         def wrapped(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except errors as e:
                 raise gr.Error(str(e)) from None
-        wrapped.__name__ = fn.__name__
         return wrapped
 
     def source_of(kind, prompt, seed, steps, guidance, upload, caption):
@@ -89,7 +90,8 @@ def build_demo(app=None):
         clicks = (clicks or []) + [tuple(evt.index)]
         src = source_of(kind, prompt, seed, steps, guidance, upload, caption)
         if len(clicks) < 2:
-            return clicks, gr.update(), gr.update(), gr.update(), gr.update(), "First corner set; click the opposite corner."
+            return (clicks, gr.update(), gr.update(), gr.update(), gr.update(), gr.update(),
+                    "First corner set; click the opposite corner.")
         box = ui.clicks_to_box(clicks[0], clicks[1], ui.SHOW, app.image_size)
         return [], *box, app.preview(src, box) if ui.parse_box(box, app.image_size) else gr.update(), f"Box {box}."
 

@@ -147,7 +147,8 @@ class AbU:
         phases["rescore"] = time.perf_counter() - t2
         scores = fill_below(n, rows, exact, predicted)
         return Ranking("abu", scores, time.perf_counter() - t0, "fast", phases, exact_rows=rows,
-                       notes=f"the {m} of {n} rows with the largest value shift rescored exactly; "
+                       notes=f"all {n} rows rescored exactly (fewer rows than screen candidates)" if m >= n else
+                             f"the {m} of {n} rows with the largest value shift rescored exactly; "
                              f"the others are ranked below them by the screen (their scores are placeholders)")
 
 

@@ -284,6 +284,8 @@ class InfluenceFunctions:
         t2 = time.perf_counter()
         exact = directional_derivatives(self.explorer, self.cache, v, rows, self.cfg, progress)
         phases["rescore"] = time.perf_counter() - t2
+        notes += (f"all {n} rows measured exactly (fewer rows than screen candidates)" if len(rows) >= n else
+                  f"the {len(rows)} of {n} rows with the largest value shift measured exactly; the others ranked "
+                  "below them by the screen (placeholder scores)")
         return Ranking("if", fill_below(n, rows, exact, predicted), time.perf_counter() - t0, "fast", phases,
-                       exact_rows=rows, notes=notes + f"the {len(rows)} of {n} rows with the largest value shift "
-                       "measured exactly; the others ranked below them by the screen (placeholder scores)")
+                       exact_rows=rows, notes=notes)

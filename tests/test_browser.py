@@ -1,0 +1,55 @@
+"""The launched app in a real headless Chromium (tiny model, loopback): generate, box, attribute, open a tile.
+
+Needs /usr/bin/chromium (Debian's ``chromium`` package; .ci/run installs it) and the pinned ``playwright``.
+"""
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from abu_explorer import ui
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_browser_check():
+    spec = importlib.util.spec_from_file_location("browser_check", ROOT / "scripts" / "browser_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+browser_check = _load_browser_check()
+
+pytestmark = pytest.mark.skipif(not os.path.exists(browser_check.CHROMIUM),
+                                reason=f"{browser_check.CHROMIUM} missing (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def seen(tiny_server, tmp_path_factory):
+    """One browser session through the whole flow; the tests below check parts of what it saw."""
+    shot = tmp_path_factory.mktemp("browser") / "app.png"
+    seen = browser_check.drive(tiny_server, screenshot=str(shot), timeout_s=60)
+    print(json.dumps(seen, indent=1))  # shown with a failure
+    return seen
+
+
+def test_generate_box_attribute(seen):
+    assert seen["title"] == "AbU Explorer"
+    assert seen["query_image"]["width"] > 0
+    assert [float(v) for v in seen["box"]] == [4, 4, 24, 24]
+    for name in ui.ORDER:
+        assert seen["tiles"][name] >= 1, (name, seen["tiles"])
+        assert ui.LABELS[name] in seen["headings"][name], (name, seen["headings"][name])
+    shot = Path(seen["screenshot"])
+    assert shot.exists() and shot.stat().st_size > 20_000
+
+
+def test_select_events(seen):
+    """Two clicks on the query image set the box; clicking a tile shows it in the detail panel."""
+    assert seen["two_click_box"]["ok"], seen["two_click_box"]
+    assert seen["tile"]["ok"], seen["tile"]
+    assert seen["tile"]["image"]["width"] > 0
+    assert "training index" in seen["tile"]["text"] and ui.LABELS["abu"] in seen["tile"]["text"]
