@@ -4,6 +4,7 @@ Thin by design: every event calls ``abu_explorer.ui.ExplorerApp``, which is test
 ABU_MODEL_DIR and ABU_RESULTS_DIR point it at another model folder / counterfactual results folder.
 """
 import functools
+import html
 import os
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def build_demo(app=None):
 
                     result = load_json(folder)
                 elif job is not None:
-                    status.append(job.describe())
+                    status.append(job_html(job))
             if result is None:
                 outs += [None, ""]
             else:
@@ -161,7 +162,14 @@ def build_demo(app=None):
                 from PIL import Image
 
                 original = Image.open(first).convert("RGB").resize((192, 192), Image.Resampling.NEAREST)
-        return original, *outs, "  \n".join(status) or ("" if keys else "Nothing requested yet.")
+        return original, *outs, "".join(status) or ("" if keys else "Nothing requested yet.")
+
+    def job_html(job):
+        text = html.escape(job.describe())
+        if job.status != "running" or not job.total_units:
+            return f"<div>{text}</div>"
+        return (f'<div>{text}<br><progress value="{job.done_units}" max="{job.total_units}" '
+                f'style="width: 60%"></progress></div>')
 
     def poll(keys):
         jobs = [j.describe() for j in app.jobs.jobs.values()]
@@ -267,7 +275,7 @@ def build_demo(app=None):
                     gr.Markdown()
                     cf_md = gr.Markdown()
                     cf_rand_md = gr.Markdown()
-                cf_status = gr.Markdown()
+                cf_status = gr.HTML()
                 with gr.Accordion("all jobs on this server", open=False):
                     cf_jobs = gr.Markdown()
                 timer = gr.Timer(5.0)
@@ -297,6 +305,9 @@ def build_demo(app=None):
                     gr.Image(str(plot), label="counterfactual metrics per method", interactive=False)
 
             with gr.Tab("About", id="about"):
+                figure = ROOT / "assets" / "about_abu.png"
+                if figure.exists():
+                    gr.Image(str(figure), label="AbU on the embedded model", interactive=False, show_label=False)
                 gr.Markdown(ABOUT)
 
         # --- events -----------------------------------------------------------------------------------

@@ -36,6 +36,11 @@ def save_json(path: Path, obj) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
+def save_text(path: Path, text: str) -> None:
+    data = text.encode("utf-8")
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def load_json(path: Path, hint: str = "") -> dict:
     path = Path(path)
     if not path.exists():

@@ -23,7 +23,9 @@ def test_tiny_model_generates_deterministically(tiny_explorer):
 def test_batch_and_single_generation_agree(tiny_explorer):
     single = tiny_explorer.generate("red apple", seed=1, steps=4)
     batch = tiny_explorer.generate_batch(["flag: brazil", "red apple"], [0, 1], steps=4)
-    assert torch.allclose(single.latent, batch[1].latent, atol=1e-5)
+    # batched matmuls round differently (more so with one thread): equal to 1e-5 of the latent scale
+    scale = float(single.latent.abs().max())
+    assert float((single.latent - batch[1].latent).abs().max()) < 1e-5 * scale
 
 
 @pytest.mark.parametrize("kwargs,match", [
