@@ -40,6 +40,7 @@ class ExplorerApp:
         self.recipe = recipe
         self.lock = threading.RLock()  # the shared UNet
         self._load_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
         self._methods: dict = {}
         self._queries: OrderedDict = OrderedDict()  # (prompt, seed, steps, guidance) -> Generation
         self.jobs = JobQueue()
@@ -58,14 +59,16 @@ class ExplorerApp:
         seed, steps = _int(seed, "seed", 0, 2**31 - 1), _int(steps, "steps", 1, 200)
         guidance = _float(guidance, "guidance", 0.0, 15.0)
         key = (prompt, seed, steps, guidance)
-        if key in self._queries:
-            self._queries.move_to_end(key)
-            return self._queries[key]
+        with self._cache_lock:  # light events read the cache from several threads, never behind the UNet
+            if key in self._queries:
+                self._queries.move_to_end(key)
+                return self._queries[key]
         with self.lock:
             g = self.explorer.generate(prompt, seed, steps, guidance, callback=progress)
-        self._queries[key] = g
-        while len(self._queries) > 64:
-            self._queries.popitem(last=False)
+        with self._cache_lock:
+            self._queries[key] = g
+            while len(self._queries) > 64:
+                self._queries.popitem(last=False)
         return g
 
     def query(self, source: dict, box=None) -> q.Query:
