@@ -94,7 +94,7 @@ def build_demo(app=None):
             return (clicks, gr.update(), gr.update(), gr.update(), gr.update(), gr.update(),
                     "First corner set; click the opposite corner.")
         box = ui.clicks_to_box(clicks[0], clicks[1], ui.SHOW, app.image_size)
-        return [], *box, app.preview(src, box) if ui.parse_box(box, app.image_size) else gr.update(), f"Box {box}."
+        return [], *box, app.preview(src, box), f"Box {box}."
 
     @friendly
     def show_box(kind, prompt, seed, steps, guidance, upload, caption, x0, y0, x1, y1):
@@ -128,12 +128,13 @@ def build_demo(app=None):
 
     @friendly
     def counterfactual(kind, prompt, seed, steps, guidance, upload, caption, x0, y0, x1, y1, method, k):
+        k = ui._int(k, "K", 1, n_train)
         query = app.query(source_of(kind, prompt, seed, steps, guidance, upload, caption), (x0, y0, x1, y1))
         keys = []
         for m in (method, "random"):
-            if app.cached_counterfactual(query, m, int(k)) is None:
+            if app.cached_counterfactual(query, m, k) is None:
                 app.submit_counterfactual(query, m, k)
-            keys.append(app.counterfactual_key(query, m, int(k)))
+            keys.append(app.counterfactual_key(query, m, k))
         return keys, *render_counterfactual(keys)
 
     def render_counterfactual(keys):
@@ -158,7 +159,7 @@ def build_demo(app=None):
         original = None
         if keys:
             first = app.results_dir / keys[0] / "original.png"
-            if first.exists():
+            if (app.results_dir / keys[0] / "result.json").exists():  # written last: the PNGs are complete
                 from PIL import Image
 
                 original = Image.open(first).convert("RGB").resize((192, 192), Image.Resampling.NEAREST)
@@ -172,7 +173,7 @@ def build_demo(app=None):
                 f'style="width: 60%"></progress></div>')
 
     def poll(keys):
-        jobs = [j.describe() for j in app.jobs.jobs.values()]
+        jobs = [j.describe() for j in app.jobs.snapshot()]
         return *render_counterfactual(keys), "  \n".join(jobs) or "No jobs on this server yet."
 
     @friendly
@@ -216,7 +217,7 @@ def build_demo(app=None):
                             gr.Examples([["red apple", 0], ["red heart", 0], ["banana", 0], ["grinning face", 0]],
                                         inputs=[prompt, seed], cache_examples=False)
                         with gr.Tab("Upload"):
-                            upload = gr.Image(label="your image", type="pil", image_mode="RGBA")
+                            upload = gr.File(label="your image (PNG, JPEG, ...)", file_types=["image"], type="filepath")
                             caption = gr.Textbox(label="its caption", max_lines=1)
                             up_btn = gr.Button("Use this image")
                     with gr.Column(scale=1, min_width=280):
@@ -322,7 +323,7 @@ def build_demo(app=None):
         box_btn.click(show_box, [*src, *box], [query_img], **LIGHT, api_name="show_box")
         clear_btn.click(lambda: (None, None, None, None, []), None, [*box, clicks], api_name=False).then(
             show_box, [*src, *box], [query_img], **LIGHT, api_name=False)
-        checked = attr_btn.click(show_box, [*src, *box], [query_img], **HEAVY, api_name=False)
+        checked = attr_btn.click(show_box, [*src, *box], [query_img], **LIGHT, api_name=False)
         for name in ui.ORDER:
             checked.success(attribute_fn(name), [*src, *box, k, chosen, mode],
                             [columns[name], heads[name], galleries[name], states[name]],

@@ -35,8 +35,9 @@ def query_loss(unet, scheduler, latent: torch.Tensor, context: torch.Tensor, mas
                              mask).mean())
 
 
-def removal(explorer, query, method: str, k: int, draw: int = 0) -> list[int]:
-    """The K rows to remove: a method's top-K, or K uniformly random rows (seeded by query and draw)."""
+def removal(explorer, query, method: str, k: int, draw: int = 0, ranker=None) -> list[int]:
+    """The K rows to remove: a method's top-K (fast mode; ``ranker``: an already loaded instance), or K
+    uniformly random rows (seeded by query and draw)."""
     from .attribution import get_method
 
     n = len(explorer.dataset)
@@ -46,7 +47,8 @@ def removal(explorer, query, method: str, k: int, draw: int = 0) -> list[int]:
         key = json.dumps(query.describe(), sort_keys=True) + f"|draw{draw}"
         g = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
-    return [i for i, _ in get_method(method).load(explorer).score(query).top(k)]
+    ranker = ranker or get_method(method).load(explorer)
+    return [i for i, _ in ranker.score(query).top(k)]
 
 
 def request_key(explorer, query, method: str, k: int, draw: int, recipe: train.StageConfig) -> str:
@@ -57,7 +59,7 @@ def request_key(explorer, query, method: str, k: int, draw: int, recipe: train.S
 
 
 def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE,
-        draw: int = 0, progress: bool = True, on_epoch=None, lock=None) -> dict:
+        draw: int = 0, progress: bool = True, on_epoch=None, lock=None, ranker=None) -> dict:
     """One remove-and-regenerate request; resumable (epoch checkpoints) and cached by its key.
 
     ``on_epoch(epoch, total, log)`` follows the retraining (it may raise to cancel: the checkpoint stays and
@@ -72,7 +74,7 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
         return artifacts.load_json(out / "result.json")
     # 1. what to remove
     with lock:
-        removed = removal(explorer, query, method, k, draw)
+        removed = removal(explorer, query, method, k, draw, ranker)
     # 2. retrain the UNet from scratch without them (same recipe, same seed)
     cache = explorer.training_cache()
     torch.manual_seed(recipe.seed)
@@ -102,9 +104,8 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
             pair = train.clip_preprocess(torch.stack([xa, xb]).permute(0, 3, 1, 2) * 2 - 1)
             emb = explorer.clip.encode_image(pair, normalize=True)
         result.update({"delta_g_mse": float((xa - xb).pow(2).mean()), "delta_g_clip": float(emb[0] @ emb[1])})
-        out.mkdir(parents=True, exist_ok=True)
-        b.save(out / "regenerated.png")
-        a.save(out / "original.png")
+        artifacts.save_png(out / "regenerated.png", b)
+        artifacts.save_png(out / "original.png", a)
     artifacts.save_json(out / "result.json", result)
     shutil.rmtree(out / "ckpt", ignore_errors=True)  # retrained weights need not be kept
     return result

@@ -17,14 +17,14 @@ TOP = 12
 
 
 def build(app, queries_file: Path, out: Path | None = None, methods=None, progress: bool = True) -> Path:
-    from .pipeline import provenance
+    from .pipeline import DEFAULT_GUIDANCE, provenance
     from .ui import ORDER
 
     out = Path(out or Path(app.explorer.root) / "examples")
     items = []
     for d in load_queries(queries_file):
         source = {"type": "generated", "prompt": d["prompt"], "seed": int(d.get("seed", 0)),
-                  "steps": int(d.get("steps", 50)), "guidance": float(d.get("guidance", 3.0))}
+                  "steps": int(d.get("steps", 50)), "guidance": float(d.get("guidance", DEFAULT_GUIDANCE))}
         query = app.query(source, d.get("box"))
         name = slug(d["prompt"]) + f"_s{source['seed']}"
         rankings = {}
@@ -59,7 +59,13 @@ def counterfactuals(app, item: dict, k: int) -> list[dict]:
     """Every finished counterfactual result for this example at K (any method, any random draw)."""
     from .ui import ORDER
 
-    query = app.query(item["source"], item.get("box"))
+    # the request key needs only the query's description: no generation, so no wait for the UNet
+    from .attribution.query import Query
+
+    src = item["source"]
+    query = Query(None, src["prompt"], {"type": "generated", "seed": src["seed"], "steps": src["steps"],
+                                        "guidance": src["guidance"]}, app.image_size,
+                  tuple(float(v) for v in item["box"]) if item.get("box") else None)
     found = []
     for m in ORDER:
         for draw in range(4 if m == "random" else 1):

@@ -62,8 +62,8 @@ class JobQueue:
     def submit(self, key: str, label: str, fn) -> Job:
         with self._lock:
             job = self.jobs.get(key)
-            if job is not None and job.status in ("queued", "running", "done"):
-                return job  # never run the same request twice
+            if job is not None and job.status in ("queued", "running", "done") and not job.cancel.is_set():
+                return job  # never run the same request twice (a cancelled one is queued anew and resumes)
             job = Job(key, label)
             self.jobs[key] = job
             self._queue.put((job, fn))
@@ -73,12 +73,17 @@ class JobQueue:
         return self.jobs.get(key)
 
     def cancel(self, key: str) -> Job | None:
-        job = self.jobs.get(key)
-        if job is not None and job.status in ("queued", "running"):
-            job.cancel.set()
-            if job.status == "queued":
-                job.status = "cancelled"
-        return job
+        with self._lock:
+            job = self.jobs.get(key)
+            if job is not None and job.status in ("queued", "running"):
+                job.cancel.set()
+                if job.status == "queued":
+                    job.status = "cancelled"
+            return job
+
+    def snapshot(self) -> list[Job]:
+        with self._lock:
+            return list(self.jobs.values())
 
     def _work(self):
         while True:

@@ -15,6 +15,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -74,15 +75,17 @@ def main() -> int:
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
            "GRADIO_ANALYTICS_ENABLED": "False"}
     t0 = time.perf_counter()
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on a full pipe
     server = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + args.timeout
     try:
         import urllib.request
 
         while True:
             if server.poll() is not None:
-                print(server.stderr.read().decode()[-2000:], file=sys.stderr)
+                log.seek(0)
+                print(log.read().decode(errors="replace")[-2000:], file=sys.stderr)
                 raise SystemExit("app.py exited during start-up")
             try:
                 urllib.request.urlopen(url, timeout=1)

@@ -66,9 +66,11 @@ def _task(scheduler, modules: list[str]):
         def compute_train_loss(self, batch, model, sample=False):
             x0, t, noise, ctx = batch
             pred = model(scheduler.add_noise(x0, noise, t), t, ctx).sample
-            if sample:  # true Fisher: a target drawn from the model's Gaussian, N(pred, 1/2) for this loss
+            if sample:  # true Fisher: a target drawn from the model's Gaussian. The loss is the *mean* of D
+                # squared errors, i.e. -log N(y; pred, (D/2) I) up to a constant, so y ~ N(pred, D/2): then
+                # E[grad grad^T] equals the Gauss-Newton matrix of this loss, not a D-times smaller one
                 with torch.no_grad():
-                    target = pred + torch.randn_like(pred) * 0.5 ** 0.5
+                    target = pred + torch.randn_like(pred) * (pred[0].numel() / 2) ** 0.5
             else:
                 target = noise
             return (pred - target).pow(2).mean(dim=(1, 2, 3)).sum()
