@@ -173,6 +173,10 @@ def _cmd_attribute(args) -> int:
                                        ("screen_candidates", args.candidates)) if v is not None}
         if overrides and args.method != "abu":
             raise ValueError(f"{', '.join(overrides)} only apply to --method abu (and --damping, --candidates to if)")
+    if args.clip_model:
+        if args.method != "clip":
+            raise ValueError("--clip-model applies to --method clip")
+        overrides = {"model_name": args.clip_model, "pretrained": args.clip_pretrained or None}
     method = method_cls.load(exp, **overrides)
     from tqdm.auto import tqdm
 
@@ -273,6 +277,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--damping", type=float, help="abu: added to the Fisher before inverting (default 0: the paper); "
                    "if: EK-FAC damping (default 0.1 x mean eigenvalue)")
     a.add_argument("--candidates", type=int, help="fast mode: rows rescored exactly (default 200)")
+    a.add_argument("--clip-model", default="", help="clip: any open_clip model name instead of the project's CLIP")
+    a.add_argument("--clip-pretrained", default="", help="clip: its pretrained tag (open_clip download) or a "
+                   "local .safetensors checkpoint")
     a.add_argument("--json", default="")
     a.add_argument("--model", default=str(DEFAULT_DIR))
     a.set_defaults(func=_cmd_attribute)

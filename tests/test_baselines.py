@@ -89,3 +89,28 @@ def test_dtrak_matches_a_plain_reference(tiny_explorer, tmp_path):
     assert torch.corrcoef(torch.stack([ranking.scores, ref]))[0, 1] > 0.999
     with pytest.raises(ValueError, match="singular"):
         dtrak.DTrak(tiny_explorer, dtrak.DTrakConfig(proj_dim=64), torch.randn(24, 64))
+
+
+def test_clip_nn_takes_any_open_clip_model_by_name_and_safetensors_path(tiny_explorer, tmp_path):
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from conftest import TINY_CLIP
+
+    (tmp_path / "tiny-test-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / "tiny-test-clip.json")
+    torch.manual_seed(7)
+    reference = open_clip.create_model("tiny-test-clip", pretrained=None).eval()
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(ckpt))
+    method = get_method("clip").load(tiny_explorer, model_name="tiny-test-clip", pretrained=str(ckpt))
+    x = tiny_explorer.dataset.as_tensor()[:3]
+    with torch.no_grad():
+        expected = reference.encode_image(((x + 1) / 2 - method.external[2]) / method.external[3], normalize=True)
+    torch.testing.assert_close(method.embed(x), expected)  # 32 px model: no resize, only the normalisation
+    ranking = method.score(q.from_generation(tiny_explorer, "red apple", seed=2, steps=3))
+    assert len(ranking.scores) == len(tiny_explorer.dataset)
+    with pytest.raises(ValueError, match="safetensors"):
+        get_method("clip").load(tiny_explorer, model_name="tiny-test-clip", pretrained=str(tmp_path / "x.pt"))

@@ -77,11 +77,44 @@ class PixelNN(_Nearest):
 
 @register("clip")
 class ClipNN(_Nearest):
-    """Cosine similarity of the project's CLIP image embeddings (open_clip image tower)."""
+    """Cosine similarity of CLIP image embeddings: the project's own CLIP by default, or any open_clip model
+    given by name with a pretrained tag (downloaded by open_clip) or a local ``.safetensors`` checkpoint."""
+
+    def __init__(self, explorer, index_type: str = "Flat", model_name: str | None = None,
+                 pretrained: str | None = None):
+        self.external = _external_clip(model_name, pretrained) if model_name else None
+        super().__init__(explorer, index_type)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        if self.external is not None:
+            model, size, mean, std = self.external
+            out = []
+            for x in images.split(64):  # [-1, 1] -> the model's input size and normalisation
+                x = F.interpolate((x + 1) / 2, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+                out.append(model.encode_image((x - mean) / std, normalize=True))
+            return torch.cat(out)
         from ..train import clip_preprocess
 
         clip = self.explorer.clip
         return torch.cat([clip.encode_image(clip_preprocess(x), normalize=True) for x in images.split(256)])
+
+
+def _external_clip(model_name: str, pretrained: str | None):
+    """(model, (h, w), mean, std) of an open_clip model; local checkpoints must be safetensors (no pickles)."""
+    from pathlib import Path
+
+    import open_clip
+
+    if pretrained and (Path(pretrained).exists() or "/" in pretrained) and not pretrained.endswith(".safetensors"):
+        raise ValueError(f"local CLIP checkpoints must be .safetensors (never unpickled), got {pretrained}")
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, device="cpu").eval()
+    except Exception as e:  # unknown name, missing tag, no network for a download: one readable line
+        raise ValueError(f"cannot load open_clip model {model_name!r} with pretrained={pretrained!r}: "
+                         f"{type(e).__name__}: {str(e)[:300]}") from None
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    return model, tuple(size), mean, std
