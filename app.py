@@ -143,26 +143,16 @@ def build_demo(app=None):
         for key in keys or [None, None]:
             result = None
             if key:
-                folder = app.results_dir / key / "result.json"
+                result = app.result_for_key(key)
                 job = app.jobs.get(key)
-                if folder.exists():
-                    from abu_explorer.artifacts import load_json
-
-                    result = load_json(folder)
-                elif job is not None:
+                if result is None and job is not None:
                     status.append(job_html(job))
             if result is None:
                 outs += [None, ""]
             else:
                 img, md = app.counterfactual_view(result)
                 outs += [img, f"**{result['method']} K={result['k']}**  \n" + md]
-        original = None
-        if keys:
-            first = app.results_dir / keys[0] / "original.png"
-            if (app.results_dir / keys[0] / "result.json").exists():  # written last: the PNGs are complete
-                from PIL import Image
-
-                original = Image.open(first).convert("RGB").resize((192, 192), Image.Resampling.NEAREST)
+        original = app.original_image(keys[0]) if keys else None
         return original, *outs, "".join(status) or ("" if keys else "Nothing requested yet.")
 
     def job_html(job):

@@ -5,6 +5,7 @@ Errors a user can cause (bad prompt, bad numbers, missing artifacts) print one l
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,35 @@ def _cmd_evaluate(args) -> int:
     from . import counterfactual_eval
 
     return counterfactual_eval.main(args)
+
+
+def _cmd_offload(args) -> int:
+    import dataclasses
+
+    from . import counterfactual_eval, offload, train
+
+    if args.step == "retrain":  # needs torch + diffusers only: no Explorer here
+        n = offload.retrain(Path(args.bundle), Path(args.lines), args.device, args.workers, args.threads,
+                            args.deadline_min * 60 if args.deadline_min else None)
+        print(f"{n} cells retrained -> {args.lines}")
+        return 0
+    from .pipeline import Explorer
+
+    exp = Explorer.load(args.model)
+    if args.step == "export":
+        recipe = train.UNET_RECIPE
+        if args.epochs:
+            recipe = dataclasses.replace(recipe, epochs=args.epochs)
+        doc = offload.export(exp, counterfactual_eval.load_queries(Path(args.queries)),
+                             [m.strip() for m in args.methods.split(",") if m.strip()],
+                             [int(k) for k in args.k.split(",")], args.draws, Path(args.bundle), recipe,
+                             full=not args.no_full)
+        print(f"{len(doc['cells'])} cells -> {args.bundle}/plan.json")
+        return 0
+    rep = offload.import_results(exp, Path(args.bundle), Path(args.lines), Path(args.results),
+                                 Path(args.report) if args.report else None)
+    print(json.dumps({k: v for k, v in rep.items() if k != "skipped_existing"}, indent=1))
+    return 0
 
 
 def _cmd_dataset(args) -> int:
@@ -310,6 +340,27 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--model", default=str(DEFAULT_DIR))
     e.set_defaults(func=_cmd_evaluate)
+
+    o = sub.add_parser("offload", help="leave-K-out retrains on another machine: export here, retrain there "
+                       "(e.g. --device cuda), import here")
+    o.add_argument("step", choices=["export", "retrain", "import"])
+    o.add_argument("--bundle", default="runs/offload", help="folder of plan.json + bundle.safetensors")
+    o.add_argument("--lines", default="runs/offload/cells.jsonl", help="the retrains' JSON lines")
+    o.add_argument("--queries", default="evaluation/counterfactual_queries.json")
+    o.add_argument("--methods", default="abu,dtrak,if,clip,pixel,random")
+    o.add_argument("--k", default="17", help="comma-separated K values; the first runs first")
+    o.add_argument("--draws", type=int, default=2, help="random draws per query and K")
+    o.add_argument("--no-full", action="store_true", help="export: skip the K = 0 retrain (the floor)")
+    o.add_argument("--epochs", type=int, default=0, help="export: override the recipe's epochs (smoke tests; "
+                   "such results get other keys)")
+    o.add_argument("--device", default="cpu")
+    o.add_argument("--workers", type=int, default=1, help="retrain: parallel processes")
+    o.add_argument("--threads", type=int, default=1, help="retrain: torch threads per process")
+    o.add_argument("--deadline-min", type=float, default=0, help="retrain: stop after this many minutes")
+    o.add_argument("--results", default="results/counterfactual")
+    o.add_argument("--report", default="", help="import: save the import report (JSON) here")
+    o.add_argument("--model", default=str(DEFAULT_DIR))
+    o.set_defaults(func=_cmd_offload)
 
     x = sub.add_parser("examples", help="precompute the app's curated examples (every method's ranking)")
     x.add_argument("--queries", default="evaluation/counterfactual_queries.json")

@@ -28,26 +28,28 @@ QUERY_KEY = 2**41  # noise key of the counterfactual loss (no training row has i
 def query_loss(unet, scheduler, latent: torch.Tensor, context: torch.Tensor, mask=None, stride: int = 5,
                noise_seed: int = 0) -> float:
     """Mean DDPM loss of one latent over timesteps stride/2, stride/2 + stride, ... with fixed noise."""
+    dev = next(unet.parameters()).device
     ts = list(range(stride // 2, scheduler.config.num_train_timesteps, stride))
-    noise = torch.stack([item_noise(noise_seed, QUERY_KEY, 0, t, tuple(latent.shape)) for t in ts])
-    x0 = latent[None].expand(len(ts), -1, -1, -1)
-    return float(ddpm_losses(unet, scheduler, x0, torch.tensor(ts), noise, context.expand(len(ts), -1, -1),
-                             mask).mean())
+    noise = torch.stack([item_noise(noise_seed, QUERY_KEY, 0, t, tuple(latent.shape)) for t in ts]).to(dev)
+    x0 = latent.to(dev)[None].expand(len(ts), -1, -1, -1)
+    return float(ddpm_losses(unet, scheduler, x0, torch.tensor(ts, device=dev), noise,
+                             context.to(dev).expand(len(ts), -1, -1), None if mask is None else mask.to(dev)).mean())
 
 
 def removal(explorer, query, method: str, k: int, draw: int = 0, ranker=None) -> list[int]:
-    """The K rows to remove: a method's top-K (fast mode; ``ranker``: an already loaded instance), or K
-    uniformly random rows (seeded by query and draw)."""
-    from .attribution import get_method
+    """The K rows to remove: a method's top-K (fast mode, serving options; ``ranker``: an already loaded
+    instance), or K uniformly random rows (seeded by query and draw)."""
+    from .attribution import SERVING_OPTIONS, get_method
 
     n = len(explorer.dataset)
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if method == "random":
-        key = json.dumps(query.describe(), sort_keys=True) + f"|draw{draw}"
-        g = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
+        from .attribution.random_baseline import query_seed
+
+        g = torch.Generator().manual_seed(query_seed(query, f"draw{draw}"))
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
-    ranker = ranker or get_method(method).load(explorer)
+    ranker = ranker or get_method(method).load(explorer, **SERVING_OPTIONS.get(method, {}))
     return [i for i, _ in ranker.score(query).top(k)]
 
 
@@ -99,16 +101,21 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
         with lock:
             a = explorer.generate(query.prompt, src["seed"], src["steps"], src["guidance"]).image
         b = other.generate(query.prompt, src["seed"], src["steps"], src["guidance"]).image
-        xa, xb = (torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0) for im in (a, b))
-        with torch.no_grad():
-            pair = train.clip_preprocess(torch.stack([xa, xb]).permute(0, 3, 1, 2) * 2 - 1)
-            emb = explorer.clip.encode_image(pair, normalize=True)
-        result.update({"delta_g_mse": float((xa - xb).pow(2).mean()), "delta_g_clip": float(emb[0] @ emb[1])})
+        result.update(image_change(explorer, a, b))
         artifacts.save_png(out / "regenerated.png", b)
         artifacts.save_png(out / "original.png", a)
     artifacts.save_json(out / "result.json", result)
     shutil.rmtree(out / "ckpt", ignore_errors=True)  # retrained weights need not be kept
     return result
+
+
+def image_change(explorer, a, b) -> dict:
+    """dG-MSE (pixel MSE in [0, 1]) and dG-CLIP (cosine of the CLIP image embeddings) of two PIL images."""
+    xa, xb = (torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0) for im in (a, b))
+    with torch.no_grad():
+        pair = train.clip_preprocess(torch.stack([xa, xb]).permute(0, 3, 1, 2) * 2 - 1)
+        emb = explorer.clip.encode_image(pair, normalize=True)
+    return {"delta_g_mse": float((xa - xb).pow(2).mean()), "delta_g_clip": float(emb[0] @ emb[1])}
 
 
 def show(result: dict) -> str:

@@ -216,32 +216,38 @@ def train_unet(unet, scheduler, latents: torch.Tensor, text_states: torch.Tensor
     """DDPM training (epsilon MSE, min-SNR weighted) of ``unet`` on precomputed latents and text states.
 
     latents: (N, C, h, w) or (N, 2, C, h, w) when flips are on (slot 1 = the flipped image's latent).
+    The UNet may sit on an accelerator: batch order, timesteps, noise and caption dropout are still drawn
+    on the CPU from the same seeded generators, so only the arithmetic differs from a CPU run.
     """
     torch.manual_seed(cfg.seed)
+    dev = next(unet.parameters()).device
+    latents, text_states, null_state = latents.to(dev), text_states.to(dev), null_state.to(dev)
     n = len(latents)
     bad = [i for i in exclude if not 0 <= i < n]
     if bad:
         raise ValueError(f"exclude holds indices outside [0, {n}): {bad[:5]}")
     rows = torch.tensor([i for i in range(n) if i not in exclude], dtype=torch.long)
     alphas = scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
+    snr = (alphas / (1 - alphas)).to(dev)
     gamma = cfg.extra["min_snr_gamma"]
     flips = latents.dim() == 5
 
     def step_fn(batch, step):
         g = _gen(cfg.seed, 4, step)
+        rows_on = batch.to(dev)
         if flips:
             side = torch.randint(0, 2, (len(batch),), generator=g)
-            x0 = latents[batch, side]
+            x0 = latents[rows_on, side.to(dev)]
         else:
-            x0 = latents[batch]
+            x0 = latents[rows_on]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn(tuple(x0.shape), generator=g).to(dev)
         drop = torch.rand(len(batch), generator=g) < cfg.extra["cfg_dropout"]
-        ctx = torch.where(drop[:, None, None], null_state.expand(len(batch), -1, -1), text_states[batch])
+        ctx = torch.where(drop.to(dev)[:, None, None], null_state.expand(len(batch), -1, -1), text_states[rows_on])
+        t = t.to(dev)
         xt = scheduler.add_noise(x0, noise, t)
         pred = unet(xt, t, ctx).sample
-        weight = snr[t].clamp(max=gamma) / snr[t] if gamma else torch.ones(len(t))
+        weight = snr[t].clamp(max=gamma) / snr[t] if gamma else torch.ones(len(t), device=dev)
         return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
 
     return _loop("unet", unet, rows, cfg, step_fn, run_dir, progress, on_epoch_end)

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from . import counterfactual, train
-from .attribution import get_method
+from .attribution import SERVING_OPTIONS, get_method
 from .attribution import query as q
 from .jobs import JobQueue
 
@@ -25,7 +25,6 @@ USES_UNET = {"abu", "if", "dtrak"}
 MAX_K = 50
 # AbU's default batch of 256 (query gradient and rescoring) adds ~1 GB to the peak RSS (a load test peaked at
 # 3.5 GB with it, 1.65 GB without); 64 is as fast here. Scores do not depend on the batch size (tested).
-METHOD_OPTIONS = {"abu": {"batch_size": 64}}
 SHOW = 256  # display size of the query image (the model's 32 px, nearest-upscaled)
 
 
@@ -105,7 +104,7 @@ class ExplorerApp:
             raise UIError(f"unknown method {name!r}; choose from {', '.join(ORDER)}")
         with self._load_lock:
             if name not in self._methods:
-                self._methods[name] = get_method(name).load(self.explorer, **METHOD_OPTIONS.get(name, {}))
+                self._methods[name] = get_method(name).load(self.explorer, **SERVING_OPTIONS.get(name, {}))
             return self._methods[name]
 
     def attribute(self, query: q.Query, name: str, k, mode: str = "fast", progress=None) -> dict:
@@ -143,12 +142,23 @@ class ExplorerApp:
         return counterfactual.request_key(self.explorer, query, method, k, draw, self.recipe)
 
     def cached_counterfactual(self, query: q.Query, method: str, k: int, draw: int = 0) -> dict | None:
-        path = self.results_dir / self.counterfactual_key(query, method, k, draw) / "result.json"
+        return self.result_for_key(self.counterfactual_key(query, method, k, draw))
+
+    def result_for_key(self, key: str) -> dict | None:
+        """A finished result (result.json is written last: its PNGs are complete), or None."""
+        path = self.results_dir / key / "result.json"
         if path.exists():
             from .artifacts import load_json
 
             return load_json(path)
         return None
+
+    def original_image(self, key: str, size: int = 192) -> Image.Image | None:
+        """The original generation of a finished result, or None."""
+        if self.result_for_key(key) is None:
+            return None
+        img = Image.open(self.results_dir / key / "original.png").convert("RGB")
+        return img.resize((size, size), Image.Resampling.NEAREST)
 
     def submit_counterfactual(self, query: q.Query, method: str, k, draw: int = 0):
         """Queue (or find) the job; the random control is the same call with method 'random'."""
@@ -176,7 +186,8 @@ class ExplorerApp:
         lines = [f"**dL** {result['delta_loss']:+.4f} ({result['loss_original']:.4f} -> {result['loss_counterfactual']:.4f})"]
         if "delta_g_mse" in result:
             lines.append(f"**dG-MSE** {result['delta_g_mse']:.4f} · **dG-CLIP** {result['delta_g_clip']:.3f}")
-        lines.append(f"retrained in {result['train_seconds'] / 60:.1f} min without: "
+        where = f" on {result['trained_on']['device']}" if "trained_on" in result else ""
+        lines.append(f"retrained{where} in {result['train_seconds'] / 60:.1f} min without: "
                      + ", ".join(result["removed_captions"][:8]) + (" ..." if result["k"] > 8 else ""))
         return img, "  \n".join(lines)
 

@@ -32,7 +32,7 @@ from . import Ranking, register
 from .abu_precompute import AbUConfig, AbUTables
 from .ddpm_loss import ddpm_losses, loss_table
 from .gradients import random_draw
-from .params import select
+from .params import only_grad_for, select
 
 
 @register("abu")
@@ -70,24 +70,17 @@ class AbU:
         total = [torch.zeros_like(p) for p in params]
         shape = tuple(query.latent.shape)
         T = sched.config.num_train_timesteps
-        saved = {n: p.requires_grad for n, p in self.unet.named_parameters()}
-        for n, p in self.unet.named_parameters():
-            p.requires_grad_(n in self.selected)
-        try:
+        with only_grad_for(self.unet, self.selected):
             for start in range(0, cfg.unlearn_samples, cfg.batch_size):
                 idx = range(start, min(start + cfg.batch_size, cfg.unlearn_samples))
                 draws = [random_draw(cfg.unlearn_seed, s, 0, shape, T) for s in idx]
                 t = torch.tensor([d[0] for d in draws])
                 noise = torch.stack([d[1] for d in draws])
                 x0 = query.latent[None].expand(len(idx), -1, -1, -1)
-                with torch.enable_grad():
-                    loss = ddpm_losses(self.unet, sched, x0, t, noise, ctx.expand(len(idx), -1, -1), query.mask)
-                    grads = torch.autograd.grad(loss.sum(), params)
+                loss = ddpm_losses(self.unet, sched, x0, t, noise, ctx.expand(len(idx), -1, -1), query.mask)
+                grads = torch.autograd.grad(loss.sum(), params)
                 for acc, g in zip(total, grads):
                     acc += g
-        finally:
-            for n, p in self.unet.named_parameters():
-                p.requires_grad_(saved[n])
         return torch.cat([g.reshape(-1) for g in total]) / cfg.unlearn_samples
 
     def unlearn(self, query) -> torch.Tensor:

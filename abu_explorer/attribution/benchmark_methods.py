@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import artifacts
-from . import get_method
+from . import SERVING_OPTIONS, get_method
 from . import query as q
 
 FOLDERS = {"abu": "abu", "dtrak": "dtrak", "if": "if"}
@@ -57,7 +57,7 @@ def main(args) -> dict:
         row = {"method": name, "mode": mode}
         if name not in loaded:
             t0 = time.perf_counter()
-            loaded[name] = get_method(name).load(exp)
+            loaded[name] = get_method(name).load(exp, **SERVING_OPTIONS.get(name, {}))
             row["load_seconds"] = time.perf_counter() - t0
         folder = FOLDERS.get(name)
         row["storage_mb"] = folder_mb(Path(args.model) / folder) if folder else 0.0

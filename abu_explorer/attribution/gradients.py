@@ -27,15 +27,8 @@ class PerExampleGradients:
 
     def __call__(self, loss_fn, batch: int) -> torch.Tensor:
         """(batch, numel) flat per-example gradients of ``loss_fn() -> (batch,) losses``."""
-        saved = {n: p.requires_grad for n, p in self.unet.named_parameters()}
-        try:
-            for n, p in self.unet.named_parameters():
-                p.requires_grad_(n in self.selected)
-            with torch.enable_grad():
-                return self._hooked(loss_fn, batch) if self.hooked else self._looped(loss_fn, batch)
-        finally:
-            for n, p in self.unet.named_parameters():
-                p.requires_grad_(saved[n])
+        with params.only_grad_for(self.unet, self.selected):
+            return self._hooked(loss_fn, batch) if self.hooked else self._looped(loss_fn, batch)
 
     def _hooked(self, loss_fn, batch: int) -> torch.Tensor:
         inputs, grads, handles = {}, {}, []

@@ -183,16 +183,9 @@ def query_gradient(explorer, query, cfg: IFConfig) -> torch.Tensor:
     ctx = explorer.encode_text([query.prompt]).expand(len(ts), -1, -1)
     x0 = query.latent[None].expand(len(ts), -1, -1, -1)
     sel = params.select(unet, cfg.selection)
-    saved = {n: p.requires_grad for n, p in unet.named_parameters()}
-    try:
-        for n, p in unet.named_parameters():
-            p.requires_grad_(n in sel)
-        with torch.enable_grad():
-            loss = ddpm_losses(unet, sched, x0, torch.tensor(ts), noise, ctx, query.mask).mean()
-            grads = torch.autograd.grad(loss, list(sel.values()))
-    finally:
-        for n, p in unet.named_parameters():
-            p.requires_grad_(saved[n])
+    with params.only_grad_for(unet, sel):
+        loss = ddpm_losses(unet, sched, x0, torch.tensor(ts), noise, ctx, query.mask).mean()
+        grads = torch.autograd.grad(loss, list(sel.values()))
     return torch.cat([g.reshape(-1) for g in grads])
 
 

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 SELECTIONS = ("cross-attn", "attn", "all")
@@ -42,3 +44,17 @@ def unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, 
     if i != vector.numel():
         raise ValueError(f"vector has {vector.numel()} values, parameters {i}")
     return out
+
+
+@contextlib.contextmanager
+def only_grad_for(module: torch.nn.Module, names) -> None:
+    """Within the block only the named parameters require grad (and grad mode is on); restored after."""
+    saved = {n: p.requires_grad for n, p in module.named_parameters()}
+    try:
+        for n, p in module.named_parameters():
+            p.requires_grad_(n in names)
+        with torch.enable_grad():
+            yield
+    finally:
+        for n, p in module.named_parameters():
+            p.requires_grad_(saved[n])

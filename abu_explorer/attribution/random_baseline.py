@@ -10,6 +10,12 @@ import torch
 from . import Ranking, register
 
 
+def query_seed(query, salt: str) -> int:
+    """A seed that depends on the query (prompt, source, box) and ``salt`` alone."""
+    key = json.dumps(query.describe(), sort_keys=True) + f"|{salt}"
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
+
 @register("random")
 class RandomRanking:
     def __init__(self, explorer, seed: int = 0):
@@ -21,8 +27,6 @@ class RandomRanking:
 
     def score(self, query, mode: str = "", progress=None) -> Ranking:
         t0 = time.perf_counter()
-        key = json.dumps(query.describe(), sort_keys=True) + f"|{self.seed}"
-        seed = int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
         n = len(self.explorer.dataset)
-        scores = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+        scores = torch.rand(n, generator=torch.Generator().manual_seed(query_seed(query, str(self.seed))))
         return Ranking("random", scores, time.perf_counter() - t0, "random", {}, notes="ignores the image and box")
