@@ -48,6 +48,8 @@ def export(explorer, queries: list[dict], methods: list[str], ks: list[int], dra
     from .counterfactual_eval import plan
 
     # 1. queries and cells, in the order the retrains should run
+    if len(set(ks)) != len(ks) or not all(1 <= k <= len(explorer.dataset) for k in ks):
+        raise ValueError(f"K values must be distinct and in [1, {len(explorer.dataset)}], got {ks}")
     built = [q.from_generation(explorer, d["prompt"], int(d.get("seed", 0)), int(d.get("steps", 50)),
                                d.get("guidance"), tuple(d["box"]) if d.get("box") else None) for d in queries]
     cells = _order(plan(len(queries), methods, ks, draws), ks, methods)
@@ -102,10 +104,11 @@ def _portable(path: Path) -> str:
 
 # --- there: the retrains -------------------------------------------------------------------------
 
-_W: dict = {}  # one worker's state: bundle tensors on the device, configs
+_W: dict = {}  # one process's state: bundle tensors on the device, configs
 
 
 def _setup(bundle_dir: str, device: str, threads: int) -> None:
+    """Load and check the bundle (and set the arithmetic) in a worker process."""
     torch.set_num_threads(threads)
     if device.startswith("cuda"):  # full fp32 and repeatable kernels: only the arithmetic order differs
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -113,14 +116,20 @@ def _setup(bundle_dir: str, device: str, threads: int) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
-    doc = artifacts.load_json(Path(bundle_dir) / "plan.json")
-    if doc.get("version") != PLAN_VERSION:
-        raise artifacts.ArtifactError(f"{bundle_dir}/plan.json has version {doc.get('version')}, need {PLAN_VERSION}")
-    if artifacts.file_hash(Path(bundle_dir) / BUNDLE) != doc["bundle_hash"]:
-        raise artifacts.ArtifactError(f"{bundle_dir}/{BUNDLE} does not match plan.json; export again")
+        torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-filling kernels per empty()
+    doc = _plan(Path(bundle_dir))
     t = artifacts.load_safetensors(Path(bundle_dir) / BUNDLE)
     _W.update(doc=doc, device=torch.device(device), recipe=train.StageConfig(**doc["recipe"]),
               t={k: v.to(device) for k, v in t.items()})
+
+
+def _plan(bundle_dir: Path) -> dict:
+    doc = artifacts.load_json(bundle_dir / "plan.json")
+    if doc.get("version") != PLAN_VERSION:
+        raise artifacts.ArtifactError(f"{bundle_dir}/plan.json has version {doc.get('version')}, need {PLAN_VERSION}")
+    if artifacts.file_hash(bundle_dir / BUNDLE) != doc["bundle_hash"]:
+        raise artifacts.ArtifactError(f"{bundle_dir}/{BUNDLE} does not match plan.json; export again")
+    return doc
 
 
 def _measure(unet, qi: int) -> tuple[float, list[float]]:
@@ -142,6 +151,7 @@ def _machine() -> dict:
 
 
 def _originals() -> list[dict]:
+    """The original UNet's measurements, one line per query (run in a worker like the retrains)."""
     from safetensors.torch import load_file
 
     doc = _W["doc"]
@@ -154,22 +164,15 @@ def _originals() -> list[dict]:
     lines = []
     for qi in range(len(doc["queries"])):
         loss, lat = _measure(unet, qi)
-        lines.append({"type": "original", "query": qi, "loss": loss, "latent": lat, **_machine()})
+        lines.append({"type": "original", "key": f"original{qi}", "query": qi, "describe": doc["queries"][qi]["describe"],
+                      "loss": loss, "latent": lat, **_machine()})
     return lines
 
 
-def _setup_worker(bundle_dir: str, device: str, threads: int) -> None:
-    """A worker whose set-up fails answers every cell with the error instead of dying (and respawning)."""
-    try:
-        _setup(bundle_dir, device, threads)
-    except Exception:
-        _W["setup_error"] = traceback.format_exc()[-1500:]
-
-
 def _retrain(cell: dict) -> dict:
-    if "setup_error" in _W:
-        return {"type": "error", "key": cell["key"], "error": _W["setup_error"]}
     doc, t, recipe = _W["doc"], _W["t"], _W["recipe"]
+    name = f"{cell['method']} K={cell['k']} " + (f"q{cell['query']} d{cell['draw']}" if cell["query"] is not None
+                                                   else "(all queries)")
     try:
         t0 = time.time()
         torch.manual_seed(recipe.seed)  # as counterfactual.run: initial weights from the CPU generator
@@ -178,8 +181,8 @@ def _retrain(cell: dict) -> dict:
 
         def report(epoch, lg):  # the speed shows in the first minute, not after the first cell
             if epoch in (1, 5) or epoch % 25 == 0:
-                print(f"    {cell['method']} K={cell['k']} q{cell['query']} d{cell['draw']}: epoch {epoch}/"
-                      f"{recipe.epochs}, {1e3 * lg['seconds'] / (epoch * steps):.0f} ms/step", flush=True)
+                print(f"    {name}: epoch {epoch}/{recipe.epochs}, "
+                      f"{1e3 * lg['seconds'] / (epoch * steps):.0f} ms/step", flush=True)
 
         log = train.train_unet(unet, models.build_scheduler(doc["scheduler_config"]), t["latents"],
                                t["text_states"], t["null_state"], recipe, exclude=set(cell["removed"]),
@@ -187,72 +190,90 @@ def _retrain(cell: dict) -> dict:
         unet.eval()
         qis = range(len(doc["queries"])) if cell["query"] is None else [cell["query"]]
         measured = {qi: _measure(unet, qi) for qi in qis}
-        return {"type": "cell", **cell, "losses": {str(qi): m[0] for qi, m in measured.items()},
+        return {"type": "cell", **cell, "name": name, "losses": {str(qi): m[0] for qi, m in measured.items()},
                 "latents": {str(qi): m[1] for qi, m in measured.items()}, "train_seconds": log["seconds"],
                 "final_train_loss": log["loss"][-1], "wall_seconds": time.time() - t0, **_machine()}
     except Exception:  # one broken cell must not cost the others
-        return {"type": "error", "key": cell["key"], "error": traceback.format_exc()[-1500:]}
+        return {"type": "error", "key": cell["key"], "name": name, "error": traceback.format_exc()[-1500:]}
 
 
-def _done(out: Path) -> dict[str, dict]:
+def _done(out: Path, plan_hash: str) -> dict[str, dict]:
+    """Finished lines of this plan by key; other plans' lines, errors and a torn last line are ignored."""
     lines = {}
     if out.exists():
         for raw in out.read_text().splitlines():
-            if raw.strip():
+            try:
                 d = json.loads(raw)
-                if d["type"] in ("original", "cell"):
-                    lines[d["key"] if d["type"] == "cell" else f"original{d['query']}"] = d
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if d.get("plan") == plan_hash and d.get("type") in ("original", "cell"):
+                lines[d["key"]] = d
     return lines
 
 
 def _append(out: Path, line: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torn = out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n")
     with open(out, "a") as f:
-        f.write(json.dumps(line) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(line) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
 def retrain(bundle_dir: Path, out: Path, device: str = "cpu", workers: int = 1, threads: int = 1,
             deadline_s: float | None = None, log=print) -> int:
-    """Run every planned cell not yet in ``out`` (JSON lines); returns how many finished now."""
-    t_start, out = time.time(), Path(out)
+    """Run every planned cell not yet in ``out`` (JSON lines, tagged with the plan's hash); returns how
+    many finished now. All model work happens in ``workers`` spawned processes; this one only schedules."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # 1. what is left (a cell whose line removed other rows is redone)
+    t_start, bundle_dir, out = time.time(), Path(bundle_dir), Path(out)
+    doc = _plan(bundle_dir)
+    tag = doc["bundle_hash"]
+    done = _done(out, tag)
+    todo = [c for c in doc["cells"] if done.get(c["key"], {}).get("removed") != c["removed"]]
+    need_originals = any(f"original{qi}" not in done for qi in range(len(doc["queries"])))
+    log(f"{len(todo)} of {len(doc['cells'])} cells to retrain, {workers} worker(s) on {device}")
+    if not todo and not need_originals:
+        return 0
+    # 2. workers: spawned (CUDA-safe); a dead worker breaks the pool instead of hanging it
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    _setup(str(bundle_dir), device, threads)
-    done = _done(out)
-    if not all(f"original{qi}" in done for qi in range(len(_W["doc"]["queries"]))):
-        for line in _originals():
-            _append(out, {**line, "key": f"original{line['query']}"})
-        log(f"originals measured on {_machine()['device']}")
-    todo = [c for c in _W["doc"]["cells"] if c["key"] not in done]
-    log(f"{len(todo)} of {len(_W['doc']['cells'])} cells to retrain, {workers} worker(s) on {device}")
-    originals = {str(qi): _done(out)[f"original{qi}"]["loss"] for qi in range(len(_W["doc"]["queries"]))}
-    finished, errors = 0, 0
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_setup_worker, initargs=(str(bundle_dir), device, threads)) as pool:
-        pending = {c["key"]: (c, pool.apply_async(_retrain, (c,))) for c in todo}
+    finished = 0
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_setup,
+                               initargs=(str(bundle_dir), device, threads))
+    try:
+        if need_originals:
+            for line in pool.submit(_originals).result():
+                _append(out, {**line, "plan": tag})
+            log(f"originals measured on {line['device']}")
+        originals = {k: v for k, v in _done(out, tag).items() if k.startswith("original")}
+        pending = {pool.submit(_retrain, c): c for c in todo}
         while pending:
+            for fut in [f for f in pending if f.done()]:  # collect first: nothing finished is dropped
+                c = pending.pop(fut)
+                line = {**fut.result(), "plan": tag}
+                _append(out, line)
+                if line["type"] == "error":
+                    log(f"  {line['name']}: {line['error']}")
+                    continue
+                finished += 1
+                dl = ", ".join(f"{(v - originals[f'original{qi}']['loss']) * 1e3:+.1f}"
+                               for qi, v in line["losses"].items())
+                log(f"  [{finished}/{len(todo)}] {line['name']}: train {line['train_seconds']:.0f} s, dL {dl} e-3, "
+                    f"{(time.time() - t_start) / 60:.1f} min")
+            if not pending:
+                break
             if deadline_s is not None and time.time() - t_start > deadline_s:
                 log(f"deadline reached: {len(pending)} cells left (finished ones are saved)")
                 break
-            if errors >= workers and not finished:
-                log("every worker fails: stopping")
-                break
-            ready = [k for k, (_, p) in pending.items() if p.ready()]
-            if not ready:
-                time.sleep(0.5)
-            for key in ready:
-                c, p = pending.pop(key)
-                line = p.get()
-                _append(out, line)
-                if line["type"] == "error":
-                    errors += 1
-                    log(f"  {c['method']} K={c['k']} q{c['query']}: {line['error']}")
-                    continue
-                finished += 1
-                dl = ", ".join(f"{(v - originals[qi]) * 1e3:+.1f}" for qi, v in line["losses"].items())
-                log(f"  [{finished}/{len(todo)}] {c['method']} K={c['k']} q{c['query']} d{c['draw']}: "
-                    f"train {line['train_seconds']:.0f} s, dL {dl} e-3, {(time.time() - t_start) / 60:.1f} min")
-        pool.terminate()
+            time.sleep(0.5)
+    except BrokenProcessPool as e:
+        log(f"a worker died ({e}); finished cells are saved, run again to resume")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in mp.active_children():  # stop retrains in flight
+            child.terminate()
     return finished
 
 
@@ -267,13 +288,19 @@ def import_results(explorer, bundle_dir: Path, lines_path: Path, results_dir: Pa
     from .pipeline import to_pil
 
     # 1. the plan must describe this model, and every line the plan
-    doc = artifacts.load_json(Path(bundle_dir) / "plan.json")
+    doc = _plan(Path(bundle_dir))
     for part, h in doc["hashes"].items():
         if explorer.component_hash(part) != h:
             raise artifacts.ArtifactError(f"{bundle_dir}/plan.json was exported from another {part} ({h}, "
                                           f"this model has {explorer.component_hash(part)})")
     plan = {c["key"]: c for c in doc["cells"]}
-    lines = _done(Path(lines_path))
+    if not Path(lines_path).exists():
+        raise FileNotFoundError(f"{lines_path} not found: it is written by `python -m abu_explorer offload retrain`")
+    lines = _done(Path(lines_path), doc["bundle_hash"])
+    missing = [qi for qi in range(len(doc["queries"])) if f"original{qi}" not in lines]
+    if missing:
+        raise ValueError(f"{lines_path} has no original measurement of queries {missing} for this plan; "
+                         f"run `offload retrain` with this bundle")
     recipe = train.StageConfig(**doc["recipe"])
     c, h = explorer.unet.config.in_channels, explorer.unet.config.sample_size
 
@@ -292,20 +319,22 @@ def import_results(explorer, bundle_dir: Path, lines_path: Path, results_dir: Pa
         built.append(qu)
         originals.append(there)
         here = explorer.generate(d["prompt"], d["seed"], qd["steps"], qd["guidance"]).latent
+        loss_here = counterfactual.query_loss(explorer.unet, explorer.scheduler, qu.latent,
+                                              explorer.encode_text([qu.prompt]), qu.mask)
         parity.append({"query": qi, "latent_max_abs_diff": float((torch.tensor(there["latent"]) - here.flatten()).abs().max()),
-                       "loss_there": there["loss"]})
-    # 3. one result folder per cell
-    written, skipped, floor = [], [], None
+                       "loss_there": there["loss"], "loss_here": loss_here})
+    # 3. the floor: the K = 0 retrain there
+    full = next((line for line in lines.values() if line.get("method") == "full"), None)
+    floor = None if full is None else {qi: v - originals[int(qi)]["loss"] for qi, v in full["losses"].items()}
+    # 4. one result folder per cell
+    written, skipped = [], []
     for key, line in lines.items():
-        if line["type"] != "cell":
+        if line["type"] != "cell" or line["method"] == "full":
             continue
         cell = plan.get(key)
         if cell is None or cell["removed"] != line["removed"]:
             raise ValueError(f"{lines_path}: cell {key} is not in {bundle_dir}/plan.json (or removes other rows)")
         machine = {k: line[k] for k in ("device", "torch", "diffusers")}
-        if cell["method"] == "full":
-            floor = {qi: line["losses"][qi] - originals[int(qi)]["loss"] for qi in line["losses"]}
-            continue
         qi, qu = cell["query"], built[cell["query"]]
         if counterfactual.request_key(explorer, qu, cell["method"], cell["k"], cell["draw"], recipe) != key:
             raise ValueError(f"cell {key}: its key does not match this model and query; export again")
@@ -320,6 +349,8 @@ def import_results(explorer, bundle_dir: Path, lines_path: Path, results_dir: Pa
                   "loss_original": loss0, "loss_counterfactual": loss1, "delta_loss": loss1 - loss0,
                   "train_seconds": line["train_seconds"], "recipe": recipe.to_dict(),
                   "trained_on": machine, **counterfactual.image_change(explorer, a, b)}
+        if full is not None:  # the same machine's K = 0 retrain: dL against it has no arithmetic offset
+            result["loss_full_retrain"] = full["losses"][str(qi)]
         artifacts.save_png(out / "regenerated.png", b)
         artifacts.save_png(out / "original.png", a)
         artifacts.save_json(out / "result.json", result)

@@ -155,9 +155,10 @@ class ExplorerApp:
 
     def original_image(self, key: str, size: int = 192) -> Image.Image | None:
         """The original generation of a finished result, or None."""
-        if self.result_for_key(key) is None:
+        path = self.results_dir / key / "original.png"  # generated queries only
+        if self.result_for_key(key) is None or not path.exists():
             return None
-        img = Image.open(self.results_dir / key / "original.png").convert("RGB")
+        img = Image.open(path).convert("RGB")
         return img.resize((size, size), Image.Resampling.NEAREST)
 
     def submit_counterfactual(self, query: q.Query, method: str, k, draw: int = 0):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -47,7 +48,7 @@ def unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, 
 
 
 @contextlib.contextmanager
-def only_grad_for(module: torch.nn.Module, names) -> None:
+def only_grad_for(module: torch.nn.Module, names) -> Iterator[None]:
     """Within the block only the named parameters require grad (and grad mode is on); restored after."""
     saved = {n: p.requires_grad for n, p in module.named_parameters()}
     try:
