@@ -93,7 +93,7 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
     result = {"key": key, "query": query.describe(), "method": method, "k": k, "draw": draw, "removed": removed,
               "removed_captions": [explorer.dataset.captions[i] for i in removed],
               "loss_original": loss0, "loss_counterfactual": loss1, "delta_loss": loss1 - loss0,
-              "train_seconds": log["seconds"], "recipe": recipe.to_dict()}
+              "train_seconds": log["seconds"], "recipe": recipe.to_dict(), "trained_on": machine()}
     src = query.source
     if src.get("type") == "generated":
         other = Explorer(explorer.root, explorer.vae, explorer.clip, explorer.tokenizer, unet,
@@ -107,6 +107,16 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
     artifacts.save_json(out / "result.json", result)
     shutil.rmtree(out / "ckpt", ignore_errors=True)  # retrained weights need not be kept
     return result
+
+
+def machine() -> dict:
+    """Where this process trains: recorded in every result, since only the arithmetic may differ."""
+    import platform
+
+    import diffusers
+
+    return {"device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "torch": torch.__version__,
+            "diffusers": diffusers.__version__}
 
 
 def image_change(explorer, a, b) -> dict:

@@ -143,11 +143,10 @@ def _measure(unet, qi: int) -> tuple[float, list[float]]:
 
 
 def _machine() -> dict:
-    import diffusers
-
-    dev = _W["device"]
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"device": name, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    info = counterfactual.machine()
+    if _W["device"].type == "cuda":
+        info["device"] = torch.cuda.get_device_name(_W["device"])
+    return info
 
 
 def _originals() -> list[dict]:
