@@ -104,7 +104,7 @@ def _cmd_offload(args) -> int:
 
     if args.step == "retrain":  # needs torch + diffusers only: no Explorer here
         n = offload.retrain(Path(args.bundle), Path(args.lines), args.device, args.workers, args.threads,
-                            args.deadline_min * 60 if args.deadline_min else None)
+                            args.deadline_min * 60 if args.deadline_min else None, stack=args.stack)
         print(f"{n} cells retrained -> {args.lines}")
         return 0
     from .pipeline import Explorer
@@ -356,6 +356,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--device", default="cpu")
     o.add_argument("--workers", type=int, default=1, help="retrain: parallel processes")
     o.add_argument("--threads", type=int, default=1, help="retrain: torch threads per process")
+    o.add_argument("--stack", type=int, default=1, help="retrain: train up to this many cells of equal K in "
+                   "lockstep in one process (one batched model; for a GPU)")
     o.add_argument("--deadline-min", type=float, default=0, help="retrain: stop after this many minutes")
     o.add_argument("--results", default="results/counterfactual")
     o.add_argument("--report", default="", help="import: save the import report (JSON) here")

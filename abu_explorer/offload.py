@@ -168,32 +168,68 @@ def _originals() -> list[dict]:
     return lines
 
 
-def _retrain(cell: dict) -> dict:
+def _name(cell: dict) -> str:
+    where = f"q{cell['query']} d{cell['draw']}" if cell["query"] is not None else "(all queries)"
+    return f"{cell['method']} K={cell['k']} {where}"
+
+
+def _retrain(cells: list[dict]) -> list[dict]:
+    """Retrain one cell alone, or several of equal K in lockstep (``train_stacked``); one line per cell."""
     doc, t, recipe = _W["doc"], _W["t"], _W["recipe"]
-    name = f"{cell['method']} K={cell['k']} " + (f"q{cell['query']} d{cell['draw']}" if cell["query"] is not None
-                                                   else "(all queries)")
+    names = ", ".join(_name(c) for c in cells)
     try:
         t0 = time.time()
-        torch.manual_seed(recipe.seed)  # as counterfactual.run: initial weights from the CPU generator
-        unet = models.build_unet(doc["unet_config"]).to(_W["device"])
-        steps = math.ceil((len(t["latents"]) - len(cell["removed"])) / recipe.batch_size)
+        steps = math.ceil((len(t["latents"]) - len(cells[0]["removed"])) / recipe.batch_size)
 
         def report(epoch, lg):  # the speed shows in the first minute, not after the first cell
             if epoch in (1, 5) or epoch % 25 == 0:
-                print(f"    {name}: epoch {epoch}/{recipe.epochs}, "
+                print(f"    {names}: epoch {epoch}/{recipe.epochs}, "
                       f"{1e3 * lg['seconds'] / (epoch * steps):.0f} ms/step", flush=True)
 
-        log = train.train_unet(unet, models.build_scheduler(doc["scheduler_config"]), t["latents"],
-                               t["text_states"], t["null_state"], recipe, exclude=set(cell["removed"]),
-                               progress=False, on_epoch_end=report)
-        unet.eval()
-        qis = range(len(doc["queries"])) if cell["query"] is None else [cell["query"]]
-        measured = {qi: _measure(unet, qi) for qi in qis}
-        return {"type": "cell", **cell, "name": name, "losses": {str(qi): m[0] for qi, m in measured.items()},
-                "latents": {str(qi): m[1] for qi, m in measured.items()}, "train_seconds": log["seconds"],
-                "final_train_loss": log["loss"][-1], "wall_seconds": time.time() - t0, **_machine()}
-    except Exception:  # one broken cell must not cost the others
-        return {"type": "error", "key": cell["key"], "name": name, "error": traceback.format_exc()[-1500:]}
+        sched = models.build_scheduler(doc["scheduler_config"])
+        if len(cells) == 1:
+            torch.manual_seed(recipe.seed)  # as counterfactual.run: initial weights from the CPU generator
+            unet = models.build_unet(doc["unet_config"]).to(_W["device"])
+            log = train.train_unet(unet, sched, t["latents"], t["text_states"], t["null_state"], recipe,
+                                   exclude=set(cells[0]["removed"]), progress=False, on_epoch_end=report)
+            unets, finals = [unet], [log["loss"][-1]]
+        else:
+            from .train_stacked import train_unets_stacked
+
+            states, log = train_unets_stacked(doc["unet_config"], sched, t["latents"], t["text_states"],
+                                              t["null_state"], recipe, [set(c["removed"]) for c in cells],
+                                              _W["device"], on_epoch_end=report)
+            unets = []
+            for state in states:
+                unet = models.build_unet(doc["unet_config"])
+                unet.load_state_dict(state)
+                unets.append(unet.to(_W["device"]))
+            finals = log["loss"][-1]
+        lines = []
+        for cell, unet, final in zip(cells, unets, finals):
+            unet.eval()
+            qis = range(len(doc["queries"])) if cell["query"] is None else [cell["query"]]
+            measured = {qi: _measure(unet, qi) for qi in qis}
+            lines.append({"type": "cell", **cell, "name": _name(cell), "stacked_with": len(cells),
+                          "losses": {str(qi): m[0] for qi, m in measured.items()},
+                          "latents": {str(qi): m[1] for qi, m in measured.items()}, "train_seconds": log["seconds"],
+                          "final_train_loss": final, "wall_seconds": time.time() - t0, **_machine()})
+        return lines
+    except Exception:  # one broken group must not cost the others
+        error = traceback.format_exc()[-1500:]
+        return [{"type": "error", "key": c["key"], "name": _name(c), "error": error} for c in cells]
+
+
+def _groups(cells: list[dict], stack: int) -> list[list[dict]]:
+    """Consecutive cells of equal K in groups of up to ``stack``, keeping the plan's priority order."""
+    groups, open_by_k = [], {}
+    for c in cells:
+        g = open_by_k.get(c["k"])
+        if g is None or len(g) == stack:
+            g = open_by_k[c["k"]] = []
+            groups.append(g)
+        g.append(c)
+    return groups
 
 
 def _done(out: Path, plan_hash: str) -> dict[str, dict]:
@@ -220,9 +256,10 @@ def _append(out: Path, line: dict) -> None:
 
 
 def retrain(bundle_dir: Path, out: Path, device: str = "cpu", workers: int = 1, threads: int = 1,
-            deadline_s: float | None = None, log=print) -> int:
+            deadline_s: float | None = None, log=print, stack: int = 1) -> int:
     """Run every planned cell not yet in ``out`` (JSON lines, tagged with the plan's hash); returns how
-    many finished now. All model work happens in ``workers`` spawned processes; this one only schedules."""
+    many finished now. All model work happens in ``workers`` spawned processes; this one only schedules.
+    ``stack`` > 1 trains up to that many cells of equal K in lockstep in one process (for a GPU)."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
@@ -247,20 +284,21 @@ def retrain(bundle_dir: Path, out: Path, device: str = "cpu", workers: int = 1, 
                 _append(out, {**line, "plan": tag})
             log(f"originals measured on {line['device']}")
         originals = {k: v for k, v in _done(out, tag).items() if k.startswith("original")}
-        pending = {pool.submit(_retrain, c): c for c in todo}
+        pending = {pool.submit(_retrain, g): g for g in _groups(todo, stack)}
         while pending:
             for fut in [f for f in pending if f.done()]:  # collect first: nothing finished is dropped
-                c = pending.pop(fut)
-                line = {**fut.result(), "plan": tag}
-                _append(out, line)
-                if line["type"] == "error":
-                    log(f"  {line['name']}: {line['error']}")
-                    continue
-                finished += 1
-                dl = ", ".join(f"{(v - originals[f'original{qi}']['loss']) * 1e3:+.1f}"
-                               for qi, v in line["losses"].items())
-                log(f"  [{finished}/{len(todo)}] {line['name']}: train {line['train_seconds']:.0f} s, dL {dl} e-3, "
-                    f"{(time.time() - t_start) / 60:.1f} min")
+                pending.pop(fut)
+                for line in fut.result():
+                    line = {**line, "plan": tag}
+                    _append(out, line)
+                    if line["type"] == "error":
+                        log(f"  {line['name']}: {line['error']}")
+                        continue
+                    finished += 1
+                    dl = ", ".join(f"{(v - originals[f'original{qi}']['loss']) * 1e3:+.1f}"
+                                   for qi, v in line["losses"].items())
+                    log(f"  [{finished}/{len(todo)}] {line['name']}: train {line['train_seconds']:.0f} s, "
+                        f"dL {dl} e-3, {(time.time() - t_start) / 60:.1f} min")
             if not pending:
                 break
             if deadline_s is not None and time.time() - t_start > deadline_s:

@@ -93,3 +93,15 @@ def test_mismatches_fail_loudly(offloaded, tiny_explorer):
         offload.import_results(tiny_explorer, bad, lines, tmp / "results2")
     with pytest.raises(FileNotFoundError, match="offload retrain"):
         offload.import_results(tiny_explorer, tmp / "bundle", tmp / "missing.jsonl", tmp / "results2")
+
+
+def test_stacked_retrain_matches_one_at_a_time(offloaded):
+    tmp, _, doc, lines, _ = offloaded
+    stacked = tmp / "stacked.jsonl"
+    assert offload.retrain(tmp / "bundle", stacked, "cpu", stack=3, log=lambda *_: None) == 9
+    one = {d["key"]: d for d in map(json.loads, lines.read_text().splitlines()) if d["type"] == "cell"}
+    many = {d["key"]: d for d in map(json.loads, stacked.read_text().splitlines()) if d["type"] == "cell"}
+    assert sorted(d["stacked_with"] for d in many.values()) == [1, 1, 1, 3, 3, 3, 3, 3, 3]
+    for key, d in many.items():
+        for qi, loss in d["losses"].items():
+            assert loss == pytest.approx(one[key]["losses"][qi], rel=1e-3), (d["name"], qi)
