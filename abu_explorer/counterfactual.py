@@ -90,10 +90,7 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
     with lock:
         loss0 = query_loss(explorer.unet, explorer.scheduler, query.latent, context, query.mask)
     loss1 = query_loss(unet, explorer.scheduler, query.latent, context, query.mask)
-    result = {"key": key, "query": query.describe(), "method": method, "k": k, "draw": draw, "removed": removed,
-              "removed_captions": [explorer.dataset.captions[i] for i in removed],
-              "loss_original": loss0, "loss_counterfactual": loss1, "delta_loss": loss1 - loss0,
-              "train_seconds": log["seconds"], "recipe": recipe.to_dict(), "trained_on": machine()}
+    result = record(explorer, key, query, method, k, draw, removed, loss0, loss1, log["seconds"], recipe, machine())
     src = query.source
     if src.get("type") == "generated":
         other = Explorer(explorer.root, explorer.vae, explorer.clip, explorer.tokenizer, unet,
@@ -107,6 +104,15 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
     artifacts.save_json(out / "result.json", result)
     shutil.rmtree(out / "ckpt", ignore_errors=True)  # retrained weights need not be kept
     return result
+
+
+def record(explorer, key: str, query, method: str, k: int, draw: int, removed: list[int], loss0: float,
+           loss1: float, train_seconds: float, recipe: train.StageConfig, trained_on: dict) -> dict:
+    """The fields of every result.json (the image metrics are added for generated queries)."""
+    return {"key": key, "query": query.describe(), "method": method, "k": k, "draw": draw, "removed": removed,
+            "removed_captions": [explorer.dataset.captions[i] for i in removed],
+            "loss_original": loss0, "loss_counterfactual": loss1, "delta_loss": loss1 - loss0,
+            "train_seconds": train_seconds, "recipe": recipe.to_dict(), "trained_on": trained_on}
 
 
 def machine() -> dict:

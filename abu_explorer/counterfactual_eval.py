@@ -45,6 +45,14 @@ def load_queries(path: Path) -> list[dict]:
     return items
 
 
+def build_queries(explorer, queries: list[dict]) -> list:
+    """The generated queries of a queries file (prompt, seed, steps, guidance, box)."""
+    from .attribution import query as q
+
+    return [q.from_generation(explorer, d["prompt"], int(d.get("seed", 0)), int(d.get("steps", 50)),
+                              d.get("guidance"), tuple(d["box"]) if d.get("box") else None) for d in queries]
+
+
 def plan(num_queries: int, methods: list[str], ks: list[int], draws: int) -> list[Cell]:
     """Rounds: for each K, each method (random once per draw), all queries."""
     cells = []
@@ -130,7 +138,7 @@ def slug(text: str) -> str:
 
 def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int, results_dir: Path,
         assets_dir: Path | None, progress: bool = True, max_cells: int | None = None) -> dict:
-    from .attribution import get_method, query as q
+    from .attribution import get_method
 
     for m in methods:
         if m != "random":
@@ -139,8 +147,7 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
     for k in ks:
         if not 1 <= k <= n:
             raise ValueError(f"K must be in [1, {n}], got {k}")
-    built = [q.from_generation(explorer, d["prompt"], int(d.get("seed", 0)), int(d.get("steps", 50)),
-                               d.get("guidance"), tuple(d["box"]) if d.get("box") else None) for d in queries]
+    built = build_queries(explorer, queries)
     cells = plan(len(queries), methods, ks, draws)
     results, done_now = [], 0
     for i, cell in enumerate(cells):

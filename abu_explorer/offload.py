@@ -44,14 +44,13 @@ def export(explorer, queries: list[dict], methods: list[str], ks: list[int], dra
            recipe: train.StageConfig = train.UNET_RECIPE, full: bool = True, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    from .attribution import SERVING_OPTIONS, get_method, query as q
-    from .counterfactual_eval import plan
+    from .attribution import SERVING_OPTIONS, get_method
+    from .counterfactual_eval import build_queries, plan
 
     # 1. queries and cells, in the order the retrains should run
     if len(set(ks)) != len(ks) or not all(1 <= k <= len(explorer.dataset) for k in ks):
         raise ValueError(f"K values must be distinct and in [1, {len(explorer.dataset)}], got {ks}")
-    built = [q.from_generation(explorer, d["prompt"], int(d.get("seed", 0)), int(d.get("steps", 50)),
-                               d.get("guidance"), tuple(d["box"]) if d.get("box") else None) for d in queries]
+    built = build_queries(explorer, queries)
     cells = _order(plan(len(queries), methods, ks, draws), ks, methods)
     # 2. removed rows: one ranking per (query, method), cut at each K
     rankers = {m: get_method(m).load(explorer, **SERVING_OPTIONS.get(m, {})) for m in methods if m != "random"}
@@ -381,11 +380,9 @@ def import_results(explorer, bundle_dir: Path, lines_path: Path, results_dir: Pa
             continue
         loss0, loss1 = originals[qi]["loss"], line["losses"][str(qi)]
         a, b = decode(originals[qi]["latent"]), decode(line["latents"][str(qi)])
-        result = {"key": key, "query": qu.describe(), "method": cell["method"], "k": cell["k"], "draw": cell["draw"],
-                  "removed": cell["removed"], "removed_captions": [explorer.dataset.captions[i] for i in cell["removed"]],
-                  "loss_original": loss0, "loss_counterfactual": loss1, "delta_loss": loss1 - loss0,
-                  "train_seconds": line["train_seconds"], "recipe": recipe.to_dict(),
-                  "trained_on": machine, **counterfactual.image_change(explorer, a, b)}
+        result = {**counterfactual.record(explorer, key, qu, cell["method"], cell["k"], cell["draw"], cell["removed"],
+                                          loss0, loss1, line["train_seconds"], recipe, machine),
+                  **counterfactual.image_change(explorer, a, b)}
         if full is not None:  # the same machine's K = 0 retrain: dL against it has no arithmetic offset
             result["loss_full_retrain"] = full["losses"][str(qi)]
         artifacts.save_png(out / "regenerated.png", b)
