@@ -100,13 +100,14 @@ def _cmd_evaluate(args) -> int:
 def _cmd_offload(args) -> int:
     import dataclasses
 
-    from . import counterfactual_eval, offload, train
-
     if args.step == "retrain":  # needs torch + diffusers only: no Explorer here
-        n = offload.retrain(Path(args.bundle), Path(args.lines), args.device, args.workers, args.threads,
-                            args.deadline_min * 60 if args.deadline_min else None, stack=args.stack)
+        from . import offload_retrain
+
+        n = offload_retrain.retrain(Path(args.bundle), Path(args.lines), args.device, args.workers, args.threads,
+                                    args.deadline_min * 60 if args.deadline_min else None, stack=args.stack)
         print(f"{n} cells retrained -> {args.lines}")
         return 0
+    from . import counterfactual_eval, offload, train
     from .pipeline import Explorer
 
     exp = Explorer.load(args.model)
@@ -164,8 +165,6 @@ def _cmd_precompute(args) -> int:
 
 
 def _cmd_attribute(args) -> int:
-    import json
-
     from .attribution import get_method, query as q
     from .pipeline import Explorer
 

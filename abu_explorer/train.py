@@ -210,6 +210,20 @@ def train_clip(clip_model, images: torch.Tensor, tokens: torch.Tensor, cfg: Stag
 # --- stage 3: UNet -------------------------------------------------------------------------------
 
 
+def unet_step_draws(step: int, batch_size: int, latent_shape, flips: bool, num_train_timesteps: int,
+                    cfg: StageConfig) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of UNet training step ``step``, from its own seeded CPU generator, in this order:
+    flip side per row (None without flips), timestep per row, noise (batch, *latent_shape), caption dropout
+    per row. They depend on the step alone, never on which rows are in the batch, so every leave-K-out
+    retrain (and ``train_stacked``) sees the same draws."""
+    g = _gen(cfg.seed, 4, step)
+    side = torch.randint(0, 2, (batch_size,), generator=g) if flips else None
+    t = torch.randint(0, num_train_timesteps, (batch_size,), generator=g)
+    noise = torch.randn((batch_size, *latent_shape), generator=g)
+    drop = torch.rand(batch_size, generator=g) < cfg.extra["cfg_dropout"]
+    return side, t, noise, drop
+
+
 def train_unet(unet, scheduler, latents: torch.Tensor, text_states: torch.Tensor, null_state: torch.Tensor,
                cfg: StageConfig = UNET_RECIPE, exclude: set[int] | frozenset = frozenset(),
                run_dir: Path | None = None, progress: bool = True, on_epoch_end=None) -> dict:
@@ -233,16 +247,11 @@ def train_unet(unet, scheduler, latents: torch.Tensor, text_states: torch.Tensor
     flips = latents.dim() == 5
 
     def step_fn(batch, step):
-        g = _gen(cfg.seed, 4, step)
+        side, t, noise, drop = unet_step_draws(step, len(batch), latents.shape[-3:], flips,
+                                               scheduler.config.num_train_timesteps, cfg)
         rows_on = batch.to(dev)
-        if flips:
-            side = torch.randint(0, 2, (len(batch),), generator=g)
-            x0 = latents[rows_on, side.to(dev)]
-        else:
-            x0 = latents[rows_on]
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=g)
-        noise = torch.randn(tuple(x0.shape), generator=g).to(dev)
-        drop = torch.rand(len(batch), generator=g) < cfg.extra["cfg_dropout"]
+        x0 = latents[rows_on, side.to(dev)] if flips else latents[rows_on]
+        noise = noise.to(dev)
         ctx = torch.where(drop.to(dev)[:, None, None], null_state.expand(len(batch), -1, -1), text_states[rows_on])
         t = t.to(dev)
         xt = scheduler.add_noise(x0, noise, t)

@@ -63,16 +63,11 @@ def train_unets_stacked(unet_config: dict, scheduler, latents: torch.Tensor, tex
                 group["lr"] = train.lr_at(step, total, cfg)
             # 4. the step's draws (shared by all models), each model's own batch
             batch = torch.stack([b[i] for b in per_model]).to(dev)  # (M, B)
-            g = train._gen(cfg.seed, 4, step)
             bsz = batch.shape[1]
-            if flips:
-                side = torch.randint(0, 2, (bsz,), generator=g).to(dev)
-                x0 = latents[batch, side[None].expand_as(batch)]
-            else:
-                x0 = latents[batch]
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=g)
-            noise = torch.randn(tuple(x0.shape[1:]), generator=g).to(dev)
-            drop = (torch.rand(bsz, generator=g) < cfg.extra["cfg_dropout"]).to(dev)
+            side, t, noise, drop = train.unet_step_draws(step, bsz, latents.shape[-3:], flips,
+                                                         scheduler.config.num_train_timesteps, cfg)
+            x0 = latents[batch, side.to(dev)[None].expand_as(batch)] if flips else latents[batch]
+            noise, drop = noise.to(dev), drop.to(dev)
             t = t.to(dev)
             ctx = torch.where(drop[None, :, None, None], null_state.expand(bsz, -1, -1)[None], text_states[batch])
             xt = scheduler.add_noise(x0.flatten(0, 1), noise.repeat(m_count, 1, 1, 1), t.repeat(m_count))

@@ -8,7 +8,7 @@ from abu_explorer.attribution import abu_precompute, query as q
 from abu_explorer.attribution.abu import AbU
 from abu_explorer.attribution.ddpm_loss import (eval_timesteps, item_noise, loss_table,
                                                 reference_loss_table)
-from abu_explorer.attribution.gradients import PerExampleGradients, diagonal_fisher, random_draw
+from abu_explorer.attribution.gradients import PerExampleGradients, random_draw
 from abu_explorer.attribution.params import select
 
 CFG = abu_precompute.AbUConfig(fisher_passes=2, num_timesteps=3, screen_candidates=8,

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from abu_explorer import artifacts, counterfactual, offload
+from abu_explorer import artifacts, counterfactual, offload, offload_retrain
 from abu_explorer.attribution import query as q
 from conftest import tiny_recipes
 
@@ -24,7 +24,7 @@ def offloaded(tiny_explorer, tmp_path_factory):
                          progress=False)
     lines = tmp / "cells.jsonl"
     threads = torch.get_num_threads()
-    n = offload.retrain(tmp / "bundle", lines, "cpu", workers=2, threads=threads, log=lambda *_: None)
+    n = offload_retrain.retrain(tmp / "bundle", lines, "cpu", workers=2, threads=threads, log=lambda *_: None)
     assert torch.get_num_threads() == threads  # the caller's settings are left alone
     return tmp, recipe, doc, lines, n
 
@@ -65,7 +65,7 @@ def test_offloaded_cells_equal_counterfactual_run(offloaded, tiny_explorer):
 
 def test_retrain_resumes_only_what_is_missing(offloaded, tiny_explorer):
     tmp, _, doc, lines, _ = offloaded
-    assert offload.retrain(tmp / "bundle", lines, "cpu", log=lambda *_: None) == 0  # all done: nothing runs
+    assert offload_retrain.retrain(tmp / "bundle", lines, "cpu", log=lambda *_: None) == 0  # all done: nothing runs
     kept = [ln for ln in lines.read_text().splitlines() if json.loads(ln)["key"] != doc["cells"][0]["key"]]
     foreign = json.loads(kept[-1]) | {"plan": "another-plan", "key": doc["cells"][5]["key"]}
     partial = tmp / "partial.jsonl"
@@ -73,7 +73,7 @@ def test_retrain_resumes_only_what_is_missing(offloaded, tiny_explorer):
     kept = [ln for ln in kept if json.loads(ln)["key"] != gone]
     partial.write_text("\n".join(kept) + "\n" + json.dumps(foreign) + "\n" + '{"type": "cell", "ke')  # torn last line
     logged = []
-    assert offload.retrain(tmp / "bundle", partial, "cpu", log=logged.append) == 2
+    assert offload_retrain.retrain(tmp / "bundle", partial, "cpu", log=logged.append) == 2
     assert "2 of 9 cells" in logged[0]
     redone = [json.loads(ln) for ln in partial.read_text().splitlines()[-2:]]
     assert {d["key"] for d in redone} == {doc["cells"][0]["key"], gone}
@@ -83,11 +83,11 @@ def test_mismatches_fail_loudly(offloaded, tiny_explorer):
     tmp, _, doc, lines, _ = offloaded
     bad = tmp / "bad"
     bad.mkdir()
-    (bad / offload.BUNDLE).write_bytes((tmp / "bundle" / offload.BUNDLE).read_bytes() + b"x")
+    (bad / offload_retrain.BUNDLE).write_bytes((tmp / "bundle" / offload_retrain.BUNDLE).read_bytes() + b"x")
     (bad / "plan.json").write_text(json.dumps(doc))
     with pytest.raises(artifacts.ArtifactError, match="does not match plan.json"):
-        offload.retrain(bad, tmp / "x.jsonl", "cpu", log=lambda *_: None)
-    (bad / offload.BUNDLE).write_bytes((tmp / "bundle" / offload.BUNDLE).read_bytes())
+        offload_retrain.retrain(bad, tmp / "x.jsonl", "cpu", log=lambda *_: None)
+    (bad / offload_retrain.BUNDLE).write_bytes((tmp / "bundle" / offload_retrain.BUNDLE).read_bytes())
     (bad / "plan.json").write_text(json.dumps({**doc, "hashes": {**doc["hashes"], "unet": "0" * 16}}))
     with pytest.raises(artifacts.ArtifactError, match="another unet"):
         offload.import_results(tiny_explorer, bad, lines, tmp / "results2")
@@ -98,7 +98,7 @@ def test_mismatches_fail_loudly(offloaded, tiny_explorer):
 def test_stacked_retrain_matches_one_at_a_time(offloaded):
     tmp, _, doc, lines, _ = offloaded
     stacked = tmp / "stacked.jsonl"
-    assert offload.retrain(tmp / "bundle", stacked, "cpu", stack=3, log=lambda *_: None) == 9
+    assert offload_retrain.retrain(tmp / "bundle", stacked, "cpu", stack=3, log=lambda *_: None) == 9
     one = {d["key"]: d for d in map(json.loads, lines.read_text().splitlines()) if d["type"] == "cell"}
     many = {d["key"]: d for d in map(json.loads, stacked.read_text().splitlines()) if d["type"] == "cell"}
     assert sorted(d["stacked_with"] for d in many.values()) == [1, 1, 1, 3, 3, 3, 3, 3, 3]

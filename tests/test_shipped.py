@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from conftest import PRECOMPUTED, ROOT
+from conftest import ROOT
 
 
 def test_shipped_model_generates_deterministically(shipped_explorer):

@@ -71,3 +71,20 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert train.lr_at(0, 100, cfg) == pytest.approx(0.1)
     assert train.lr_at(9, 100, cfg) == pytest.approx(1.0)
     assert train.lr_at(100, 100, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_unet_draws_are_the_ones_the_shipped_model_was_trained_with():
+    """Golden values: batch order and per-step draws of the shipped recipe. A leave-K-out retrain only
+    reproduces the shipped model (K = 0, bit for bit) while these stay the same; a refactor that reorders
+    the draws fails here instead of silently shifting every counterfactual result."""
+    cfg = train.UNET_RECIPE
+    assert train.epoch_batches(torch.arange(2015), 149, cfg)[0][:8].tolist() == [1613, 443, 99, 1769, 732, 806, 665, 650]
+    side, t, noise, drop = train.unet_step_draws(2371, 128, (4, 8, 8), True, 1000, cfg)
+    assert side[:8].tolist() == [0, 1, 0, 0, 1, 1, 0, 1]
+    assert t[:8].tolist() == [736, 406, 659, 96, 447, 447, 530, 7]
+    assert drop.nonzero().flatten()[:6].tolist() == [2, 3, 9, 34, 55, 59]
+    assert noise.shape == (128, 4, 8, 8)
+    assert noise[0, 0, 0, :3].tolist() == pytest.approx([-0.26868960, 0.29376397, 1.56628001], abs=1e-6)
+    assert noise.sum().item() == pytest.approx(61.495674, abs=1e-3)
+    side, t, noise, drop = train.unet_step_draws(2371, 128, (4, 8, 8), False, 1000, cfg)
+    assert side is None and t[:3].tolist() != [736, 406, 659]  # without flips the timesteps come first
