@@ -21,8 +21,9 @@ import torch
 from . import artifacts, counterfactual, train
 
 METRICS = ("delta_loss", "delta_g_mse", "delta_g_clip")
-LABELS = {"delta_loss": "dL (higher = more forgotten)", "delta_g_mse": "dG-MSE (higher = more changed)",
+LABELS = {"delta_loss": "dL x1e-3 (higher = more forgotten)", "delta_g_mse": "dG-MSE x1e-3 (higher = more changed)",
           "delta_g_clip": "dG-CLIP (lower = more changed)"}
+SCALE = {"delta_loss": 1e3, "delta_g_mse": 1e3, "delta_g_clip": 1.0}  # the table's units
 
 
 @dataclass(frozen=True)
@@ -106,25 +107,56 @@ def table(summary: dict, num_train: int) -> str:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
+    """One panel per metric. Several Ks: mean +- s.e. against K per method (the issue's plot). One K: each
+    method's per-query values (one marker per query) with their mean +- s.e., over the band of the random
+    control's mean +- s.e., so a reader sees which differences clear chance and which queries drive a mean."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     methods = list(dict.fromkeys(r["method"] for r in summary["rows"]))
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 3.4), dpi=110)
+    ks = sorted({r["k"] for r in summary["rows"]})
+    cells = summary.get("cells", [])
+    prompts = [d["prompt"] for d in summary.get("queries", [])]
+    markers = "osD^v<>ph*"
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 3.6), dpi=110)
     for ax, metric in zip(axes, METRICS):
-        for j, m in enumerate(methods):
-            rs = [r for r in summary["rows"] if r["method"] == m]
-            ks = [r["k"] * (1 + 0.03 * (j - len(methods) / 2)) for r in rs]  # small dodge so bars do not overlap
-            ys = [r[metric][0] for r in rs]
-            es = [0 if math.isnan(r[metric][1]) else r[metric][1] for r in rs]
-            ax.errorbar(ks, ys, yerr=es, fmt="o-" if len(ks) > 1 else "o", capsize=3, label=m,
-                        ls="--" if m == "random" else "-")
-        ax.set_xscale("log")
-        ax.set_xlabel("K (images removed)")
+        sc = SCALE[metric]
+        if len(ks) > 1:
+            for j, m in enumerate(methods):
+                rs = [r for r in summary["rows"] if r["method"] == m]
+                xs = [r["k"] * (1 + 0.03 * (j - len(methods) / 2)) for r in rs]  # dodge: bars do not overlap
+                ax.errorbar(xs, [sc * r[metric][0] for r in rs], capsize=3, label=m, marker="o",
+                            yerr=[0 if math.isnan(r[metric][1]) else sc * r[metric][1] for r in rs],
+                            ls="--" if m == "random" else "-")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(FixedLocator(ks))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel("K (images removed)")
+        else:
+            rand = next((r for r in summary["rows"] if r["method"] == "random"), None)
+            if rand is not None and not math.isnan(rand[metric][0]):
+                mu, se = sc * rand[metric][0], 0 if math.isnan(rand[metric][1]) else sc * rand[metric][1]
+                ax.axhspan(mu - se, mu + se, color="0.85", zorder=0, label="random mean ± s.e.")
+                ax.axhline(mu, color="0.6", lw=1, zorder=0)
+            for j, m in enumerate(methods):
+                for c in (c for c in cells if c["method"] == m and metric in c):
+                    qi = c["query_index"]
+                    ax.scatter(j + 0.08 * (qi - 1), sc * c[metric], s=22, marker=markers[qi % len(markers)],
+                               color=f"C{qi % 10}", alpha=0.8, zorder=2,
+                               label=prompts[qi] if prompts and m == methods[0] else None)
+                row = next(r for r in summary["rows"] if r["method"] == m)
+                if not math.isnan(row[metric][0]):
+                    ax.errorbar(j + 0.3, sc * row[metric][0], yerr=0 if math.isnan(row[metric][1]) else sc * row[metric][1],
+                                fmt="_", color="k", ms=14, capsize=4, zorder=3)
+            ax.set_xticks(range(len(methods)), methods)
+            ax.set_xlim(-0.5, len(methods) - 0.3)
+            ax.set_xlabel(f"method (K = {ks[0]}; black: mean ± s.e.)" if ks else "method")
         ax.set_title(LABELS[metric], fontsize=9)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -137,7 +169,9 @@ def slug(text: str) -> str:
 
 
 def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int, results_dir: Path,
-        assets_dir: Path | None, progress: bool = True, max_cells: int | None = None) -> dict:
+        assets_dir: Path | None, progress: bool = True, max_cells: int | None = None,
+        recipe: train.StageConfig = train.UNET_RECIPE) -> dict:
+    """Run (or read from the cache) every cell; ``max_cells`` bounds the retrains of this call."""
     from .attribution import get_method
 
     for m in methods:
@@ -151,8 +185,7 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
     cells = plan(len(queries), methods, ks, draws)
     results, done_now = [], 0
     for i, cell in enumerate(cells):
-        key = counterfactual.request_key(explorer, built[cell.query], cell.method, cell.k, cell.draw,
-                                         train.UNET_RECIPE)
+        key = counterfactual.request_key(explorer, built[cell.query], cell.method, cell.k, cell.draw, recipe)
         cached = (Path(results_dir) / key / "result.json").exists()
         if not cached and max_cells is not None and done_now >= max_cells:
             continue
@@ -160,8 +193,8 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
             print(f"[{i + 1}/{len(cells)}] {queries[cell.query]['prompt']!r} {cell.method} K={cell.k} "
                   f"draw {cell.draw}: retraining", flush=True)
             t0 = time.perf_counter()
-        r = counterfactual.run(explorer, built[cell.query], cell.method, cell.k, results_dir, draw=cell.draw,
-                               progress=progress)
+        r = counterfactual.run(explorer, built[cell.query], cell.method, cell.k, results_dir, recipe=recipe,
+                               draw=cell.draw, progress=progress)
         if not cached:
             done_now += 1
             print(f"  {counterfactual.show(r).splitlines()[0]} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)

@@ -1,0 +1,74 @@
+"""The evaluation runner on the tiny model: rounds, resume after a stop, summary statistics, report files."""
+import json
+import math
+import statistics
+
+import pytest
+
+from abu_explorer import counterfactual, counterfactual_eval as ce
+from conftest import tiny_recipes
+
+QUERIES = [{"prompt": "red apple", "seed": 1, "steps": 3}, {"prompt": "banana", "seed": 2, "steps": 3}]
+
+
+def test_plan_runs_every_method_before_the_second_random_draw():
+    cells = ce.plan(2, ["abu", "random", "pixel"], [17], draws=2)
+    assert len(cells) == 2 * (1 + 2 + 1)
+    order = [(c.method, c.draw) for c in cells]
+    assert order.index(("random", 1)) > order.index(("pixel", 0))
+    assert [c.query for c in cells[:2]] == [0, 1]
+
+
+def test_mean_and_standard_error():
+    m, se = ce.mean_se([1.0, 2.0, 6.0])
+    assert m == 3.0 and se == pytest.approx(statistics.stdev([1.0, 2.0, 6.0]) / math.sqrt(3))
+    assert math.isnan(ce.mean_se([4.0])[1]) and math.isnan(ce.mean_se([])[0])
+
+
+def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_path, monkeypatch):
+    recipe = tiny_recipes()[2]
+    results, assets = tmp_path / "results", tmp_path / "assets"
+    retrained = []
+    original = counterfactual.train.train_unet
+
+    def spy(*args, **kwargs):
+        retrained.append(set(kwargs.get("exclude", ())))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(counterfactual.train, "train_unet", spy)
+    # 1. a run stopped after 3 retrains
+    first = ce.run(tiny_explorer, QUERIES, ["pixel", "random"], [2], 2, results, assets, progress=False,
+                   max_cells=3, recipe=recipe)
+    assert first["cells"] == 6 and first["done"] == 3 and len(retrained) == 3
+    # 2. the same command again: only the 3 missing cells retrain, in plan order
+    second = ce.run(tiny_explorer, QUERIES, ["pixel", "random"], [2], 2, results, assets, progress=False, recipe=recipe)
+    assert second["done"] == 6 and len(retrained) == 6
+    assert len({json.dumps(sorted(e)) for e in retrained}) == len(retrained)  # every cell removed its own rows
+    # 3. the summary: per method and K, mean over queries (and draws) of the cells' own numbers
+    rows = {(r["method"], r["k"]): r for r in second["report"]["rows"]}
+    cells = second["report"]["cells"]
+    for method, n in (("pixel", 2), ("random", 4)):
+        mine = [c["delta_loss"] for c in cells if c["method"] == method]
+        assert rows[(method, 2)]["n"] == n == len(mine)
+        assert rows[(method, 2)]["delta_loss"][0] == pytest.approx(statistics.mean(mine))
+    assert set(rows[("random", 2)]["delta_loss_per_draw"]) == {0, 1}
+    # 4. the report files: table with one line per method, plot, one strip per query
+    table = (assets / "counterfactual_table.md").read_text()
+    assert "| pixel | 2 (" in table and "| random | 2 (" in table and table.count("| banana |") == 3
+    assert (assets / "counterfactual_plot.png").stat().st_size > 0
+    for d in QUERIES:
+        assert (assets / f"counterfactual_strip_{ce.slug(d['prompt'])}.png").exists()
+    # 5. nothing left: a third run only reads
+    third = ce.run(tiny_explorer, QUERIES, ["pixel", "random"], [2], 2, results, None, progress=False, recipe=recipe)
+    assert third["done"] == 6 and len(retrained) == 6
+
+
+def test_runner_rejects_bad_requests_before_any_work(tiny_explorer, tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        ce.run(tiny_explorer, QUERIES, ["nope"], [2], 1, tmp_path, None, progress=False)
+    with pytest.raises(ValueError, match="K must be"):
+        ce.run(tiny_explorer, QUERIES, ["pixel"], [len(tiny_explorer.dataset) + 1], 1, tmp_path, None, progress=False)
+    bad = tmp_path / "q.json"
+    bad.write_text(json.dumps([{"seed": 3}]))
+    with pytest.raises(ValueError, match="prompt"):
+        ce.load_queries(bad)
