@@ -116,13 +116,25 @@ def record(explorer, key: str, query, method: str, k: int, draw: int, removed: l
 
 
 def machine() -> dict:
-    """Where this process trains: recorded in every result, since only the arithmetic may differ."""
+    """Where this process trains: recorded in every result, since only the arithmetic (and the speed) may
+    differ. The vector ISA is named because AVX-512 and AVX2 kernels round differently and run at different
+    speeds: a K = 0 retrain reproduces the shipped weights bit for bit only on the kind of CPU that made them."""
     import platform
 
     import diffusers
 
-    return {"device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "torch": torch.__version__,
-            "diffusers": diffusers.__version__}
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    return {"device": f"cpu ({isa}, {torch.get_num_threads()} threads)", "cpu_model": model,
+            "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
 def image_change(explorer, a, b) -> dict:

@@ -220,7 +220,7 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
     for r in sorted(results, key=lambda r: (r["query_index"], methods.index(r["method"]), r["draw"])):
         per_cell.append(f"| {queries[r['query_index']]['prompt']} | {r['method']} | {r['draw'] if r['method'] == 'random' else ''} "
                         f"| {r['delta_loss'] * 1e3:+.1f} | {r.get('delta_g_mse', math.nan) * 1e3:.1f} "
-                        f"| {r.get('delta_g_clip', math.nan):.3f} | {r.get('trained_on', {}).get('device', 'cpu')} |")
+                        f"| {r.get('delta_g_clip', math.nan):.3f} | {r.get('trained_on', {}).get('device', 'cpu (not recorded)')} |")
     artifacts.save_text(assets_dir / "counterfactual_table.md",
                         table(summary, n) + "\n\nPer retrain (K = " + ", ".join(str(k) for k in sorted({r["k"] for r in results}))
                         + "):\n\n" + "\n".join(per_cell) + "\n")

@@ -150,7 +150,7 @@ def import_results(explorer, bundle_dir: Path, lines_path: Path, results_dir: Pa
         cell = plan.get(key)
         if cell is None or cell["removed"] != line["removed"]:
             raise ValueError(f"{lines_path}: cell {key} is not in {bundle_dir}/plan.json (or removes other rows)")
-        machine = {k: line[k] for k in ("device", "torch", "diffusers")}
+        machine = {k: line[k] for k in ("device", "cpu_model", "torch", "diffusers") if k in line}
         qi, qu = cell["query"], built[cell["query"]]
         if counterfactual.request_key(explorer, qu, cell["method"], cell["k"], cell["draw"], recipe) != key:
             raise ValueError(f"cell {key}: its key does not match this model and query; export again")
