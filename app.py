@@ -128,13 +128,8 @@ def build_demo(app=None):
 
     @friendly
     def counterfactual(kind, prompt, seed, steps, guidance, upload, caption, x0, y0, x1, y1, method, k):
-        k = ui._int(k, "K", 1, n_train)
         query = app.query(source_of(kind, prompt, seed, steps, guidance, upload, caption), (x0, y0, x1, y1))
-        keys = []
-        for m in (method, "random"):
-            if app.cached_counterfactual(query, m, k) is None:
-                app.submit_counterfactual(query, m, k)
-            keys.append(app.counterfactual_key(query, m, k))
+        keys = app.request_counterfactual(query, method, k)
         return keys, *render_counterfactual(keys)
 
     def render_counterfactual(keys):
@@ -245,7 +240,7 @@ def build_demo(app=None):
 
             with gr.Tab("Remove & regenerate", id="counterfactual"):
                 gr.Markdown("Removes the method's top-K training images **and** K random images (the control), "
-                            "retrains the UNet from scratch without each set (same recipe and seed; about 20-45 "
+                            "retrains the UNet from scratch without each set (same recipe and seed; about 20-50 "
                             "minutes each on 2 CPU cores), then regenerates the query with the same noise. Results "
                             "are cached: a request done before shows at once. Jobs run on the server, so you may "
                             "reload the page and ask again to see their progress.")

@@ -178,6 +178,19 @@ class ExplorerApp:
 
         return self.jobs.submit(key, label, work)
 
+    def request_counterfactual(self, query: q.Query, method: str, k) -> list[str]:
+        """The tab's request: the method's top-K and K random images (the control), each queued unless its
+        result is cached or its job is already on the server. Returns the two result keys."""
+        k = _int(k, "K", 1, len(self.explorer.dataset))
+        if method == "random":
+            raise UIError("pick an attribution method: K random images are always removed next to it")
+        keys = []
+        for m in (method, "random"):
+            if self.cached_counterfactual(query, m, k) is None:
+                self.submit_counterfactual(query, m, k)
+            keys.append(self.counterfactual_key(query, m, k))
+        return keys
+
     def counterfactual_view(self, result: dict, size: int = 192) -> tuple[Image.Image | None, str]:
         """(regenerated image or None, metrics markdown) of a finished result."""
         folder = self.results_dir / result["key"]

@@ -111,6 +111,26 @@ def test_counterfactual_job_runs_once_and_is_cached(tiny_app):
     assert img is not None and "dL" in md
 
 
+def test_request_queues_the_method_and_the_random_control_once(tiny_app, tmp_path):
+    app = ui.ExplorerApp(tiny_app.explorer, tmp_path, recipe=tiny_app.recipe)
+    query = app.query(GEN)
+    keys = app.request_counterfactual(query, "pixel", 2)
+    assert keys == [app.counterfactual_key(query, "pixel", 2), app.counterfactual_key(query, "random", 2)]
+    jobs = [app.jobs.get(key) for key in keys]
+    assert all(j is not None for j in jobs)
+    assert app.request_counterfactual(query, "pixel", 2) == keys  # asked again: the same jobs, none added
+    assert [app.jobs.get(key) for key in keys] == jobs
+    for job in jobs:
+        t0 = time.time()
+        while job.status in ("queued", "running") and time.time() - t0 < 300:
+            time.sleep(0.2)
+        assert job.status == "done", job.error
+    with pytest.raises(ui.UIError, match="random images are always removed"):
+        app.request_counterfactual(query, "random", 2)
+    with pytest.raises(ui.UIError, match="K"):
+        app.request_counterfactual(query, "pixel", len(app.explorer.dataset) + 1)
+
+
 def test_cancelled_job_stops_and_resumes(tiny_app, tmp_path):
     import dataclasses
 
