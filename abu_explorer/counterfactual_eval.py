@@ -72,36 +72,52 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), se
 
 
+def _query_id(r: dict) -> str:
+    return json.dumps(r["query"], sort_keys=True)
+
+
 def summarize(results: list[dict], methods: list[str]) -> dict:
-    """Mean +- standard error over queries (and random draws) per method and K; random's per-draw spread."""
+    """Mean +- standard error over queries (and random draws) per method and K. Also, per method, the paired
+    difference dL - (the same query's mean random dL) over the queries that have a random draw, which
+    removes the queries' own spread; and random's per-draw means (the spread of the control)."""
     rows = []
     for m in methods:
         for k in sorted({r["k"] for r in results if r["method"] == m}):
             rs = [r for r in results if r["method"] == m and r["k"] == k]
-            row = {"method": m, "k": k, "n": len(rs), "queries": len({json.dumps(r["query"], sort_keys=True) for r in rs})}
+            row = {"method": m, "k": k, "n": len(rs), "queries": len({_query_id(r) for r in rs})}
             for metric in METRICS:
                 row[metric] = mean_se([r[metric] for r in rs if metric in r])
-            if m == "random":  # spread over draws: per-draw means
-                per_draw = {}
-                for r in rs:
+            by_query, per_draw = {}, {}
+            for r in results:
+                if r["method"] == "random" and r["k"] == k:
+                    by_query.setdefault(_query_id(r), []).append(r["delta_loss"])
                     per_draw.setdefault(r["draw"], []).append(r["delta_loss"])
+            if m == "random":
                 row["delta_loss_per_draw"] = {d: statistics.mean(v) for d, v in sorted(per_draw.items())}
+            else:
+                row["delta_loss_vs_random"] = mean_se([r["delta_loss"] - statistics.mean(by_query[_query_id(r)])
+                                                       for r in rs if _query_id(r) in by_query])
             rows.append(row)
     return {"rows": rows}
 
 
 def table(summary: dict, num_train: int) -> str:
-    lines = ["| method | K (% of N) | cells | dL x1e-3 | dG-MSE x1e-3 | dG-CLIP |", "|---|---|---|---|---|---|"]
+    lines = ["| method | K (% of N) | cells | dL x1e-3 | dL - random x1e-3 (paired by query) | dG-MSE x1e-3 | dG-CLIP |",
+             "|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
-        def fmt(metric, scale):
+        def fmt(metric, scale, sign=""):
             m, se = r[metric]
             digits = 1 if scale > 1 else 3
             if math.isnan(m):
                 return "-"
-            return f"{m * scale:.{digits}f}" + ("" if math.isnan(se) else f" ± {se * scale:.{digits}f}")
+            return f"{m * scale:{sign}.{digits}f}" + ("" if math.isnan(se) else f" ± {se * scale:.{digits}f}")
 
+        if "delta_loss_vs_random" in r:
+            versus = fmt("delta_loss_vs_random", 1e3, "+")
+        else:  # the control itself: its per-draw means show how much one draw moves it
+            versus = "per draw: " + " / ".join(f"{v * 1e3:.1f}" for v in r.get("delta_loss_per_draw", {}).values())
         lines.append(f"| {r['method']} | {r['k']} ({100 * r['k'] / num_train:.2f}%) | {r['n']} | "
-                     f"{fmt('delta_loss', 1e3)} | {fmt('delta_g_mse', 1e3)} | "
+                     f"{fmt('delta_loss', 1e3)} | {versus} | {fmt('delta_g_mse', 1e3)} | "
                      f"{fmt('delta_g_clip', 1)} |")
     return "\n".join(lines)
 

@@ -52,9 +52,15 @@ def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_pa
         assert rows[(method, 2)]["n"] == n == len(mine)
         assert rows[(method, 2)]["delta_loss"][0] == pytest.approx(statistics.mean(mine))
     assert set(rows[("random", 2)]["delta_loss_per_draw"]) == {0, 1}
+    paired = []  # pixel minus the mean of the same query's two random draws
+    for qi in range(len(QUERIES)):
+        rand = [c["delta_loss"] for c in cells if c["method"] == "random" and c["query_index"] == qi]
+        paired += [c["delta_loss"] - statistics.mean(rand) for c in cells if c["method"] == "pixel" and c["query_index"] == qi]
+    assert len(paired) == 2 and rows[("pixel", 2)]["delta_loss_vs_random"][0] == pytest.approx(statistics.mean(paired))
     # 4. the report files: table with one line per method, plot, one strip per query
     table = (assets / "counterfactual_table.md").read_text()
     assert "| pixel | 2 (" in table and "| random | 2 (" in table and table.count("| banana |") == 3
+    assert "per draw: " in table
     assert (assets / "counterfactual_plot.png").stat().st_size > 0
     for d in QUERIES:
         assert (assets / f"counterfactual_strip_{ce.slug(d['prompt'])}.png").exists()
