@@ -80,6 +80,11 @@ def summarize(results: list[dict], methods: list[str]) -> dict:
     """Mean +- standard error over queries (and random draws) per method and K. Also, per method, the paired
     difference dL - (the same query's mean random dL) over the queries that have a random draw, which
     removes the queries' own spread; and random's per-draw means (the spread of the control)."""
+    by_query, per_draw = {}, {}  # the random control's dL, by (K, query) and by (K, draw)
+    for r in results:
+        if r["method"] == "random":
+            by_query.setdefault((r["k"], _query_id(r)), []).append(r["delta_loss"])
+            per_draw.setdefault(r["k"], {}).setdefault(r["draw"], []).append(r["delta_loss"])
     rows = []
     for m in methods:
         for k in sorted({r["k"] for r in results if r["method"] == m}):
@@ -87,16 +92,11 @@ def summarize(results: list[dict], methods: list[str]) -> dict:
             row = {"method": m, "k": k, "n": len(rs), "queries": len({_query_id(r) for r in rs})}
             for metric in METRICS:
                 row[metric] = mean_se([r[metric] for r in rs if metric in r])
-            by_query, per_draw = {}, {}
-            for r in results:
-                if r["method"] == "random" and r["k"] == k:
-                    by_query.setdefault(_query_id(r), []).append(r["delta_loss"])
-                    per_draw.setdefault(r["draw"], []).append(r["delta_loss"])
             if m == "random":
-                row["delta_loss_per_draw"] = {d: statistics.mean(v) for d, v in sorted(per_draw.items())}
+                row["delta_loss_per_draw"] = {d: statistics.mean(v) for d, v in sorted(per_draw[k].items())}
             else:
-                row["delta_loss_vs_random"] = mean_se([r["delta_loss"] - statistics.mean(by_query[_query_id(r)])
-                                                       for r in rs if _query_id(r) in by_query])
+                row["delta_loss_vs_random"] = mean_se([r["delta_loss"] - statistics.mean(by_query[(k, _query_id(r))])
+                                                       for r in rs if (k, _query_id(r)) in by_query])
             rows.append(row)
     return {"rows": rows}
 

@@ -186,9 +186,10 @@ class ExplorerApp:
             raise UIError("pick an attribution method: K random images are always removed next to it")
         keys = []
         for m in (method, "random"):
-            if self.cached_counterfactual(query, m, k) is None:
+            key = self.counterfactual_key(query, m, k)
+            if self.result_for_key(key) is None:
                 self.submit_counterfactual(query, m, k)
-            keys.append(self.counterfactual_key(query, m, k))
+            keys.append(key)
         return keys
 
     def counterfactual_view(self, result: dict, size: int = 192) -> tuple[Image.Image | None, str]:
