@@ -227,9 +227,10 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
     assets_dir = Path(assets_dir)
     assets_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(results, methods)
-    summary.update({"num_train": n, "queries": queries, "threads": torch.get_num_threads(),
-                    "cells": [{k: r[k] for k in ("key", "query_index", "method", "k", "draw", *METRICS) if k in r}
-                              for r in results]})
+    # each cell carries its own machine record: cells of one table may come from several machines
+    summary.update({"num_train": n, "queries": queries,
+                    "cells": [{k: r[k] for k in ("key", "query_index", "method", "k", "draw", *METRICS, "trained_on")
+                               if k in r} for r in results]})
     artifacts.save_json(assets_dir / "counterfactual_summary.json", summary)
     per_cell = ["| query | method | draw | dL x1e-3 | dG-MSE x1e-3 | dG-CLIP | trained on |",
                 "|---|---|---|---|---|---|---|"]

@@ -61,6 +61,7 @@ def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_pa
     table = (assets / "counterfactual_table.md").read_text()
     assert "| pixel | 2 (" in table and "| random | 2 (" in table and table.count("| banana |") == 3
     assert "per draw: " in table
+    assert all(c["trained_on"]["device"].startswith("cpu (") for c in cells)  # each cell's own machine record
     assert (assets / "counterfactual_plot.png").stat().st_size > 0
     for d in QUERIES:
         assert (assets / f"counterfactual_strip_{ce.slug(d['prompt'])}.png").exists()
