@@ -24,6 +24,12 @@ METRICS = ("delta_loss", "delta_g_mse", "delta_g_clip")
 LABELS = {"delta_loss": "dL x1e-3 (higher = more forgotten)", "delta_g_mse": "dG-MSE x1e-3 (higher = more changed)",
           "delta_g_clip": "dG-CLIP (lower = more changed)"}
 SCALE = {"delta_loss": 1e3, "delta_g_mse": 1e3, "delta_g_clip": 1.0}  # the table's units
+# The paper's Table 1 (MSCOCO, N ~ 118k): dL x1e-3 at K = 500 / 1000 / 4000, i.e. these fractions of N.
+# Random is quoted as one figure for all K. IF is not in that table. Absolute values depend on the model and
+# data; the ratio to random is the comparable part.
+PAPER_FRACTIONS = (0.0042, 0.0085, 0.034)
+PAPER_DL = {"abu": (5.6, 6.7, 9.8), "dtrak": (5.4, 6.6, 9.6), "dino": (4.8, 5.6, 8.1), "clip": (4.2, 4.7, 6.4),
+            "pixel": (3.6, 3.6, 4.0), "random": (3.5, 3.5, 3.5)}
 
 
 @dataclass(frozen=True)
@@ -101,9 +107,20 @@ def summarize(results: list[dict], methods: list[str]) -> dict:
     return {"rows": rows}
 
 
+def paper_dl(method: str, k: int, num_train: int) -> float | None:
+    """The paper's dL x1e-3 for ``method`` at the setting nearest K/N, if one is within a factor 1.25."""
+    frac = k / num_train
+    i = min(range(len(PAPER_FRACTIONS)), key=lambda j: abs(math.log(frac / PAPER_FRACTIONS[j])))
+    if method not in PAPER_DL or abs(math.log(frac / PAPER_FRACTIONS[i])) > math.log(1.25):
+        return None
+    return PAPER_DL[method][i]
+
+
 def table(summary: dict, num_train: int) -> str:
-    lines = ["| method | K (% of N) | cells | dL x1e-3 | dL - random x1e-3 (paired by query) | dG-MSE x1e-3 | dG-CLIP |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | K (% of N) | cells | dL x1e-3 | dL - random x1e-3 (paired by query) | dL / random "
+             "| dG-MSE x1e-3 | dG-CLIP | paper dL x1e-3 (/ random) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    rand_mean = {r["k"]: r["delta_loss"][0] for r in summary["rows"] if r["method"] == "random"}
     for r in summary["rows"]:
         def fmt(metric, scale, sign=""):
             m, se = r[metric]
@@ -116,9 +133,13 @@ def table(summary: dict, num_train: int) -> str:
             versus = fmt("delta_loss_vs_random", 1e3, "+")
         else:  # the control itself: its per-draw means show how much one draw moves it
             versus = "per draw: " + " / ".join(f"{v * 1e3:.1f}" for v in r.get("delta_loss_per_draw", {}).values())
+        rm = rand_mean.get(r["k"], math.nan)
+        ratio = "-" if math.isnan(rm) or rm <= 0 or math.isnan(r["delta_loss"][0]) else f"{r['delta_loss'][0] / rm:.2f}"
+        p, p_rand = paper_dl(r["method"], r["k"], num_train), paper_dl("random", r["k"], num_train)
+        paper = "-" if p is None else f"{p:.1f} ({p / p_rand:.2f})"
         lines.append(f"| {r['method']} | {r['k']} ({100 * r['k'] / num_train:.2f}%) | {r['n']} | "
-                     f"{fmt('delta_loss', 1e3)} | {versus} | {fmt('delta_g_mse', 1e3)} | "
-                     f"{fmt('delta_g_clip', 1)} |")
+                     f"{fmt('delta_loss', 1e3)} | {versus} | {ratio} | {fmt('delta_g_mse', 1e3)} | "
+                     f"{fmt('delta_g_clip', 1)} | {paper} |")
     return "\n".join(lines)
 
 

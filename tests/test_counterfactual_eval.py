@@ -25,6 +25,24 @@ def test_mean_and_standard_error():
     assert math.isnan(ce.mean_se([4.0])[1]) and math.isnan(ce.mean_se([])[0])
 
 
+def test_table_sets_each_method_beside_random_and_the_paper():
+    # 17 of 2015 is 0.84% of N: the paper's K = 1000 (0.85%) column; 200 of 2015 (9.9%) matches no setting
+    rows = [{"method": "abu", "k": 17, "n": 3, "delta_loss_vs_random": (0.01, 0.003)},
+            {"method": "random", "k": 17, "n": 3, "delta_loss_per_draw": {0: 0.008}},
+            {"method": "if", "k": 17, "n": 3, "delta_loss_vs_random": (0.004, 0.001)},
+            {"method": "abu", "k": 200, "n": 1, "delta_loss_vs_random": (math.nan, math.nan)}]
+    for r, dl in zip(rows, (0.018, 0.008, 0.012, 0.03)):
+        r.update({"delta_loss": (dl, 0.002), "delta_g_mse": (0.05, 0.01), "delta_g_clip": (0.9, 0.01)})
+    lines = ce.table({"rows": rows}, 2015).splitlines()
+    abu, rand, inf, far = (dict(zip(lines[0].split("|"), line.split("|"))) for line in lines[2:])
+    assert abu[" dL / random "].strip() == "2.25" and rand[" dL / random "].strip() == "1.00"
+    assert abu[" paper dL x1e-3 (/ random) "].strip() == "6.7 (1.91)"
+    assert rand[" paper dL x1e-3 (/ random) "].strip() == "3.5 (1.00)"
+    assert inf[" paper dL x1e-3 (/ random) "].strip() == "-"  # IF is not in the paper's table
+    assert far[" paper dL x1e-3 (/ random) "].strip() == "-" and far[" dL / random "].strip() == "-"
+    assert ce.paper_dl("pixel", 68, 2015) == 4.0 and ce.paper_dl("dtrak", 8, 2015) == 5.4
+
+
 def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_path, monkeypatch):
     recipe = tiny_recipes()[2]
     results, assets = tmp_path / "results", tmp_path / "assets"
