@@ -1,11 +1,10 @@
-"""Command line: ``python -m abu_explorer {train,generate,benchmark,dataset}``.
+"""Command line: ``python -m abu_explorer COMMAND``; ``--help`` lists them (``bench`` is the benchmark group).
 
 Errors a user can cause (bad prompt, bad numbers, missing artifacts) print one line and exit 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent / "precomputed"
 
 
 def _cmd_train(args) -> int:
-    from . import build
+    from abu_explorer.training import build
 
     build.build(Path(args.out), Path(args.run_dir), only=args.only, progress=not args.quiet,
                 data_folder=Path(args.data) if args.data else None)
@@ -22,7 +21,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .pipeline import Explorer
+    from abu_explorer.model.embedded import Explorer
 
     exp = Explorer.load(args.model)
     t0 = time.perf_counter()
@@ -43,47 +42,10 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def _cmd_benchmark(args) -> int:
-    from . import benchmark
-
-    benchmark.main(args)
-    return 0
-
-
-def _cmd_counterfactual(args) -> int:
-    from . import counterfactual
-    from .attribution import get_method, query as q
-    from .pipeline import Explorer
-
-    if args.method != "random":
-        get_method(args.method)
-    exp = Explorer.load(args.model)
-    box = tuple(args.box) if args.box else None
-    query = q.from_generation(exp, args.prompt, args.seed, args.steps, args.guidance, box)
-    result = counterfactual.run(exp, query, args.method, args.k, Path(args.results), draw=args.draw)
-    print(counterfactual.show(result))
-    print(f"result: {Path(args.results) / result['key'] / 'result.json'}")
-    return 0
-
-
-def _cmd_benchmark_abu(args) -> int:
-    from .attribution import evaluate
-
-    evaluate.main(args)
-    return 0
-
-
-def _cmd_benchmark_methods(args) -> int:
-    from .attribution import benchmark_methods
-
-    benchmark_methods.main(args)
-    return 0
-
-
 def _cmd_examples(args) -> int:
-    from . import examples
-    from .pipeline import Explorer
-    from .ui import ExplorerApp
+    from abu_explorer.app import examples
+    from abu_explorer.app.service import ExplorerApp
+    from abu_explorer.model.embedded import Explorer
 
     app = ExplorerApp(Explorer.load(args.model), Path(args.results))
     out = examples.build(app, Path(args.queries), progress=not args.quiet)
@@ -91,47 +53,24 @@ def _cmd_examples(args) -> int:
     return 0
 
 
-def _cmd_evaluate(args) -> int:
-    from . import counterfactual_eval
+def _cmd_methods(args) -> int:
+    from abu_explorer.attribution import METHODS, registry
 
-    return counterfactual_eval.main(args)
-
-
-def _cmd_offload(args) -> int:
-    import dataclasses
-
-    if args.step == "retrain":  # needs torch + diffusers only: no Explorer here
-        from . import offload_retrain
-
-        n = offload_retrain.retrain(Path(args.bundle), Path(args.lines), args.device, args.workers, args.threads,
-                                    args.deadline_min * 60 if args.deadline_min else None, stack=args.stack)
-        print(f"{n} cells retrained -> {args.lines}")
+    if args.markdown:
+        print(registry.markdown_table())
         return 0
-    from . import counterfactual_eval, offload, train
-    from .pipeline import Explorer
-
-    exp = Explorer.load(args.model)
-    if args.step == "export":
-        recipe = train.UNET_RECIPE
-        if args.epochs:
-            recipe = dataclasses.replace(recipe, epochs=args.epochs)
-        doc = offload.export(exp, counterfactual_eval.load_queries(Path(args.queries)),
-                             [m.strip() for m in args.methods.split(",") if m.strip()],
-                             [int(k) for k in args.k.split(",")], args.draws, Path(args.bundle), recipe,
-                             full=not args.no_full)
-        print(f"{len(doc['cells'])} cells -> {args.bundle}/plan.json")
-        return 0
-    rep = offload.import_results(exp, Path(args.bundle), Path(args.lines), Path(args.results),
-                                 Path(args.report) if args.report else None)
-    print(json.dumps({k: v for k, v in rep.items() if k != "skipped_existing"}, indent=1))
+    for m in METHODS:
+        modes = "/".join(m.modes) or "one mode"
+        print(f"{m.name:7} {m.label:20} {modes:11} {m.description}")
     return 0
 
 
 def _cmd_dataset(args) -> int:
-    from . import contact_sheet, data
+    from abu_explorer import data
+    from abu_explorer.data import sheet as contact_sheet
 
     ds = data.build_openmoji(data.DataConfig())
-    print(f"{len(ds)} images, content hash {ds.content_hash}, cached at {data._cache_path(ds.config)}")
+    print(f"{len(ds)} images, content hash {ds.content_hash}, cached at {data.cache_path(ds.config)}")
     if args.sheet:
         contact_sheet.dataset_sheet(ds, Path(args.sheet))
         print(f"wrote {args.sheet}")
@@ -139,77 +78,53 @@ def _cmd_dataset(args) -> int:
 
 
 def _cmd_precompute(args) -> int:
-    from .attribution import abu_precompute, distributed
-    from .pipeline import Explorer
+    from abu_explorer.attribution import distributed, spec
+    from abu_explorer.model import Explorer
 
+    method = spec(args.method)
     distributed.init_from_env()
     exp = Explorer.load(args.model)
     t0 = time.perf_counter()
-    if args.method == "if":
-        from .attribution import influence
-
-        cfg = influence.IFConfig(selection=args.selection, num_timesteps=args.timesteps, damping=args.damping)
-        folder = influence.precompute(exp, cfg, args.out or None, progress=not args.quiet)
-    elif args.method == "dtrak":
-        from .attribution import dtrak
-
-        cfg = dtrak.DTrakConfig(selection=args.selection, num_timesteps=args.timesteps)
-        folder = dtrak.precompute(exp, cfg, args.out or None, progress=not args.quiet)
-    else:
-        cfg = abu_precompute.AbUConfig(selection=args.selection, fisher_passes=args.fisher_passes,
-                                       num_timesteps=args.timesteps)
-        folder = abu_precompute.precompute(exp, cfg, args.out or None, progress=not args.quiet)
+    folder = method.precompute(exp, _tables_config(args), args.out or None, progress=not args.quiet)
     if distributed.rank_world()[0] == 0:
         print(f"{args.method} tables in {folder} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
+def _tables_config(args):
+    """The precompute flags as the method's own config dataclass (saved beside its tables)."""
+    if args.method == "if":
+        from abu_explorer.attribution.influence import IFConfig
+
+        return IFConfig(selection=args.selection, num_timesteps=args.timesteps, damping=args.damping)
+    if args.method == "dtrak":
+        from abu_explorer.attribution.dtrak import DTrakConfig
+
+        return DTrakConfig(selection=args.selection, num_timesteps=args.timesteps)
+    from abu_explorer.attribution.abu_precompute import AbUConfig
+
+    return AbUConfig(selection=args.selection, fisher_passes=args.fisher_passes, num_timesteps=args.timesteps)
+
+
 def _cmd_attribute(args) -> int:
-    from .attribution import get_method, query as q
-    from .pipeline import Explorer
+    from abu_explorer.attribution import distributed, spec
+    from abu_explorer.model import Explorer
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     if args.mode not in ("fast", "exact"):
         raise ValueError(f"--mode must be fast or exact, got {args.mode!r}")
-    method_cls = get_method(args.method)
-    from .attribution import distributed
-
+    method_spec = spec(args.method)
     distributed.init_from_env()  # under torchrun the exact scan is sharded; rank 0 prints and writes
     exp = Explorer.load(args.model)
     n = len(exp.dataset)
     if args.k > n:
         raise ValueError(f"--k {args.k} exceeds the training set ({n} images)")
-    box = tuple(args.box) if args.box else None
-    if args.train_index is not None:
-        query = q.from_training_image(exp, args.train_index, box)
-    elif args.image:
-        if not args.caption:
-            raise ValueError("--image needs --caption")
-        query = q.from_image(exp, args.image, args.caption, box)
-    else:
-        if args.prompt is None:
-            raise ValueError("give --prompt (with --seed), --image with --caption, or --train-index")
-        query = q.from_generation(exp, args.prompt, args.seed, args.steps, args.guidance, box)
-    if args.method == "if":
-        overrides = {k: v for k, v in (("damping", args.damping), ("screen_candidates", args.candidates))
-                     if v is not None}
-        if any(v is not None for v in (args.alpha, args.unlearn_steps, args.unlearn_samples)):
-            raise ValueError("--alpha, --unlearn-steps and --unlearn-samples only apply to --method abu")
-    else:
-        overrides = {k: v for k, v in (("alpha", args.alpha), ("unlearn_steps", args.unlearn_steps),
-                                       ("unlearn_samples", args.unlearn_samples), ("fisher_damping", args.damping),
-                                       ("screen_candidates", args.candidates)) if v is not None}
-        if overrides and args.method != "abu":
-            raise ValueError(f"{', '.join(overrides)} only apply to --method abu (and --damping, --candidates to if)")
-    if args.clip_model:
-        if args.method != "clip":
-            raise ValueError("--clip-model applies to --method clip")
-        overrides = {"model_name": args.clip_model, "pretrained": args.clip_pretrained or None}
-    method = method_cls.load(exp, **overrides)
+    query = _query_from_args(exp, args)
+    method = method_spec.load_class().load(exp, **_method_options(args))
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc=f"{args.method} scan", disable=args.method not in ("abu", "if") or distributed.rank_world()[0] != 0)
+    bar = tqdm(desc=f"{args.method} scan", disable=not method_spec.modes or distributed.rank_world()[0] != 0)
     ranking = method.score(query, mode=args.mode,
                            progress=lambda i, total: (setattr(bar, "total", total), bar.update(i - bar.n)))
     bar.close()
@@ -222,17 +137,60 @@ def _cmd_attribute(args) -> int:
     for r in result["results"]:
         print(f"{r['rank']:>4}  {r['index']:>5}  {r['score']:>11.4e}  {r['caption']}")
     if args.json:
-        from .artifacts import save_json
+        from abu_explorer.artifacts import save_json
 
         save_json(Path(args.json), result)
         print(f"wrote {args.json}")
     return 0
 
 
+def _query_from_args(exp, args):
+    from abu_explorer.attribution import query as q
+
+    box = tuple(args.box) if args.box else None
+    if args.train_index is not None:
+        return q.from_training_image(exp, args.train_index, box)
+    if args.image:
+        if not args.caption:
+            raise ValueError("--image needs --caption")
+        return q.from_image(exp, args.image, args.caption, box)
+    if args.prompt is None:
+        raise ValueError("give --prompt (with --seed), --image with --caption, or --train-index")
+    return q.from_generation(exp, args.prompt, args.seed, args.steps, args.guidance, box)
+
+
+def _method_options(args) -> dict:
+    """The per-query settings a method takes from the command line; a flag for another method is an error."""
+    if args.method == "if":
+        if any(v is not None for v in (args.alpha, args.unlearn_steps, args.unlearn_samples)):
+            raise ValueError("--alpha, --unlearn-steps and --unlearn-samples only apply to --method abu")
+        return {k: v for k, v in (("damping", args.damping), ("screen_candidates", args.candidates)) if v is not None}
+    options = {k: v for k, v in (("alpha", args.alpha), ("unlearn_steps", args.unlearn_steps),
+                                 ("unlearn_samples", args.unlearn_samples), ("fisher_damping", args.damping),
+                                 ("screen_candidates", args.candidates)) if v is not None}
+    if options and args.method != "abu":
+        raise ValueError(f"{', '.join(options)} only apply to --method abu (and --damping, --candidates to if)")
+    if args.clip_model:
+        if args.method != "clip":
+            raise ValueError("--clip-model applies to --method clip")
+        options = {"model_name": args.clip_model, "pretrained": args.clip_pretrained or None}
+    return options
+
+
 def parser() -> argparse.ArgumentParser:
+    from abu_explorer.bench import add_commands as bench_commands
+    from abu_explorer.evaluation.commands import add_commands as evaluation_commands
+
     p = argparse.ArgumentParser(prog="python -m abu_explorer", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    _model_commands(sub)
+    _attribution_commands(sub)
+    evaluation_commands(sub, str(DEFAULT_DIR))
+    bench_commands(sub, str(DEFAULT_DIR))
+    return p
 
+
+def _model_commands(sub) -> None:
     t = sub.add_parser("train", help="reproduce the embedded model's weights from scratch")
     t.add_argument("--only", choices=["autoencoder", "clip", "unet"], help="one stage (the others must exist)")
     t.add_argument("--out", default=str(DEFAULT_DIR))
@@ -251,35 +209,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=str(DEFAULT_DIR), help="precomputed folder")
     g.set_defaults(func=_cmd_generate)
 
-    b = sub.add_parser("benchmark", help="measure quality and speed; prints the README tables")
-    b.add_argument("--model", default=str(DEFAULT_DIR))
-    b.add_argument("--num-captions", type=int, default=200)
-    b.add_argument("--snapshots", default="", help="folder of UNet snapshots for the quality-vs-time curve")
-    b.add_argument("--skip-quality", action="store_true")
-    b.add_argument("--json", default="", help="also write the figures here")
-    b.set_defaults(func=_cmd_benchmark)
+    d = sub.add_parser("dataset", help="render the OpenMoji set into the cache; optionally a contact sheet")
+    d.add_argument("--sheet", default="")
+    d.set_defaults(func=_cmd_dataset)
 
-    ba = sub.add_parser("benchmark-abu", help="AbU: alpha sweep, self-rank, fast vs exact; prints README figures")
-    ba.add_argument("--model", default=str(DEFAULT_DIR))
-    ba.add_argument("--alphas", type=float, nargs="*", default=[])
-    ba.add_argument("--self-queries", type=int, default=30)
-    ba.add_argument("--fast-exact-queries", type=int, default=20)
-    ba.add_argument("--fast-exact-start", type=int, default=0, help="index of the first generated query")
-    ba.add_argument("--json", default="")
-    ba.set_defaults(func=_cmd_benchmark_abu)
 
-    bm = sub.add_parser("benchmark-methods", help="cost of every attribution method: precompute, storage, latency")
-    bm.add_argument("--model", default=str(DEFAULT_DIR))
-    bm.add_argument("--methods", nargs="*", default=[])
-    bm.add_argument("--queries", type=int, default=5)
-    bm.add_argument("--exact", action="store_true", help="also one query in each exact mode")
-    bm.add_argument("--precompute", action="store_true", help="also rebuild and time each method's tables")
-    bm.add_argument("--json", default="")
-    bm.set_defaults(func=_cmd_benchmark_methods)
+def _attribution_commands(sub) -> None:
+    from abu_explorer.attribution import METHODS
 
     pc = sub.add_parser("precompute", help="build a method's tables: AbU (Fisher, losses), D-TRAK or IF features (torchrun-able)")
     pc.add_argument("--model", default=str(DEFAULT_DIR))
-    pc.add_argument("--method", default="abu", choices=["abu", "dtrak", "if"])
+    pc.add_argument("--method", default="abu", choices=[m.name for m in METHODS if m.tables])
     pc.add_argument("--out", default="", help="default: MODEL/<method>")
     pc.add_argument("--selection", default="cross-attn", choices=["cross-attn", "attn", "all"])
     pc.add_argument("--fisher-passes", type=int, default=5)
@@ -313,56 +253,6 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--model", default=str(DEFAULT_DIR))
     a.set_defaults(func=_cmd_attribute)
 
-    c = sub.add_parser("counterfactual", help="remove a method's top-K, retrain the UNet, regenerate, measure")
-    c.add_argument("--prompt", required=True)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--steps", type=int, default=50)
-    c.add_argument("--guidance", type=float, default=None)
-    c.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
-    c.add_argument("--method", default="abu")
-    c.add_argument("--k", type=int, default=17)
-    c.add_argument("--draw", type=int, default=0, help="which random draw (method random)")
-    c.add_argument("--results", default="results/counterfactual")
-    c.add_argument("--model", default=str(DEFAULT_DIR))
-    c.set_defaults(func=_cmd_counterfactual)
-
-    e = sub.add_parser("evaluate", help="the counterfactual table: many leave-K-out retrains (resumable)")
-    e.add_argument("what", choices=["counterfactual"])
-    e.add_argument("--queries", required=True, help='JSON list of {"prompt", "seed"[, "steps", "guidance", "box"]}')
-    e.add_argument("--methods", default="abu,dtrak,if,clip,pixel,random")
-    e.add_argument("--k", default="17", help="comma-separated K values")
-    e.add_argument("--draws", type=int, default=2, help="random draws per query")
-    e.add_argument("--max-cells", type=int, default=None, help="stop after this many new retrains")
-    e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    e.add_argument("--results", default="results/counterfactual")
-    e.add_argument("--assets", default="assets", help="where the table, plot and strips go ('' for none)")
-    e.add_argument("--quiet", action="store_true")
-    e.add_argument("--model", default=str(DEFAULT_DIR))
-    e.set_defaults(func=_cmd_evaluate)
-
-    o = sub.add_parser("offload", help="leave-K-out retrains on another machine: export here, retrain there "
-                       "(e.g. --device cuda), import here")
-    o.add_argument("step", choices=["export", "retrain", "import"])
-    o.add_argument("--bundle", default="runs/offload", help="folder of plan.json + bundle.safetensors")
-    o.add_argument("--lines", default="runs/offload/cells.jsonl", help="the retrains' JSON lines")
-    o.add_argument("--queries", default="evaluation/counterfactual_queries.json")
-    o.add_argument("--methods", default="abu,dtrak,if,clip,pixel,random")
-    o.add_argument("--k", default="17", help="comma-separated K values; the first runs first")
-    o.add_argument("--draws", type=int, default=2, help="random draws per query and K")
-    o.add_argument("--no-full", action="store_true", help="export: skip the K = 0 retrain (the floor)")
-    o.add_argument("--epochs", type=int, default=0, help="export: override the recipe's epochs (smoke tests; "
-                   "such results get other keys)")
-    o.add_argument("--device", default="cpu")
-    o.add_argument("--workers", type=int, default=1, help="retrain: parallel processes")
-    o.add_argument("--threads", type=int, default=1, help="retrain: torch threads per process")
-    o.add_argument("--stack", type=int, default=1, help="retrain: train up to this many cells of equal K in "
-                   "lockstep in one process (one batched model; for a GPU)")
-    o.add_argument("--deadline-min", type=float, default=0, help="retrain: stop after this many minutes")
-    o.add_argument("--results", default="results/counterfactual")
-    o.add_argument("--report", default="", help="import: save the import report (JSON) here")
-    o.add_argument("--model", default=str(DEFAULT_DIR))
-    o.set_defaults(func=_cmd_offload)
-
     x = sub.add_parser("examples", help="precompute the app's curated examples (every method's ranking)")
     x.add_argument("--queries", default="evaluation/counterfactual_queries.json")
     x.add_argument("--results", default="results/counterfactual")
@@ -370,15 +260,14 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--model", default=str(DEFAULT_DIR))
     x.set_defaults(func=_cmd_examples)
 
-    d = sub.add_parser("dataset", help="render the OpenMoji set into the cache; optionally a contact sheet")
-    d.add_argument("--sheet", default="")
-    d.set_defaults(func=_cmd_dataset)
-    return p
+    ls = sub.add_parser("methods", help="list the attribution methods (the registry)")
+    ls.add_argument("--markdown", action="store_true", help="as the table in docs/methods.md")
+    ls.set_defaults(func=_cmd_methods)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .artifacts import ArtifactError
-    from .tokenizer import PromptError
+    from abu_explorer.artifacts import ArtifactError
+    from abu_explorer.model.tokenizer import PromptError
 
     args = parser().parse_args(argv)
     try:

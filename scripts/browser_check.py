@@ -11,12 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from abu_explorer.attribution import names  # noqa: E402
 
 CHROMIUM = os.environ.get("ABU_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-METHODS = ("abu", "if", "dtrak", "clip", "pixel", "random")
+METHODS = tuple(names())  # the registry's order: one gallery each
 BOX = (4, 4, 24, 24)  # model pixels
 ERROR_TOAST = ".toast-body.error"
 

@@ -2,7 +2,7 @@
 
     python scripts/if_fast_vs_exact.py [--queries 4] [--threads 1] [--json assets/benchmarks/if_fast_vs_exact.json]
 
-Queries are the benchmark-abu ones: caption (37 + 97 i) mod N with seed 1000 + i.
+Queries are the `bench abu` ones: caption (37 + 97 i) mod N with seed 1000 + i.
 """
 import argparse
 import sys
@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from abu_explorer.artifacts import save_json  # noqa: E402
 from abu_explorer.attribution import influence, query as q  # noqa: E402
-from abu_explorer.attribution.evaluate import spearman  # noqa: E402
-from abu_explorer.pipeline import Explorer  # noqa: E402
+from abu_explorer.bench.abu import spearman  # noqa: E402
+from abu_explorer.model.embedded import Explorer  # noqa: E402
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Tiny seeded components: a 24-image slice of the real dataset and a model small enough to train in
-seconds, built through the same code path as the shipped model (``abu_explorer.build``)."""
+seconds, built through the same code path as the shipped model (``abu_explorer.training.build``)."""
 from __future__ import annotations
 
 import os
@@ -54,7 +54,7 @@ def tiny_dataset(full_dataset):
 
 
 def tiny_recipes():
-    from abu_explorer import train
+    from abu_explorer.training import train
 
     ae = train.StageConfig(epochs=2, batch_size=8, lr=2e-3, warmup_steps=2,
                            extra={**train.AE_RECIPE.extra, "bf16_autocast": "off", "holdout_every": 6})
@@ -65,7 +65,7 @@ def tiny_recipes():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_dataset):
-    from abu_explorer import build
+    from abu_explorer.training import build
 
     out = tmp_path_factory.mktemp("tiny") / "precomputed"
     runs = out.parent / "runs"
@@ -79,14 +79,14 @@ def tiny_model_dir(tmp_path_factory, tiny_dataset):
 
 @pytest.fixture(scope="session")
 def tiny_explorer(tiny_model_dir, tiny_dataset):
-    from abu_explorer.pipeline import Explorer
+    from abu_explorer.model.embedded import Explorer
 
     return Explorer.load(tiny_model_dir, dataset=tiny_dataset)
 
 
 @pytest.fixture(scope="session")
 def shipped_explorer():
-    from abu_explorer.pipeline import Explorer
+    from abu_explorer.model.embedded import Explorer
 
     if not (PRECOMPUTED / "unet" / "train_meta.json").exists():
         pytest.fail(f"shipped model missing under {PRECOMPUTED}; build it with: python -m abu_explorer train")
@@ -99,8 +99,8 @@ def tiny_app(tiny_model_dir, tiny_dataset, tmp_path_factory):
     import shutil
 
     from abu_explorer.attribution import abu_precompute, dtrak, influence
-    from abu_explorer.pipeline import Explorer
-    from abu_explorer.ui import ExplorerApp
+    from abu_explorer.model.embedded import Explorer
+    from abu_explorer.app.service import ExplorerApp
 
     root = tmp_path_factory.mktemp("tiny-app") / "precomputed"
     shutil.copytree(tiny_model_dir, root)

@@ -10,7 +10,7 @@ from abu_explorer.attribution.gradients import diagonal_fisher  # noqa: E402
 
 
 def toy():
-    from abu_explorer import models
+    from abu_explorer.model import components as models
     from conftest import TINY_UNET
 
     torch.manual_seed(0)

@@ -52,16 +52,16 @@ def kind_key(kind: dict) -> str:
 
 def compute(modes=("fast",), progress=print) -> dict:
     """The record for ``modes``: per query the generated pixels' hash and per (method, mode) the top-20."""
-    from abu_explorer.attribution import SERVING_OPTIONS, get_method
+    from abu_explorer.attribution import spec
     from abu_explorer.attribution import query as q
-    from abu_explorer.pipeline import Explorer
+    from abu_explorer.model.embedded import Explorer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         exp = Explorer.load(ROOT / "precomputed")
         names = ("abu", "if", "dtrak", "clip", "pixel", "random")
-        methods = {m: get_method(m).load(exp, **SERVING_OPTIONS.get(m, {})) for m in names}
+        methods = {m: spec(m).load(exp) for m in names}
         out = {}
         for name, prompt, seed, box in QUERIES:
             g = exp.generate(prompt, seed=seed)

@@ -2,7 +2,7 @@
 import pytest
 from gradio_client import Client, handle_file
 
-from abu_explorer import ui
+from abu_explorer.attribution import names, spec
 
 NO_BOX = [None, None, None, None]
 
@@ -13,7 +13,7 @@ def client(tiny_server):
 
 
 def attribute(client, name, prompt="red apple", box=NO_BOX, k=4, methods=None, mode="fast"):
-    return client.predict(prompt, 2, 4, 3.0, None, "", *box, k, methods or list(ui.ORDER), mode,
+    return client.predict(prompt, 2, 4, 3.0, None, "", *box, k, methods or names(), mode,
                           api_name=f"/attribute_{name}")
 
 
@@ -22,10 +22,10 @@ def test_generate(client):
     assert image.endswith(".png") and box == NO_BOX
 
 
-@pytest.mark.parametrize("name", ui.ORDER)
+@pytest.mark.parametrize("name", names())
 def test_attribute_each_method_whole_and_box(client, name):
     head, gallery = attribute(client, name)
-    assert ui.LABELS[name] in head and len(gallery) == 4
+    assert spec(name).label in head and len(gallery) == 4
     assert gallery[0]["caption"].startswith("#1 ")
     head_b, gallery_b = attribute(client, name, box=[0, 0, 16, 16])
     assert len(gallery_b) == 4

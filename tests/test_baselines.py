@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abu_explorer.attribution import METHODS, get_method, query as q
+from abu_explorer.attribution import METHODS, get_method, names, query as q
 from abu_explorer.attribution.nearest import query_pixels
 
 
@@ -49,9 +49,25 @@ def test_random_is_seeded_by_the_query(tiny_explorer):
 
 def test_registry_lists_every_method():
     get_method("abu")
-    assert {"abu", "pixel", "clip", "random"} <= set(METHODS)
+    assert names() == [m.name for m in METHODS] and {"abu", "if", "dtrak", "pixel", "clip", "random"} <= set(names())
+    for m in METHODS:
+        assert m.load_class().name == m.name  # each class answers to its registry name
+        assert bool(m.tables) == (m.name in ("abu", "if", "dtrak"))
     with pytest.raises(ValueError, match="unknown method"):
         get_method("dino")
+
+
+def test_docs_method_table_is_the_registry():
+    """docs/methods.md shows the registry as ``python -m abu_explorer methods --markdown`` prints it."""
+    from conftest import ROOT
+
+    from abu_explorer.attribution import registry
+
+    doc = (ROOT / "docs" / "methods.md").read_text()
+    start, end = "<!-- methods-table:start -->\n", "\n<!-- methods-table:end -->"
+    assert start in doc and end in doc, "docs/methods.md lost its generated-table markers"
+    assert doc.split(start, 1)[1].split(end, 1)[0] == registry.markdown_table(), \
+        "docs/methods.md is stale; paste the output of: python -m abu_explorer methods --markdown"
 
 
 def test_dtrak_matches_a_plain_reference(tiny_explorer, tmp_path):

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from abu_explorer import ui
+from abu_explorer.attribution import names, spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_browser_check():
-    spec = importlib.util.spec_from_file_location("browser_check", ROOT / "scripts" / "browser_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    found = importlib.util.spec_from_file_location("browser_check", ROOT / "scripts" / "browser_check.py")
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
     return module
 
 
@@ -40,9 +40,9 @@ def test_generate_box_attribute(seen):
     assert seen["title"] == "AbU Explorer"
     assert seen["query_image"]["width"] > 0
     assert [float(v) for v in seen["box"]] == [4, 4, 24, 24]
-    for name in ui.ORDER:
+    for name in names():
         assert seen["tiles"][name] >= 1, (name, seen["tiles"])
-        assert ui.LABELS[name] in seen["headings"][name], (name, seen["headings"][name])
+        assert spec(name).label in seen["headings"][name], (name, seen["headings"][name])
     shot = Path(seen["screenshot"])
     assert shot.exists() and shot.stat().st_size > 20_000
 
@@ -52,4 +52,4 @@ def test_select_events(seen):
     assert seen["two_click_box"]["ok"], seen["two_click_box"]
     assert seen["tile"]["ok"], seen["tile"]
     assert seen["tile"]["image"]["width"] > 0
-    assert "training index" in seen["tile"]["text"] and ui.LABELS["abu"] in seen["tile"]["text"]
+    assert "training index" in seen["tile"]["text"] and spec("abu").label in seen["tile"]["text"]

@@ -1,7 +1,8 @@
 """Remove and regenerate on the tiny model: runs, caches, and the removed rows are really left out."""
 import torch
 
-from abu_explorer import counterfactual, train
+from abu_explorer.evaluation import counterfactual
+from abu_explorer.training import train
 from abu_explorer.attribution import query as q
 from conftest import tiny_recipes
 

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from abu_explorer import counterfactual, counterfactual_eval as ce
+from abu_explorer.evaluation import counterfactual, counterfactual_table as ce
 from conftest import tiny_recipes
 
 QUERIES = [{"prompt": "red apple", "seed": 1, "steps": 3}, {"prompt": "banana", "seed": 2, "steps": 3}]

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from abu_explorer import data
+from abu_explorer import artifacts, data
 from conftest import PRECOMPUTED
 
 
@@ -29,11 +29,11 @@ def test_dataset_is_deterministic_and_matches_the_shipped_record(full_dataset):
 def test_cache_is_checked_against_its_hash(tmp_path, monkeypatch, full_dataset):
     folder = tmp_path / "ds"
     folder.mkdir()
-    data.artifacts.save_npy(folder / "images.npy", full_dataset.images[:4])
-    data.artifacts.save_json(folder / "meta.json", {"config": full_dataset.config.to_dict(),
+    artifacts.save_npy(folder / "images.npy", full_dataset.images[:4])
+    artifacts.save_json(folder / "meta.json", {"config": full_dataset.config.to_dict(),
                                                      "captions": full_dataset.captions[:4],
                                                      "codes": full_dataset.codes[:4], "content_hash": "0" * 16})
-    with pytest.raises(data.artifacts.ArtifactError, match="content hash"):
+    with pytest.raises(artifacts.ArtifactError, match="content hash"):
         data.load_dataset_dir(folder)
 
 

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from abu_explorer import artifacts, counterfactual, offload, offload_retrain
+from abu_explorer import artifacts
+from abu_explorer.evaluation import counterfactual, offload, offload_retrain
 from abu_explorer.attribution import query as q
 from conftest import tiny_recipes
 

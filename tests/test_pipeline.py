@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from abu_explorer import artifacts
-from abu_explorer.pipeline import Explorer
-from abu_explorer.tokenizer import PromptError
+from abu_explorer.model.embedded import Explorer
+from abu_explorer.model.tokenizer import PromptError
 
 
 def test_tiny_model_generates_deterministically(tiny_explorer):
@@ -68,3 +68,11 @@ def test_training_cache_shapes(tiny_explorer):
     n = len(tiny_explorer.dataset)
     assert cache.latents.shape == (n, 4, 8, 8)
     assert cache.text_states.shape == (n, 16, 16) and cache.null_state.shape == (1, 16, 16)
+
+
+def test_embedded_model_implements_the_backend_interface(tiny_explorer):
+    from abu_explorer.model.backend import ModelBackend
+
+    assert isinstance(tiny_explorer, ModelBackend)
+    members = [n for n in vars(ModelBackend) if not n.startswith("_")]
+    assert {"encode_text", "encode_images", "decode", "generate", "training_cache", "dataset"} <= set(members)

@@ -1,6 +1,6 @@
 import pytest
 
-from abu_explorer.tokenizer import PromptError, WordTokenizer
+from abu_explorer.model.tokenizer import PromptError, WordTokenizer
 
 
 def test_encode_unknown_and_limits():

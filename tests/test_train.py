@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from abu_explorer import models, train
+from abu_explorer.model import components as models
+from abu_explorer.training import train
 from conftest import TINY_UNET
 
 

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from abu_explorer import models, train
-from abu_explorer.train_stacked import train_unets_stacked
+from abu_explorer.model import components as models
+from abu_explorer.training import train
+from abu_explorer.training.stacked import train_unets_stacked
 from conftest import TINY_UNET
 
 

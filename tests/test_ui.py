@@ -4,9 +4,11 @@ import time
 import pytest
 import torch
 
-from abu_explorer import ui
+from abu_explorer.app import inputs
+from abu_explorer.app import service as ui
+from abu_explorer.attribution import names, spec
 from abu_explorer.attribution.query import QueryError
-from abu_explorer.tokenizer import PromptError
+from abu_explorer.model.tokenizer import PromptError
 
 GEN = {"type": "generated", "prompt": "red apple", "seed": 3, "steps": 4, "guidance": 3.0}
 
@@ -29,13 +31,13 @@ def test_bad_generation_input_is_refused_clearly(tiny_app, args, match):
         tiny_app.generate(*args)
 
 
-@pytest.mark.parametrize("name", ui.ORDER)
+@pytest.mark.parametrize("name", names())
 def test_every_method_attributes_whole_and_box(tiny_app, name):
     whole = tiny_app.attribute(tiny_app.query(GEN), name, 5)
     boxed = tiny_app.attribute(tiny_app.query(GEN, (0, 0, 16, 20)), name, 5)
     for out in (whole, boxed):
         assert [r["rank"] for r in out["results"]] == [1, 2, 3, 4, 5]
-        assert out["method"] == name and out["label"] == ui.LABELS[name]
+        assert out["method"] == name and out["label"] == spec(name).label
     assert boxed["query"]["box"] == [0.0, 0.0, 16.0, 20.0]
     if name != "random":  # the box changes what is measured, so the scores change
         assert [r["score"] for r in whole["results"]] != [r["score"] for r in boxed["results"]]
@@ -87,11 +89,11 @@ def test_upload_query_and_corrupt_upload(tiny_app, tmp_path):
 
 
 def test_clicks_and_box_drawing():
-    assert ui.clicks_to_box((200, 40), (40, 160), 256, 32) == (5, 5, 25, 20)
+    assert inputs.clicks_to_box((200, 40), (40, 160), 256, 32) == (5, 5, 25, 20)
     from PIL import Image
 
     img = Image.new("RGB", (32, 32), "white")
-    drawn = ui.draw_box(img, (0, 0, 16, 16), 256)
+    drawn = inputs.draw_box(img, (0, 0, 16, 16), 256)
     assert drawn.size == (256, 256) and drawn.getpixel((1, 60)) != (255, 255, 255)
     assert drawn.getpixel((200, 200)) == (255, 255, 255)
 
@@ -154,7 +156,7 @@ def test_cancelled_job_stops_and_resumes(tiny_app, tmp_path):
 def test_examples_build_load_and_refuse_another_model(tiny_app, tmp_path):
     import json
 
-    from abu_explorer import examples
+    from abu_explorer.app import examples
     from abu_explorer.artifacts import ArtifactError
 
     queries = tmp_path / "q.json"

@@ -1,6 +1,6 @@
 """Attribution methods behind one interface: ``method.score(query) -> Ranking``.
 
-``METHODS`` is the one registry that the CLI, the benchmarks and the app iterate over.
+``registry.METHODS`` is the one list of methods that the CLI, the app, the evaluations and the docs iterate over.
 """
 from __future__ import annotations
 
@@ -42,23 +42,12 @@ class Ranking:
                             for r, (i, s) in enumerate(self.top(k))]}
 
 
-METHODS: dict[str, type] = {}
-# Load-time options of the serving configuration (the app, the benchmark that describes it, the removal
-# rankers): AbU's loss batch of 64 keeps the app's peak memory near 1.2 GB at the same speed as 256.
-SERVING_OPTIONS: dict[str, dict] = {"abu": {"batch_size": 64}}
+from abu_explorer.attribution.registry import (  # noqa: E402
+    METHODS,
+    MethodSpec,
+    get_method,
+    names,
+    spec,
+)
 
-
-def register(name: str):
-    def wrap(cls):
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-    return wrap
-
-
-def get_method(name: str) -> type:
-    from . import abu, dtrak, influence, nearest, random_baseline  # noqa: F401  (each registers its methods)
-
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+__all__ = ["METHODS", "MethodSpec", "Ranking", "get_method", "names", "spec"]

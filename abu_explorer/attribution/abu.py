@@ -18,7 +18,7 @@ cross-attention key/value weights, then measure how much each training image's l
 # cross-attention *values* of its caption, sum over to_v layers and tokens of ||dW_v c_z||^2 (c_z: the
 # row's text states). It needs no UNet pass and no stored features; the top-M rows are then rescored
 # exactly with theta_hat. (A first-order screen g_z . dtheta failed here: at the tuned alpha the step is
-# far from linear, Spearman(first-order, exact) ~ 0.1; see README.)
+# far from linear, Spearman(first-order, exact) ~ 0.1; see docs/methods.md.)
 """
 from __future__ import annotations
 
@@ -27,16 +27,17 @@ import time
 
 import torch
 
-from . import Ranking, register
-from .abu_precompute import AbUConfig, AbUTables
-from .ddpm_loss import ddpm_losses, loss_table
-from .gradients import random_draw
-from .params import only_grad_for, select
+from abu_explorer.attribution import Ranking
+from abu_explorer.attribution.abu_precompute import AbUConfig, AbUTables
+from abu_explorer.attribution.ddpm_loss import ddpm_losses, loss_table
+from abu_explorer.attribution.gradients import random_draw
+from abu_explorer.attribution.params import only_grad_for, select
 
 
-@register("abu")
 class AbU:
     """``AbU(explorer, tables).score(query, mode="fast"|"exact")``."""
+
+    name = "abu"
 
     def __init__(self, explorer, tables: AbUTables, cache=None):
         self.explorer = explorer
@@ -49,7 +50,7 @@ class AbU:
 
     @classmethod
     def load(cls, explorer, folder=None, **overrides):
-        from .abu_precompute import TABLE_FIELDS, load_tables
+        from abu_explorer.attribution.abu_precompute import TABLE_FIELDS, load_tables
 
         fixed = sorted(set(overrides) & set(TABLE_FIELDS))
         if fixed:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .. import artifacts
-from ..pipeline import provenance
-from . import distributed
-from .ddpm_loss import eval_timesteps, loss_table
-from .gradients import diagonal_fisher
-from .params import select
+from abu_explorer import artifacts
+from abu_explorer.attribution import distributed
+from abu_explorer.attribution.ddpm_loss import eval_timesteps, loss_table
+from abu_explorer.attribution.gradients import diagonal_fisher
+from abu_explorer.attribution.params import select
+from abu_explorer.model.embedded import provenance
 
 HINT = "python -m abu_explorer precompute"
 # Settings that change the tables; the others are query-time options and may differ freely.
@@ -33,7 +33,7 @@ class AbUConfig:
     fisher_damping: float = 0.0  # 0 reproduces the paper; > 0 adds lambda to F before inverting
     num_timesteps: int = 10  # paper: 10 at stride 100 for its customized models
     noise_seed: int = 0
-    alpha: float = 0.01  # unlearning step size (tuned; see README)
+    alpha: float = 0.01  # unlearning step size (tuned; see docs/methods.md)
     unlearn_steps: int = 1
     unlearn_samples: int = 512  # (noise, timestep) draws averaged per step
     unlearn_seed: int = 0
@@ -41,7 +41,7 @@ class AbUConfig:
     batch_size: int = 256
 
     def __post_init__(self):
-        from .params import SELECTIONS
+        from abu_explorer.attribution.params import SELECTIONS
 
         checks = [(self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}"),
                   (self.alpha > 0, "alpha must be > 0"), (self.fisher_damping >= 0, "damping must be >= 0"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
+from abu_explorer.attribution import distributed
 
 
 def eval_timesteps(count: int, num_train_timesteps: int = 1000) -> list[int]:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .. import artifacts
-from . import Ranking, distributed, register
-from .ddpm_loss import eval_timesteps, item_noise
-from .gradients import PerExampleGradients
+from abu_explorer import artifacts
+from abu_explorer.attribution import Ranking, distributed
+from abu_explorer.attribution.ddpm_loss import eval_timesteps, item_noise
+from abu_explorer.attribution.gradients import PerExampleGradients
 
 HINT = "python -m abu_explorer precompute --method dtrak"
 QUERY_ROW = 2**40  # noise key of a query (no training row has it)
@@ -83,7 +83,7 @@ def features(unet, scheduler, latents, states, rows_keys, cfg: DTrakConfig, mask
 def precompute(explorer, cfg: DTrakConfig = DTrakConfig(), folder: Path | None = None, progress=True) -> Path:
     from tqdm.auto import tqdm
 
-    from ..pipeline import provenance
+    from abu_explorer.model.embedded import provenance
 
     folder = Path(folder or Path(explorer.root) / "dtrak")
     cache = explorer.training_cache()
@@ -100,8 +100,9 @@ def precompute(explorer, cfg: DTrakConfig = DTrakConfig(), folder: Path | None =
     return folder
 
 
-@register("dtrak")
 class DTrak:
+    name = "dtrak"
+
     def __init__(self, explorer, cfg: DTrakConfig, phi: torch.Tensor):
         self.explorer, self.cfg = explorer, cfg
         n, d = phi.shape
@@ -113,7 +114,7 @@ class DTrak:
 
     @classmethod
     def load(cls, explorer, folder=None, **overrides):
-        from ..pipeline import provenance
+        from abu_explorer.model.embedded import provenance
 
         folder = Path(folder or Path(explorer.root) / "dtrak")
         meta = artifacts.load_json(folder / "meta.json", HINT)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed, params
+from abu_explorer.attribution import distributed, params
 
 
 class PerExampleGradients:
@@ -80,7 +80,7 @@ def diagonal_fisher(unet, scheduler, latents: torch.Tensor, states: torch.Tensor
 
     latents: (N, C, h, w) or (N, F, C, h, w) (flip f drawn with the timestep). Returns (numel,).
     """
-    from .ddpm_loss import ddpm_losses
+    from abu_explorer.attribution.ddpm_loss import ddpm_losses
 
     lat = latents if latents.dim() == 5 else latents[:, None]
     pex = PerExampleGradients(unet, selection)

@@ -13,7 +13,7 @@
 # grad L(z) . v is a directional derivative, measured by a central difference of L(z) along v (two loss
 # passes, no per-example gradients, nothing stored per training row). A d = 1024 random projection of
 # the preconditioned gradients (TRAK-style storage) was tried first and failed: Spearman 0.02-0.16 against
-# these exact scores (see README). Fast mode rescores only the rows that AbU's value-shift screen picks
+# these exact scores (see docs/methods.md). Fast mode rescores only the rows that AbU's value-shift screen picks
 # for the direction v; exact mode measures every row.
 """
 from __future__ import annotations
@@ -27,11 +27,16 @@ from pathlib import Path
 
 import torch
 
-from .. import artifacts
-from . import Ranking, distributed, params, register
-from .ddpm_loss import ddpm_losses, eval_timesteps, item_noise, loss_table
-from .dtrak import QUERY_ROW
-from .gradients import random_draw
+from abu_explorer import artifacts
+from abu_explorer.attribution import Ranking, distributed, params
+from abu_explorer.attribution.ddpm_loss import (
+    ddpm_losses,
+    eval_timesteps,
+    item_noise,
+    loss_table,
+)
+from abu_explorer.attribution.dtrak import QUERY_ROW
+from abu_explorer.attribution.gradients import random_draw
 
 HINT = "python -m abu_explorer precompute --method if"
 
@@ -192,7 +197,7 @@ def query_gradient(explorer, query, cfg: IFConfig) -> torch.Tensor:
 def directional_derivatives(explorer, cache, v: torch.Tensor, rows: torch.Tensor, cfg: IFConfig,
                             progress=None) -> torch.Tensor:
     """grad L(z) . v for ``rows`` by a central difference at the fixed timesteps and noise; max over flips."""
-    from .abu import _Applied
+    from abu_explorer.attribution.abu import _Applied
 
     sel = params.select(explorer.unet, cfg.selection)
     theta = torch.cat([p.detach().reshape(-1) for p in sel.values()])
@@ -210,7 +215,7 @@ def directional_derivatives(explorer, cache, v: torch.Tensor, rows: torch.Tensor
 
 
 def precompute(explorer, cfg: IFConfig = IFConfig(), folder: Path | None = None, progress=True) -> Path:
-    from ..pipeline import provenance
+    from abu_explorer.model.embedded import provenance
 
     folder = Path(folder or Path(explorer.root) / "if")
     cache = explorer.training_cache()
@@ -225,9 +230,10 @@ def precompute(explorer, cfg: IFConfig = IFConfig(), folder: Path | None = None,
     return folder
 
 
-@register("if")
 class InfluenceFunctions:
     """``InfluenceFunctions.load(explorer).score(query, mode="fast"|"exact")``."""
+
+    name = "if"
 
     def __init__(self, explorer, cfg: IFConfig, factors: dict[str, torch.Tensor]):
         self.explorer, self.cfg = explorer, cfg
@@ -237,7 +243,7 @@ class InfluenceFunctions:
 
     @classmethod
     def load(cls, explorer, folder=None, **overrides):
-        from ..pipeline import provenance
+        from abu_explorer.model.embedded import provenance
 
         folder = Path(folder or Path(explorer.root) / "if")
         meta = artifacts.load_json(folder / "meta.json", HINT)
@@ -271,7 +277,7 @@ class InfluenceFunctions:
             phases["scan"] = time.perf_counter() - t1
             return Ranking("if", scores, time.perf_counter() - t0, "exact", phases, notes=notes.rstrip("; "))
         # 2. screen every row by how far v moves its caption's values; 3. measure the top-M exactly
-        from .abu import fill_below, value_shift
+        from abu_explorer.attribution.abu import fill_below, value_shift
 
         predicted = value_shift(self.selected, v, self.cache.text_states, self.cfg.selection)
         rows = torch.sort(-predicted, stable=True).indices[:min(self.cfg.screen_candidates, n)]

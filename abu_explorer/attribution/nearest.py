@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import Ranking, register
+from abu_explorer.attribution import Ranking
 
 
 def query_pixels(explorer, query) -> torch.Tensor:
@@ -67,18 +67,20 @@ class _Nearest:
                        notes=notes)
 
 
-@register("pixel")
 class PixelNN(_Nearest):
     """Cosine similarity of raw pixels (32x32x3, centred on the dataset's white background)."""
+
+    name = "pixel"
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize((images - 1.0).flatten(1), dim=1)  # white (+1) -> 0, so empty space adds nothing
 
 
-@register("clip")
 class ClipNN(_Nearest):
     """Cosine similarity of CLIP image embeddings: the project's own CLIP by default, or any open_clip model
     given by name with a pretrained tag (downloaded by open_clip) or a local ``.safetensors`` checkpoint."""
+
+    name = "clip"
 
     def __init__(self, explorer, index_type: str = "Flat", model_name: str | None = None,
                  pretrained: str | None = None):
@@ -94,7 +96,7 @@ class ClipNN(_Nearest):
                 x = F.interpolate((x + 1) / 2, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
                 out.append(model.encode_image((x - mean) / std, normalize=True))
             return torch.cat(out)
-        from ..train import clip_preprocess
+        from abu_explorer.training.train import clip_preprocess
 
         clip = self.explorer.clip
         return torch.cat([clip.encode_image(clip_preprocess(x), normalize=True) for x in images.split(256)])

@@ -63,7 +63,7 @@ def from_generation(explorer, prompt: str, seed: int, steps: int = 50, guidance:
 
 
 def from_image(explorer, image: Image.Image | str, caption: str, box: Box | None = None) -> Query:
-    from ..pipeline import image_to_tensor
+    from abu_explorer.model.embedded import image_to_tensor
 
     if isinstance(image, str):
         try:

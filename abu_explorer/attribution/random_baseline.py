@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import Ranking, register
+from abu_explorer.attribution import Ranking
 
 
 def query_seed(query, salt: str) -> int:
@@ -16,8 +16,9 @@ def query_seed(query, salt: str) -> int:
     return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
 
-@register("random")
 class RandomRanking:
+    name = "random"
+
     def __init__(self, explorer, seed: int = 0):
         self.explorer, self.seed = explorer, seed
 

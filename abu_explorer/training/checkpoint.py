@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts
+from abu_explorer import artifacts
 
 
 def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict) -> None:

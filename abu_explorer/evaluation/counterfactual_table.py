@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, counterfactual, train
+from abu_explorer import artifacts
+from abu_explorer.evaluation import counterfactual
+from abu_explorer.training import train
 
 METRICS = ("delta_loss", "delta_g_mse", "delta_g_clip")
 LABELS = {"delta_loss": "dL x1e-3 (higher = more forgotten)", "delta_g_mse": "dG-MSE x1e-3 (higher = more changed)",
@@ -54,7 +56,7 @@ def load_queries(path: Path) -> list[dict]:
 
 def build_queries(explorer, queries: list[dict]) -> list:
     """The generated queries of a queries file (prompt, seed, steps, guidance, box)."""
-    from .attribution import query as q
+    from abu_explorer.attribution import query as q
 
     return [q.from_generation(explorer, d["prompt"], int(d.get("seed", 0)), int(d.get("steps", 50)),
                               d.get("guidance"), tuple(d["box"]) if d.get("box") else None) for d in queries]
@@ -209,7 +211,7 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
         assets_dir: Path | None, progress: bool = True, max_cells: int | None = None,
         recipe: train.StageConfig = train.UNET_RECIPE) -> dict:
     """Run (or read from the cache) every cell; ``max_cells`` bounds the retrains of this call."""
-    from .attribution import get_method
+    from abu_explorer.attribution import get_method
 
     for m in methods:
         if m != "random":
@@ -274,7 +276,7 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
 
 
 def main(args) -> int:
-    from .pipeline import Explorer
+    from abu_explorer.model.embedded import Explorer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""``python -m abu_explorer benchmark-abu``: AbU's figures for README, measured and printed.
+"""``python -m abu_explorer bench abu``: AbU's figures (docs/methods.md), measured and printed.
 
 1. alpha sweep on a few *tuning* training-image queries (self-rank; fast mode);
 2. self-rank: a training image used as the query should rank itself near the top (held-out rows);
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .. import artifacts
-from . import query as q
-from .abu import AbU
+from abu_explorer import artifacts
+from abu_explorer.attribution import query as q
+from abu_explorer.attribution.abu import AbU
 
 TUNING_ROWS = (101, 601, 1101, 1601)  # alpha is tuned on these only; evaluation rows avoid them
 
@@ -62,8 +62,8 @@ def fast_vs_exact(engine: AbU, queries: list[q.Query], k: int = 10) -> dict:
 
 
 def main(args) -> dict:
-    from ..benchmark import cpu_name
-    from ..pipeline import Explorer
+    from abu_explorer.machine import cpu_name
+    from abu_explorer.model.embedded import Explorer
 
     exp = Explorer.load(args.model)
     engine = AbU.load(exp)

@@ -21,8 +21,16 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, counterfactual, sampling, train
-from .offload_retrain import BUNDLE, PLAN_VERSION, load_plan, read_lines
+from abu_explorer import artifacts
+from abu_explorer.evaluation import counterfactual
+from abu_explorer.evaluation.offload_retrain import (
+    BUNDLE,
+    PLAN_VERSION,
+    load_plan,
+    read_lines,
+)
+from abu_explorer.model import sampling
+from abu_explorer.training import train
 
 
 def _order(cells, ks: list[int], methods: list[str]):
@@ -36,8 +44,8 @@ def export(explorer, queries: list[dict], methods: list[str], ks: list[int], dra
            recipe: train.StageConfig = train.UNET_RECIPE, full: bool = True, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    from .attribution import SERVING_OPTIONS, get_method
-    from .counterfactual_eval import build_queries, plan
+    from abu_explorer.attribution import spec
+    from abu_explorer.evaluation.counterfactual_table import build_queries, plan
 
     # 1. queries and cells, in the order the retrains should run
     if len(set(ks)) != len(ks) or not all(1 <= k <= len(explorer.dataset) for k in ks):
@@ -45,7 +53,7 @@ def export(explorer, queries: list[dict], methods: list[str], ks: list[int], dra
     built = build_queries(explorer, queries)
     cells = _order(plan(len(queries), methods, ks, draws), ks, methods)
     # 2. removed rows: one ranking per (query, method), cut at each K
-    rankers = {m: get_method(m).load(explorer, **SERVING_OPTIONS.get(m, {})) for m in methods if m != "random"}
+    rankers = {m: spec(m).load(explorer) for m in methods if m != "random"}
     rankings: dict[tuple[int, str], list[int]] = {}
     planned = []
     for c in tqdm(cells, desc="rank", disable=not progress):
@@ -100,23 +108,11 @@ def import_results(explorer, bundle_dir: Path, lines_path: Path, results_dir: Pa
     """Write a result folder per finished cell (never over an existing one); returns the import report:
     cells written or skipped, the machine, the floor (dL of the K = 0 retrain) and the parity of the
     original generation there against this machine's."""
-    from .attribution import query as q
-    from .pipeline import to_pil
+    from abu_explorer.attribution import query as q
+    from abu_explorer.model.embedded import to_pil
 
     # 1. the plan must describe this model, and every line the plan
-    doc = load_plan(Path(bundle_dir))
-    for part, h in doc["hashes"].items():
-        if explorer.component_hash(part) != h:
-            raise artifacts.ArtifactError(f"{bundle_dir}/plan.json was exported from another {part} ({h}, "
-                                          f"this model has {explorer.component_hash(part)})")
-    plan = {c["key"]: c for c in doc["cells"]}
-    if not Path(lines_path).exists():
-        raise FileNotFoundError(f"{lines_path} not found: it is written by `python -m abu_explorer offload retrain`")
-    lines = read_lines(Path(lines_path), doc["bundle_hash"])
-    missing = [qi for qi in range(len(doc["queries"])) if f"original{qi}" not in lines]
-    if missing:
-        raise ValueError(f"{lines_path} has no original measurement of queries {missing} for this plan; "
-                         f"run `offload retrain` with this bundle")
+    doc, plan, lines = _checked_plan(explorer, Path(bundle_dir), Path(lines_path))
     recipe = train.StageConfig(**doc["recipe"])
     c, h = explorer.unet.config.in_channels, explorer.unet.config.sample_size
 
@@ -176,3 +172,20 @@ def import_results(explorer, bundle_dir: Path, lines_path: Path, results_dir: Pa
     if report is not None:
         artifacts.save_json(Path(report), summary)
     return summary
+
+
+def _checked_plan(explorer, bundle_dir: Path, lines_path: Path) -> tuple[dict, dict, dict]:
+    """(plan document, cells by key, result lines by key), after checking they belong to this model."""
+    doc = load_plan(bundle_dir)
+    for part, h in doc["hashes"].items():
+        if explorer.component_hash(part) != h:
+            raise artifacts.ArtifactError(f"{bundle_dir}/plan.json was exported from another {part} ({h}, "
+                                          f"this model has {explorer.component_hash(part)})")
+    if not lines_path.exists():
+        raise FileNotFoundError(f"{lines_path} not found: it is written by `python -m abu_explorer offload retrain`")
+    lines = read_lines(lines_path, doc["bundle_hash"])
+    missing = [qi for qi in range(len(doc["queries"])) if f"original{qi}" not in lines]
+    if missing:
+        raise ValueError(f"{lines_path} has no original measurement of queries {missing} for this plan; "
+                         f"run `offload retrain` with this bundle")
+    return doc, {c["key"]: c for c in doc["cells"]}, lines

@@ -17,7 +17,8 @@ import time
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from . import models, train
+from abu_explorer.model import components
+from abu_explorer.training import train
 
 
 def train_unets_stacked(unet_config: dict, scheduler, latents: torch.Tensor, text_states: torch.Tensor,
@@ -34,7 +35,7 @@ def train_unets_stacked(unet_config: dict, scheduler, latents: torch.Tensor, tex
     dev = torch.device(device)
     # 2. M identical initial models (as train_unet: seeded build), stacked
     torch.manual_seed(cfg.seed)
-    template = models.build_unet(unet_config).to(dev).eval()  # eval: its dropouts (p = 0) draw nothing
+    template = components.build_unet(unet_config).to(dev).eval()  # eval: its dropouts (p = 0) draw nothing
     # Attention keeps diffusers' SDPA processor, as the shipped model's training did: vmap loops over the M
     # models there (no batching rule), while the plain-matmul processor, fully batched, drifts from the
     # one-at-a-time run by more than float rounding after a few AdamW steps (tests/test_train_stacked.py).

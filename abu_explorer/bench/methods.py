@@ -1,8 +1,8 @@
-"""``python -m abu_explorer benchmark-methods``: what each attribution method costs on this machine.
+"""``python -m abu_explorer bench methods``: what each attribution method costs on this machine.
 
 Per method: precompute time (optional: rebuilt into a temporary folder and timed), storage of its
 precomputed folder, load time (NN methods build their faiss index here), and query latency over a few
-generated queries (query generation not counted). Printed as the README table and saved as JSON.
+generated queries (query generation not counted). Printed as the table in docs/methods.md and saved as JSON.
 """
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .. import artifacts
-from . import SERVING_OPTIONS, get_method
-from . import query as q
+from abu_explorer import artifacts
+from abu_explorer.attribution import METHODS, spec
+from abu_explorer.attribution import query as q
 
-FOLDERS = {"abu": "abu", "dtrak": "dtrak", "if": "if"}
-RUNS = [("pixel", "fast"), ("clip", "fast"), ("random", "fast"), ("dtrak", "fast"), ("if", "fast"), ("abu", "fast"),
-        ("if", "exact"), ("abu", "exact")]
+# every method once in its default mode, then the exact scans (one query each)
+RUNS = ([(m.name, "fast") for m in METHODS] + [(m.name, "exact") for m in METHODS if "exact" in m.modes])
 
 
 def folder_mb(path: Path) -> float:
@@ -27,18 +26,15 @@ def folder_mb(path: Path) -> float:
 
 
 def time_precompute(exp, name: str) -> float:
-    from . import abu_precompute, dtrak, influence
-
-    build = {"abu": abu_precompute.precompute, "dtrak": dtrak.precompute, "if": influence.precompute}[name]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        build(exp, folder=Path(tmp) / name, progress=False)
+        spec(name).precompute(exp, folder=Path(tmp) / name, progress=False)
         return time.perf_counter() - t0
 
 
 def main(args) -> dict:
-    from ..benchmark import cpu_name
-    from ..pipeline import Explorer
+    from abu_explorer.machine import cpu_name
+    from abu_explorer.model.embedded import Explorer
 
     exp = Explorer.load(args.model)
     caps = exp.dataset.captions
@@ -57,9 +53,9 @@ def main(args) -> dict:
         row = {"method": name, "mode": mode}
         if name not in loaded:
             t0 = time.perf_counter()
-            loaded[name] = get_method(name).load(exp, **SERVING_OPTIONS.get(name, {}))
+            loaded[name] = spec(name).load(exp)
             row["load_seconds"] = time.perf_counter() - t0
-        folder = FOLDERS.get(name)
+        folder = name if spec(name).tables else None
         row["storage_mb"] = folder_mb(Path(args.model) / folder) if folder else 0.0
         if args.precompute and folder and mode == "fast":
             row["precompute_seconds"] = time_precompute(exp, name)

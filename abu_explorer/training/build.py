@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, data, models, train
-from .tokenizer import WordTokenizer
+from abu_explorer import artifacts, data
+from abu_explorer.model import components
+from abu_explorer.model.tokenizer import WordTokenizer
+from abu_explorer.training import train
 
 STAGES = ("autoencoder", "clip", "unet")
 
@@ -44,13 +46,13 @@ def _write_meta(folder: Path, recipe, ds: data.Dataset, model, log: dict, **extr
     artifacts.save_json(folder / "train_meta.json", {
         "recipe": recipe.to_dict(), "data": ds.config.to_dict(), "data_hash": ds.content_hash,
         "weights_hash": artifacts.state_hash(model.state_dict()), "log": log,
-        "params": models.num_params(model), **extra})
+        "params": components.num_params(model), **extra})
 
 
 def build_autoencoder(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.AE_RECIPE, progress=True,
                       config: dict | None = None) -> None:
     torch.manual_seed(recipe.seed)
-    vae = models.build_autoencoder(config or models.model_config("autoencoder"))
+    vae = components.build_autoencoder(config or components.model_config("autoencoder"))
     images = ds.as_tensor()
     log = train.train_autoencoder(vae, images, recipe, run_dir, progress)
     shift, scale = train.latent_stats(vae, images)
@@ -63,11 +65,11 @@ def build_autoencoder(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.A
 
 def build_clip(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.CLIP_RECIPE, progress=True,
                config: dict | None = None) -> None:
-    base = config or models.model_config("emoji-clip")
+    base = config or components.model_config("emoji-clip")
     tok = WordTokenizer.from_captions(ds.captions, base["text_cfg"]["context_length"])
-    cfg = models.clip_config(len(tok), base)
+    cfg = components.clip_config(len(tok), base)
     torch.manual_seed(recipe.seed)
-    clip = models.build_clip(cfg)
+    clip = components.build_clip(cfg)
     log = train.train_clip(clip, ds.as_tensor(), tok(ds.captions), recipe, run_dir, progress)
     tmp = _staging(out, "clip")
     artifacts.save_json(tmp / "open_clip_config.json", {"model_cfg": cfg})
@@ -79,12 +81,12 @@ def build_clip(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.CLIP_REC
 
 def build_unet(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.UNET_RECIPE, progress=True,
                config: dict | None = None) -> None:
-    from .pipeline import Explorer
+    from abu_explorer.model.embedded import Explorer
 
     exp = Explorer.load(out, require_unet=False, dataset=ds)
     cache = exp.training_cache()
     torch.manual_seed(recipe.seed)
-    unet = models.build_unet(config or models.model_config("unet"))
+    unet = components.build_unet(config or components.model_config("unet"))
     snapshots = run_dir / "unet-snapshots"
 
     def on_epoch_end(epoch, log):

@@ -20,10 +20,10 @@ CONFIG_NAMES = ("autoencoder", "unet", "emoji-clip", "scheduler")
 
 
 def model_config(name: str) -> dict:
-    """A registered JSON config by name (see ``abu_explorer/configs``)."""
+    """A registered JSON config by name (see ``abu_explorer/model/configs``)."""
     if name not in CONFIG_NAMES:
         raise KeyError(f"unknown model config {name!r}; known: {', '.join(CONFIG_NAMES)}")
-    text = resources.files("abu_explorer.configs").joinpath(f"{name}.json").read_text()
+    text = resources.files("abu_explorer.model.configs").joinpath(f"{name}.json").read_text()
     return json.loads(text)
 
 

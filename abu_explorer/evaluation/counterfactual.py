@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifacts, models, train
-from .attribution.ddpm_loss import ddpm_losses, item_noise
+from abu_explorer import artifacts
+from abu_explorer.attribution.ddpm_loss import ddpm_losses, item_noise
+from abu_explorer.machine import machine
+from abu_explorer.model import components
+from abu_explorer.training import train
 
 QUERY_KEY = 2**41  # noise key of the counterfactual loss (no training row has it)
 
@@ -39,17 +42,17 @@ def query_loss(unet, scheduler, latent: torch.Tensor, context: torch.Tensor, mas
 def removal(explorer, query, method: str, k: int, draw: int = 0, ranker=None) -> list[int]:
     """The K rows to remove: a method's top-K (fast mode, serving options; ``ranker``: an already loaded
     instance), or K uniformly random rows (seeded by query and draw)."""
-    from .attribution import SERVING_OPTIONS, get_method
+    from abu_explorer.attribution import spec
 
     n = len(explorer.dataset)
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if method == "random":
-        from .attribution.random_baseline import query_seed
+        from abu_explorer.attribution.random_baseline import query_seed
 
         g = torch.Generator().manual_seed(query_seed(query, f"draw{draw}"))
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
-    ranker = ranker or get_method(method).load(explorer, **SERVING_OPTIONS.get(method, {}))
+    ranker = ranker or spec(method).load(explorer)
     return [i for i, _ in ranker.score(query).top(k)]
 
 
@@ -66,7 +69,7 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
 
     ``on_epoch(epoch, total, log)`` follows the retraining (it may raise to cancel: the checkpoint stays and
     a later call resumes); ``lock`` guards every use of the shared UNet (attribution and measuring)."""
-    from .pipeline import Explorer
+    from abu_explorer.model.embedded import Explorer
 
     lock = lock or contextlib.nullcontext()
 
@@ -80,7 +83,7 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
     # 2. retrain the UNet from scratch without them (same recipe, same seed)
     cache = explorer.training_cache()
     torch.manual_seed(recipe.seed)
-    unet = models.build_unet(dict(explorer.unet.config))
+    unet = components.build_unet(dict(explorer.unet.config))
     log = train.train_unet(unet, explorer.scheduler, cache.latents, cache.text_states, cache.null_state, recipe,
                            exclude=set(removed), run_dir=out / "ckpt", progress=progress,
                            on_epoch_end=(lambda e, lg: on_epoch(e, recipe.epochs, lg)) if on_epoch else None)
@@ -115,28 +118,6 @@ def record(explorer, key: str, query, method: str, k: int, draw: int, removed: l
             "train_seconds": train_seconds, "recipe": recipe.to_dict(), "trained_on": trained_on}
 
 
-def machine() -> dict:
-    """Where this process trains: recorded in every result, since only the arithmetic (and the speed) may
-    differ. The vector ISA is named because AVX-512 and AVX2 kernels round differently and run at different
-    speeds: a K = 0 retrain reproduces the shipped weights bit for bit only on the kind of CPU that made them."""
-    import platform
-
-    import diffusers
-
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
-    return {"device": f"cpu ({isa}, {torch.get_num_threads()} threads)", "cpu_model": model,
-            "torch": torch.__version__, "diffusers": diffusers.__version__}
-
-
 def image_change(explorer, a, b) -> dict:
     """dG-MSE (pixel MSE in [0, 1]) and dG-CLIP (cosine of the CLIP image embeddings) of two PIL images."""
     xa, xb = (torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0) for im in (a, b))
@@ -160,7 +141,7 @@ def strip(results_dir: Path, results: list[dict], path: Path) -> None:
     """Original, then each result's regenerated image, captioned with method, K and its metrics."""
     from PIL import Image
 
-    from .contact_sheet import grid
+    from abu_explorer.data.sheet import grid
 
     first = Path(results_dir) / results[0]["key"]
     images = [Image.open(first / "original.png").convert("RGB")]

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, counterfactual, models, sampling, train
+from abu_explorer import artifacts
+from abu_explorer.evaluation import counterfactual
+from abu_explorer.machine import machine
+from abu_explorer.model import components, sampling
+from abu_explorer.training import train
 
 PLAN_VERSION = 1
 BUNDLE = "bundle.safetensors"
@@ -82,15 +86,15 @@ def _setup(bundle_dir: str, device: str, threads: int) -> None:
 def _measure(unet, qi: int) -> tuple[float, list[float]]:
     """(DDPM loss of the query at stride 5, final DDIM latent of its prompt and seed) under ``unet``."""
     t, qd, cfg = _W["t"], _W["doc"]["queries"][qi], _W["doc"]["scheduler_config"]
-    loss = counterfactual.query_loss(unet, models.build_scheduler(cfg), t[f"q{qi}.latent"], t[f"q{qi}.context"],
+    loss = counterfactual.query_loss(unet, components.build_scheduler(cfg), t[f"q{qi}.latent"], t[f"q{qi}.context"],
                                      t.get(f"q{qi}.mask"))
-    lat = sampling.ddim_sample(unet, models.build_scheduler(cfg, "ddim"), t[f"q{qi}.context"], t["null_state"],
+    lat = sampling.ddim_sample(unet, components.build_scheduler(cfg, "ddim"), t[f"q{qi}.context"], t["null_state"],
                                t[f"q{qi}.noise"], qd["steps"], qd["guidance"])
     return loss, lat[0].float().cpu().flatten().tolist()
 
 
 def _machine() -> dict:
-    info = counterfactual.machine()
+    info = machine()
     if _W["device"].type == "cuda":
         info["device"] = torch.cuda.get_device_name(_W["device"])
     return info
@@ -101,7 +105,7 @@ def _originals() -> list[dict]:
     from safetensors.torch import load_file
 
     doc = _W["doc"]
-    unet = models.build_unet(doc["unet_config"])
+    unet = components.build_unet(doc["unet_config"])
     state = load_file(doc["unet_weights"])
     if artifacts.state_hash(state) != doc["hashes"]["unet"]:
         raise artifacts.ArtifactError(f"{doc['unet_weights']} is not the UNet the plan was exported from")
@@ -133,22 +137,22 @@ def _retrain(cells: list[dict]) -> list[dict]:
                 print(f"    {names}: epoch {epoch}/{recipe.epochs}, "
                       f"{1e3 * lg['seconds'] / (epoch * steps):.0f} ms/step", flush=True)
 
-        sched = models.build_scheduler(doc["scheduler_config"])
+        sched = components.build_scheduler(doc["scheduler_config"])
         if len(cells) == 1:
             torch.manual_seed(recipe.seed)  # as counterfactual.run: initial weights from the CPU generator
-            unet = models.build_unet(doc["unet_config"]).to(_W["device"])
+            unet = components.build_unet(doc["unet_config"]).to(_W["device"])
             log = train.train_unet(unet, sched, t["latents"], t["text_states"], t["null_state"], recipe,
                                    exclude=set(cells[0]["removed"]), progress=False, on_epoch_end=report)
             unets, finals = [unet], [log["loss"][-1]]
         else:
-            from .train_stacked import train_unets_stacked
+            from abu_explorer.training.stacked import train_unets_stacked
 
             states, log = train_unets_stacked(doc["unet_config"], sched, t["latents"], t["text_states"],
                                               t["null_state"], recipe, [set(c["removed"]) for c in cells],
                                               _W["device"], on_epoch_end=report)
             unets = []
             for state in states:
-                unet = models.build_unet(doc["unet_config"])
+                unet = components.build_unet(doc["unet_config"])
                 unet.load_state_dict(state)
                 unets.append(unet.to(_W["device"]))
             finals = log["loss"][-1]

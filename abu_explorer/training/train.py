@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from abu_explorer.training import checkpoint
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def train_autoencoder(vae, images: torch.Tensor, cfg: StageConfig = AE_RECIPE, r
     torch.manual_seed(cfg.seed)
     train_rows, held = holdout_rows(len(images), cfg.extra["holdout_every"])
     # bf16 autocast halves the AE step on CPUs with AVX512-BF16/AMX, and is 10x slower without them.
-    from .models import cpu_supports_bf16
+    from abu_explorer.model.components import cpu_supports_bf16
 
     use_bf16 = cfg.extra.get("bf16_autocast") == "auto" and cpu_supports_bf16()
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import artifacts
-from .counterfactual_eval import load_queries, slug
+from abu_explorer import artifacts
+from abu_explorer.attribution import names
+from abu_explorer.evaluation.counterfactual_table import load_queries, slug
 
 HINT = "python -m abu_explorer examples"
 TOP = 12
 
 
 def build(app, queries_file: Path, out: Path | None = None, methods=None, progress: bool = True) -> Path:
-    from .pipeline import DEFAULT_GUIDANCE, provenance
-    from .ui import ORDER
-
+    from abu_explorer.model.embedded import DEFAULT_GUIDANCE, provenance
     out = Path(out or Path(app.explorer.root) / "examples")
     items = []
     for d in load_queries(queries_file):
@@ -28,7 +27,7 @@ def build(app, queries_file: Path, out: Path | None = None, methods=None, progre
         query = app.query(source, d.get("box"))
         name = slug(d["prompt"]) + f"_s{source['seed']}"
         rankings = {}
-        for m in methods or ORDER:
+        for m in methods or names():
             t0 = time.perf_counter()
             rankings[m] = app.attribute(query, m, TOP)
             if progress:
@@ -42,7 +41,7 @@ def build(app, queries_file: Path, out: Path | None = None, methods=None, progre
 
 def load(app, folder: Path | None = None) -> list[dict]:
     """The curated examples; [] when none were built; an error when they belong to another model."""
-    from .pipeline import provenance
+    from abu_explorer.model.embedded import provenance
 
     folder = Path(folder or Path(app.explorer.root) / "examples")
     if not (folder / "examples.json").exists():
@@ -57,17 +56,15 @@ def load(app, folder: Path | None = None) -> list[dict]:
 
 def counterfactuals(app, item: dict, k: int) -> list[dict]:
     """Every finished counterfactual result for this example at K (any method, any random draw)."""
-    from .ui import ORDER
-
     # the request key needs only the query's description: no generation, so no wait for the UNet
-    from .attribution.query import Query
+    from abu_explorer.attribution.query import Query
 
     src = item["source"]
     query = Query(None, src["prompt"], {"type": "generated", "seed": src["seed"], "steps": src["steps"],
                                         "guidance": src["guidance"]}, app.image_size,
                   tuple(float(v) for v in item["box"]) if item.get("box") else None)
     found = []
-    for m in ORDER:
+    for m in names():
         for draw in range(4 if m == "random" else 1):
             r = app.cached_counterfactual(query, m, k, draw)
             if r is not None:

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import artifacts, data, models, sampling
-from .tokenizer import WordTokenizer
+from abu_explorer import artifacts, data
+from abu_explorer.model import components, sampling
+from abu_explorer.model.tokenizer import WordTokenizer
 
 DEFAULT_GUIDANCE = 3.0
 _BUILD = "python -m abu_explorer train --only {}"
@@ -45,7 +46,7 @@ class Explorer:
                  dataset: data.Dataset | None, meta: dict):
         self.root, self.vae, self.clip, self.tokenizer, self.unet = root, vae, clip, tokenizer, unet
         self.scheduler_config = scheduler_config
-        self.scheduler = models.build_scheduler(scheduler_config, "ddpm")
+        self.scheduler = components.build_scheduler(scheduler_config, "ddpm")
         self._dataset = dataset
         self.meta = meta
         self._null = None
@@ -81,7 +82,7 @@ class Explorer:
                     f"records {meta['dataset']['content_hash']}; rebuild with: {_BUILD.format(part)}")
         if dataset is not None and dataset.content_hash != meta["dataset"]["content_hash"]:
             raise artifacts.ArtifactError(f"dataset hash {dataset.content_hash} != {root / 'dataset.json'}")
-        return cls(root, vae, clip, tokenizer, unet, models.model_config("scheduler"), dataset, meta)
+        return cls(root, vae, clip, tokenizer, unet, components.model_config("scheduler"), dataset, meta)
 
     def component_hash(self, part: str) -> str:
         return self.meta[part]["weights_hash"]
@@ -111,7 +112,7 @@ class Explorer:
 
     @torch.no_grad()  # not inference_mode: AbU differentiates through these outputs' consumers
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        return models.text_hidden_states(self.clip, self.tokenizer(prompts))
+        return components.text_hidden_states(self.clip, self.tokenizer(prompts))
 
     @property
     def null_state(self) -> torch.Tensor:
@@ -161,7 +162,7 @@ class Explorer:
             self.tokenizer.encode(p, allow_empty=False)  # raises PromptError on empty / too long
         c, h = self.unet.config.in_channels, self.unet.config.sample_size
         noise = torch.cat([sampling.initial_noise(s, (1, c, h, h)) for s in seeds])
-        scheduler = models.build_scheduler(self.scheduler_config, "ddim")
+        scheduler = components.build_scheduler(self.scheduler_config, "ddim")
         lat = sampling.ddim_sample(self.unet, scheduler, self.encode_text(prompts), self.null_state, noise,
                                    steps, guidance, callback)
         images = to_pil(self.decode(lat))
@@ -188,7 +189,7 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
 def load_clip(folder: Path):
     """open_clip model + word tokenizer from ``folder`` (config JSON, safetensors, tokenizer JSON)."""
     cfg = artifacts.load_json(folder / "open_clip_config.json", _BUILD.format("clip"))["model_cfg"]
-    model = models.build_clip(cfg)
+    model = components.build_clip(cfg)
     state = artifacts.load_safetensors(folder / "open_clip_model.safetensors", _BUILD.format("clip"))
     model.load_state_dict(state)
     tok = WordTokenizer.from_dict(artifacts.load_json(folder / "tokenizer.json", _BUILD.format("clip")))

@@ -1,6 +1,6 @@
 """What the web app does, without Gradio: queries, attribution per method, tiles, remove-and-regenerate.
 
-``app.py`` only wires Gradio events to an ``ExplorerApp``; everything here is tested directly. One lock
+The Gradio views (``views/``) only wire events to an ``ExplorerApp``; everything here is tested directly. One lock
 guards the shared UNet: AbU and IF move its weights while they score, so generation, the gradient methods
 and the counterfactual measurements take turns; the nearest-neighbour methods never touch it.
 """
@@ -11,25 +11,25 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from . import counterfactual, train
-from .attribution import SERVING_OPTIONS, get_method
-from .attribution import query as q
-from .jobs import JobQueue
+from abu_explorer.app.inputs import (
+    SHOW,
+    UIError,
+    as_float,
+    as_int,
+    draw_box,
+    open_image,
+    parse_box,
+)
+from abu_explorer.app.jobs import JobQueue
+from abu_explorer.attribution import names, spec
+from abu_explorer.attribution import query as q
+from abu_explorer.evaluation import counterfactual
+from abu_explorer.training import train
 
-ORDER = ("abu", "if", "dtrak", "clip", "pixel", "random")
-LABELS = {"abu": "AbU (unlearning)", "if": "Influence (EK-FAC)", "dtrak": "D-TRAK", "clip": "CLIP NN",
-          "pixel": "Pixel NN", "random": "Random"}
-USES_UNET = {"abu", "if", "dtrak"}
 MAX_K = 50
-# AbU's default batch of 256 (query gradient and rescoring) adds ~1 GB to the peak RSS (a load test peaked at
-# 3.5 GB with it, 1.65 GB without); 64 is as fast here. Scores do not depend on the batch size (tested).
-SHOW = 256  # display size of the query image (the model's 32 px, nearest-upscaled)
-
-
-class UIError(ValueError):
-    """Bad input from the page; shown to the user as is."""
+__all__ = ["ExplorerApp", "MAX_K", "SHOW", "UIError"]
 
 
 class ExplorerApp:
@@ -55,8 +55,8 @@ class ExplorerApp:
         prompt = (prompt or "").strip()
         if not prompt:
             raise UIError("type a prompt first")
-        seed, steps = _int(seed, "seed", 0, 2**31 - 1), _int(steps, "steps", 1, 200)
-        guidance = _float(guidance, "guidance", 0.0, 15.0)
+        seed, steps = as_int(seed, "seed", 0, 2**31 - 1), as_int(steps, "steps", 1, 200)
+        guidance = as_float(guidance, "guidance", 0.0, 15.0)
         key = (prompt, seed, steps, guidance)
         with self._cache_lock:  # light events read the cache from several threads, never behind the UNet
             if key in self._queries:
@@ -100,28 +100,28 @@ class ExplorerApp:
     # --- attribution ----------------------------------------------------------------------------------
 
     def method(self, name: str):
-        if name not in ORDER:
-            raise UIError(f"unknown method {name!r}; choose from {', '.join(ORDER)}")
+        if name not in names():
+            raise UIError(f"unknown method {name!r}; choose from {', '.join(names())}")
         with self._load_lock:
             if name not in self._methods:
-                self._methods[name] = get_method(name).load(self.explorer, **SERVING_OPTIONS.get(name, {}))
+                self._methods[name] = spec(name).load(self.explorer)
             return self._methods[name]
 
     def attribute(self, query: q.Query, name: str, k, mode: str = "fast", progress=None) -> dict:
         n = len(self.explorer.dataset)
-        k = _int(k, "K", 1, min(MAX_K, n))
+        k = as_int(k, "K", 1, min(MAX_K, n))
         if mode not in ("fast", "exact"):
             raise UIError(f"mode must be fast or exact, got {mode!r}")
         method = self.method(name)
         t0 = time.perf_counter()
-        if name in USES_UNET:
+        if spec(name).uses_unet:
             with self.lock:
                 ranking = method.score(query, mode, progress=progress)
         else:
             ranking = method.score(query, mode)
         out = ranking.to_json(query.describe(), self.explorer.dataset.captions, k)
         out["wall_seconds"] = time.perf_counter() - t0
-        out["label"] = LABELS[name]
+        out["label"] = spec(name).label
         return out
 
     def tiles(self, result: dict, size: int = 128) -> list[tuple[Image.Image, str]]:
@@ -132,7 +132,7 @@ class ExplorerApp:
 
     def training_image(self, index: int, size: int = 256) -> tuple[Image.Image, str]:
         n = len(self.explorer.dataset)
-        index = _int(index, "index", 0, n - 1)
+        index = as_int(index, "index", 0, n - 1)
         img, caption = self.explorer.training_example(index)
         return img.resize((size, size), Image.Resampling.NEAREST), caption
 
@@ -148,7 +148,7 @@ class ExplorerApp:
         """A finished result (result.json is written last: its PNGs are complete), or None."""
         path = self.results_dir / key / "result.json"
         if path.exists():
-            from .artifacts import load_json
+            from abu_explorer.artifacts import load_json
 
             return load_json(path)
         return None
@@ -164,11 +164,11 @@ class ExplorerApp:
     def submit_counterfactual(self, query: q.Query, method: str, k, draw: int = 0):
         """Queue (or find) the job; the random control is the same call with method 'random'."""
         n = len(self.explorer.dataset)
-        k = _int(k, "K", 1, n)
-        if method not in ORDER:
+        k = as_int(k, "K", 1, n)
+        if method not in names():
             raise UIError(f"unknown method {method!r}")
         key = self.counterfactual_key(query, method, k, draw)
-        label = f"remove top-{k} of {LABELS[method]}" if method != "random" else f"remove {k} random images"
+        label = f"remove top-{k} of {spec(method).label}" if method != "random" else f"remove {k} random images"
 
         def work(progress):
             ranker = None if method == "random" else self.method(method)  # the app's instance and settings
@@ -181,7 +181,7 @@ class ExplorerApp:
     def request_counterfactual(self, query: q.Query, method: str, k) -> list[str]:
         """The tab's request: the method's top-K and K random images (the control), each queued unless its
         result is cached or its job is already on the server. Returns the two result keys."""
-        k = _int(k, "K", 1, len(self.explorer.dataset))
+        k = as_int(k, "K", 1, len(self.explorer.dataset))
         if method == "random":
             raise UIError("pick an attribution method: K random images are always removed next to it")
         keys = []
@@ -205,73 +205,3 @@ class ExplorerApp:
         lines.append(f"retrained{where} in {result['train_seconds'] / 60:.1f} min without: "
                      + ", ".join(result["removed_captions"][:8]) + (" ..." if result["k"] > 8 else ""))
         return img, "  \n".join(lines)
-
-
-# --- small helpers -----------------------------------------------------------------------------------
-
-
-def parse_box(box, image_size: int):
-    """None / all-empty -> whole image; else four numbers in image pixels, checked by ``query.box_mask``."""
-    if box is None:
-        return None
-    values = list(box)
-    if all(v is None or v == "" for v in values):
-        return None
-    if len(values) != 4 or any(v is None or v == "" for v in values):
-        raise UIError("a box needs all four of x0, y0, x1, y1 (or none of them for the whole image)")
-    try:
-        box = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise UIError(f"box values must be numbers, got {values}") from None
-    q.box_mask(box, image_size, 1)  # raises QueryError for zero area / outside
-    return box
-
-
-def open_image(image) -> Image.Image:
-    """A PIL image, or a path to one (uploads arrive as paths): unreadable files are a readable error."""
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(image) as im:
-            im.load()
-            return im.copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UIError(f"cannot read the uploaded file as an image: {e}") from None
-
-
-def draw_box(image: Image.Image, box, size: int) -> Image.Image:
-    scale = size / image.width
-    big = image.convert("RGB").resize((size, size), Image.Resampling.NEAREST)
-    if box is not None:
-        x0, y0, x1, y1 = (v * scale for v in box)
-        ImageDraw.Draw(big).rectangle([x0, y0, x1 - 1, y1 - 1], outline=(230, 20, 60), width=3)
-    return big
-
-
-def clicks_to_box(first: tuple[float, float], second: tuple[float, float], display: int, image_size: int):
-    """Two clicks on the displayed image (display pixels) -> a box in image pixels, corners in any order."""
-    s = image_size / display
-    (xa, ya), (xb, yb) = first, second
-    x0, x1 = sorted((xa * s, xb * s))
-    y0, y1 = sorted((ya * s, yb * s))
-    return (round(x0), round(y0), round(x1), round(y1))
-
-
-def _int(value, name: str, lo: int, hi: int) -> int:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UIError(f"{name} must be a whole number, got {value!r}") from None
-    if v != int(v) or not lo <= v <= hi:
-        raise UIError(f"{name} must be a whole number in [{lo}, {hi}], got {value}")
-    return int(v)
-
-
-def _float(value, name: str, lo: float, hi: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UIError(f"{name} must be a number, got {value!r}") from None
-    if not lo <= v <= hi:
-        raise UIError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return v

@@ -1,4 +1,4 @@
-"""``python -m abu_explorer benchmark``: the figures in README, measured and printed, never assumed.
+"""``python -m abu_explorer bench model``: the embedded model's figures (docs/embedded-model.md), measured and printed, never assumed.
 
 1. Quality: for evenly spaced training captions, one generated image each (seed = row index); CLIP
    retrieval of the true caption among all N captions (top-1 / top-10), next to the real images'.
@@ -9,25 +9,17 @@
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from . import artifacts, models, train
-from .pipeline import Explorer
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from abu_explorer import artifacts
+from abu_explorer.machine import cpu_name
+from abu_explorer.model import components
+from abu_explorer.model.embedded import Explorer
+from abu_explorer.training import train
 
 
 @torch.inference_mode()
@@ -118,7 +110,7 @@ def speed(exp: Explorer) -> dict:
             out[f"loss_throughput_{'channels_last' if cl else 'nchw'}_{mode}"] = 256 / secs
     # 3. training throughput, batch 128, and the retrain time it implies for the shipped recipe
     recipe = train.UNET_RECIPE
-    probe = models.build_unet(dict(unet.config))
+    probe = components.build_unet(dict(unet.config))
     cache_lat = torch.randn(512, c, h, h, generator=g)
     states = exp.null_state.expand(512, -1, -1).contiguous()
     cfg = train.StageConfig(epochs=1, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=1, extra=recipe.extra)
@@ -150,8 +142,8 @@ def snapshot_curve(exp: Explorer, folder: Path, count: int) -> list[dict]:
 
 
 def main(args) -> dict:
-    from .contact_sheet import grid
-    from .pipeline import to_pil
+    from abu_explorer.data.sheet import grid
+    from abu_explorer.model.embedded import to_pil
 
     exp = Explorer.load(args.model)
     report = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -186,6 +178,6 @@ def main(args) -> dict:
 
 
 def exp_default_guidance() -> float:
-    from .pipeline import DEFAULT_GUIDANCE
+    from abu_explorer.model.embedded import DEFAULT_GUIDANCE
 
     return DEFAULT_GUIDANCE

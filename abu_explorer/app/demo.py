@@ -1,0 +1,51 @@
+"""The Gradio page: four tabs (``views/``), each wiring its events to an ``ExplorerApp`` (``service.py``).
+
+``ABU_MODEL_DIR`` and ``ABU_RESULTS_DIR`` point it at another model folder / counterfactual results folder.
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "assets"
+
+
+def default_app():
+    from abu_explorer.app.service import ExplorerApp
+    from abu_explorer.model import Explorer
+
+    explorer = Explorer.load(os.environ.get("ABU_MODEL_DIR", ROOT / "precomputed"))
+    return ExplorerApp(explorer, Path(os.environ.get("ABU_RESULTS_DIR", ROOT / "results" / "counterfactual")))
+
+
+def build_demo(app=None):
+    import gradio as gr
+
+    from abu_explorer.app.views import about, attribute, counterfactual, examples
+
+    app = app or default_app()
+    with gr.Blocks(title="AbU Explorer") as demo:
+        gr.Markdown("# AbU Explorer\nWhich training images made this picture? Generate an emoji, attribute it "
+                    f"(or a region of it) to the {len(app.explorer.dataset)} training images, compare methods side "
+                    "by side, and check the answer by removing them and retraining.")
+        with gr.Tabs():
+            with gr.Tab("Generate & attribute", id="attribute"):
+                q = attribute.build(app)
+            with gr.Tab("Remove & regenerate", id="counterfactual"):
+                counterfactual.build(app, q)
+            with gr.Tab("Examples", id="examples"):
+                examples.build(app, ASSETS)
+            with gr.Tab("About", id="about"):
+                about.build(ASSETS)
+
+        def from_url(request: gr.Request):
+            return prefill(dict(request.query_params) if request else {})
+
+        demo.load(from_url, None, [q.prompt, q.seed], api_name=False)
+    return demo
+
+
+def prefill(params: dict) -> tuple[str, int]:
+    """``?prompt=...&seed=...`` pre-fills the query."""
+    seed = str(params.get("seed", "0"))
+    return params.get("prompt", "red apple"), int(seed) if seed.isdigit() else 0

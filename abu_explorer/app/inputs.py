@@ -1,0 +1,83 @@
+"""What the page sends, checked: numbers, boxes, uploads; and the box drawn on the query image.
+
+Every check raises ``UIError`` with one line the page shows as is.
+"""
+from __future__ import annotations
+
+from PIL import Image, ImageDraw
+
+from abu_explorer.attribution import query as q
+
+SHOW = 256  # display size of the query image (the model's 32 px, nearest-upscaled)
+
+
+class UIError(ValueError):
+    """Bad input from the page; shown to the user as is."""
+
+
+
+def parse_box(box, image_size: int):
+    """None / all-empty -> whole image; else four numbers in image pixels, checked by ``query.box_mask``."""
+    if box is None:
+        return None
+    values = list(box)
+    if all(v is None or v == "" for v in values):
+        return None
+    if len(values) != 4 or any(v is None or v == "" for v in values):
+        raise UIError("a box needs all four of x0, y0, x1, y1 (or none of them for the whole image)")
+    try:
+        box = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise UIError(f"box values must be numbers, got {values}") from None
+    q.box_mask(box, image_size, 1)  # raises QueryError for zero area / outside
+    return box
+
+
+def open_image(image) -> Image.Image:
+    """A PIL image, or a path to one (uploads arrive as paths): unreadable files are a readable error."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UIError(f"cannot read the uploaded file as an image: {e}") from None
+
+
+def draw_box(image: Image.Image, box, size: int) -> Image.Image:
+    scale = size / image.width
+    big = image.convert("RGB").resize((size, size), Image.Resampling.NEAREST)
+    if box is not None:
+        x0, y0, x1, y1 = (v * scale for v in box)
+        ImageDraw.Draw(big).rectangle([x0, y0, x1 - 1, y1 - 1], outline=(230, 20, 60), width=3)
+    return big
+
+
+def clicks_to_box(first: tuple[float, float], second: tuple[float, float], display: int, image_size: int):
+    """Two clicks on the displayed image (display pixels) -> a box in image pixels, corners in any order."""
+    s = image_size / display
+    (xa, ya), (xb, yb) = first, second
+    x0, x1 = sorted((xa * s, xb * s))
+    y0, y1 = sorted((ya * s, yb * s))
+    return (round(x0), round(y0), round(x1), round(y1))
+
+
+def as_int(value, name: str, lo: int, hi: int) -> int:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UIError(f"{name} must be a whole number, got {value!r}") from None
+    if v != int(v) or not lo <= v <= hi:
+        raise UIError(f"{name} must be a whole number in [{lo}, {hi}], got {value}")
+    return int(v)
+
+
+def as_float(value, name: str, lo: float, hi: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UIError(f"{name} must be a number, got {value!r}") from None
+    if not lo <= v <= hi:
+        raise UIError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return v

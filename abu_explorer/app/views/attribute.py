@@ -1,0 +1,145 @@
+"""Tab 1, generate & attribute: prompt (or upload) -> query image with an optional box -> one gallery per
+method, side by side, in the registry's order."""
+
+from abu_explorer.app.views.common import HEAVY, LIGHT, QueryInputs, friendly, source_of
+
+
+def build(app) -> QueryInputs:
+    import gradio as gr
+
+    from abu_explorer.app import inputs, service
+    from abu_explorer.attribution import METHODS
+    from abu_explorer.model import DEFAULT_GUIDANCE
+
+    n_train = len(app.explorer.dataset)
+    kind, clicks = gr.State("generated"), gr.State([])
+    # 1. query: generate or upload
+    with gr.Row():
+        with gr.Column(scale=1, min_width=280):
+            with gr.Tab("Generate"):
+                prompt = gr.Textbox(label="prompt", value="red apple", max_lines=1, elem_id="prompt")
+                with gr.Row():
+                    seed = gr.Number(label="seed", value=0, precision=0, minimum=0)
+                    steps = gr.Slider(1, 200, value=50, step=1, label="DDIM steps")
+                guidance = gr.Slider(0, 15, value=DEFAULT_GUIDANCE, step=0.5, label="guidance")
+                gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                gr.Examples([["red apple", 0], ["red heart", 0], ["banana", 0], ["grinning face", 0]],
+                            inputs=[prompt, seed], cache_examples=False)
+            with gr.Tab("Upload"):
+                upload = gr.File(label="your image (PNG, JPEG, ...)", file_types=["image"], type="filepath")
+                caption = gr.Textbox(label="its caption", max_lines=1)
+                up_btn = gr.Button("Use this image")
+        # 2. the box
+        with gr.Column(scale=1, min_width=280):
+            query_img = gr.Image(label="query: click two corners to set a box", type="pil", format="png",
+                                 interactive=False, height=inputs.SHOW + 40, elem_id="query")
+            with gr.Row():
+                box = [gr.Number(label=n, precision=1, minimum=0, maximum=app.image_size, min_width=60)
+                       for n in ("x0", "y0", "x1", "y1")]
+            with gr.Row():
+                box_btn = gr.Button("Show box", size="sm")
+                clear_btn = gr.Button("Whole image", size="sm")
+            note = gr.Markdown(f"Box in model pixels (0-{app.image_size}); empty = whole image.")
+        # 3. the methods
+        with gr.Column(scale=1, min_width=280):
+            k = gr.Slider(1, min(service.MAX_K, n_train), value=10, step=1, label="K (images per method)")
+            chosen = gr.CheckboxGroup([(m.label, m.name) for m in METHODS], value=[m.name for m in METHODS],
+                                      label="methods")
+            mode = gr.Radio(["fast", "exact"], value="fast", label=" / ".join(m.label.split(" (")[0] for m in METHODS
+                                                                           if "exact" in m.modes) + " mode",
+                            info="exact measures every training image (about 30-120 s)")
+            attr_btn = gr.Button("Attribute", variant="primary", elem_id="attribute")
+    columns, heads, galleries, states = {}, {}, {}, {}
+    with gr.Row(equal_height=False):
+        for m in METHODS:
+            with gr.Column(min_width=150, visible=False) as columns[m.name]:
+                heads[m.name] = gr.Markdown(elem_id=f"head-{m.name}")
+                galleries[m.name] = gr.Gallery(label=m.label, columns=2, height=560, allow_preview=False,
+                                               object_fit="contain", format="png", elem_id=f"gallery-{m.name}")
+                states[m.name] = gr.State(None)
+    with gr.Row():
+        detail_img = gr.Image(label="selected training image", interactive=False, height=296, type="pil", format="png")
+        detail_md = gr.Markdown("Click a tile to see it large.")
+
+    q = QueryInputs(kind, prompt, seed, steps, guidance, upload, caption, box)
+    _wire(app, q, locals())
+    return q
+
+
+def _wire(app, q: QueryInputs, c: dict) -> None:
+    import gradio as gr
+
+    from abu_explorer.app import inputs
+    from abu_explorer.attribution import METHODS
+
+    @friendly
+    def generate(prompt, seed, steps, guidance, progress=gr.Progress()):
+        g = app.generate(prompt, seed, steps, guidance, progress=lambda i, n: progress(i / n, desc="sampling"))
+        note = f"Words the model does not know (read as `<unk>`): {', '.join(g.unknown_words)}" if g.unknown_words else ""
+        return "generated", inputs.draw_box(g.image, None, inputs.SHOW), note, None, None, None, None, []
+
+    @friendly
+    def use_upload(upload, caption):
+        src = source_of("upload", None, None, None, None, upload, caption)
+        app.query(src)  # validates the image and caption now, not at attribution time
+        return "upload", app.preview(src), "Attributing the uploaded image.", None, None, None, None, []
+
+    @friendly
+    def click_box(kind, prompt, seed, steps, guidance, upload, caption, clicks, evt: gr.SelectData):
+        clicks = (clicks or []) + [tuple(evt.index)]
+        src = source_of(kind, prompt, seed, steps, guidance, upload, caption)
+        if len(clicks) < 2:
+            return (clicks, gr.update(), gr.update(), gr.update(), gr.update(), gr.update(),
+                    "First corner set; click the opposite corner.")
+        box = inputs.clicks_to_box(clicks[0], clicks[1], inputs.SHOW, app.image_size)
+        return [], *box, app.preview(src, box), f"Box {box}."
+
+    @friendly
+    def show_box(kind, prompt, seed, steps, guidance, upload, caption, x0, y0, x1, y1):
+        return app.preview(source_of(kind, prompt, seed, steps, guidance, upload, caption), (x0, y0, x1, y1))
+
+    @friendly
+    def show_tile(result, evt: gr.SelectData):
+        if not result:
+            return None, ""
+        row = result["results"][evt.index]
+        img, caption = app.training_image(row["index"])
+        return img, (f"**{caption}** · training index {row['index']} · rank {row['rank']} by {result['label']} · "
+                     f"score {row['score']:.4g}")
+
+    query_out = [q.kind, c["query_img"], c["note"], *q.box, c["clicks"]]
+    gen_in = [q.prompt, q.seed, q.steps, q.guidance]
+    c["gen_btn"].click(generate, gen_in, query_out, **HEAVY, api_name="generate")
+    q.prompt.submit(generate, gen_in, query_out, **HEAVY, api_name=False)
+    c["up_btn"].click(use_upload, [q.upload, q.caption], query_out, **HEAVY, api_name="upload")
+    c["query_img"].select(click_box, [*q.source, c["clicks"]], [c["clicks"], *q.box, c["query_img"], c["note"]],
+                          **LIGHT, api_name=False)
+    c["box_btn"].click(show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name="show_box")
+    c["clear_btn"].click(lambda: (None, None, None, None, []), None, [*q.box, c["clicks"]], api_name=False).then(
+        show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name=False)
+    checked = c["attr_btn"].click(show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name=False)
+    for m in METHODS:
+        checked.success(_attribute_fn(app, m), [*q.source, *q.box, c["k"], c["chosen"], c["mode"]],
+                        [c["columns"][m.name], c["heads"][m.name], c["galleries"][m.name], c["states"][m.name]],
+                        **(HEAVY if m.uses_unet else LIGHT), api_name=f"attribute_{m.name}")
+        c["galleries"][m.name].select(show_tile, [c["states"][m.name]], [c["detail_img"], c["detail_md"]],
+                                      **LIGHT, api_name=False)
+
+
+def _attribute_fn(app, m):
+    import gradio as gr
+
+    @friendly
+    def run(kind, prompt, seed, steps, guidance, upload, caption, x0, y0, x1, y1, k, chosen, mode,
+            progress=gr.Progress()):
+        if m.name not in (chosen or []):
+            return gr.Column(visible=False), "", [], None
+        query = app.query(source_of(kind, prompt, seed, steps, guidance, upload, caption), (x0, y0, x1, y1))
+        result = app.attribute(query, m.name, k, mode if m.modes else "fast",
+                               progress=lambda i, n: progress(i / max(n, 1), desc=m.label))
+        head = f"**{result['label']}** · {result['mode']} · {result['wall_seconds']:.2f} s"
+        if result["notes"]:
+            head += f"  \n<small>{result['notes']}</small>"
+        return gr.Column(visible=True), head, app.tiles(result), result
+    run.__name__ = f"attribute_{m.name}"
+    return run

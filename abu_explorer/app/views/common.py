@@ -1,0 +1,51 @@
+"""What every tab shares: the queue slots, readable errors, and the query inputs of tab 1."""
+
+import functools
+from dataclasses import dataclass
+
+HEAVY = dict(concurrency_id="model", concurrency_limit=1)  # everything that runs the UNet, one at a time
+LIGHT = dict(concurrency_id="light", concurrency_limit=4)  # NN lookups, cached results, box drawing
+
+
+def friendly(fn):
+    """Errors a user can cause become one readable line (``gr.Error``), never a traceback."""
+    import gradio as gr
+
+    from abu_explorer.app.inputs import UIError
+    from abu_explorer.artifacts import ArtifactError
+    from abu_explorer.model.tokenizer import PromptError
+
+    errors = (UIError, PromptError, ArtifactError, ValueError, FileNotFoundError)
+
+    @functools.wraps(fn)  # Gradio reads the signature (SelectData, Progress) through __wrapped__
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except errors as e:
+            raise gr.Error(str(e)) from None
+    return wrapped
+
+
+def source_of(kind, prompt, seed, steps, guidance, upload, caption) -> dict:
+    """The page's query inputs -> the source dict ``ExplorerApp.query`` takes."""
+    if kind == "upload":
+        return {"type": "upload", "image": upload, "caption": caption}
+    return {"type": "generated", "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance}
+
+
+@dataclass
+class QueryInputs:
+    """The components that define a query (tab 1); the remove-and-regenerate tab reads them too."""
+
+    kind: object
+    prompt: object
+    seed: object
+    steps: object
+    guidance: object
+    upload: object
+    caption: object
+    box: list  # x0, y0, x1, y1
+
+    @property
+    def source(self) -> list:
+        return [self.kind, self.prompt, self.seed, self.steps, self.guidance, self.upload, self.caption]

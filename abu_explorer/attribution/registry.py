@@ -1,0 +1,93 @@
+"""The one list of attribution methods. The CLI, the app, the evaluations, the benchmarks and the docs all
+iterate over ``METHODS``; a method's order, label, description and settings live here and nowhere else.
+
+A method is a class with ``load(explorer, **options)`` and ``score(query, mode, progress) -> Ranking``.
+Adding one: write its file in this folder, then add its ``MethodSpec`` below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import import_module
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str  # CLI / API name
+    label: str  # what the app and the tables call it
+    module: str  # where its class lives (imported on first use)
+    cls: str
+    description: str  # one line: what it measures
+    score: str  # how to read its score (comparable within one ranking only)
+    modes: tuple[str, ...] = ()  # ("fast", "exact") where a screen can stand in for the full scan
+    uses_unet: bool = False  # scoring runs (and may move) the shared UNet: the app serialises these
+    serving: dict = field(default_factory=dict)  # load options of the serving configuration
+    tables: str = ""  # "module:function" that precomputes its tables into MODEL/<name>/ ("" = none needed)
+    control: bool = False  # a control, not an attribution (never offered for removal on its own)
+
+    def load_class(self) -> type:
+        return getattr(import_module(self.module), self.cls)
+
+    @property
+    def precompute_command(self) -> str:
+        return f"python -m abu_explorer precompute --method {self.name}" if self.tables else ""
+
+    def precompute(self, explorer, cfg=None, folder=None, progress: bool = True):
+        """Build this method's tables (``cfg``: its config dataclass, default settings when None)."""
+        module, fn = self.tables.split(":")
+        build = getattr(import_module(module), fn)
+        return build(explorer, cfg, folder, progress=progress) if cfg is not None else \
+            build(explorer, folder=folder, progress=progress)
+
+    def load(self, explorer, **options):
+        """The method with its serving options, ``options`` on top."""
+        return self.load_class().load(explorer, **{**self.serving, **options})
+
+
+_HERE = "abu_explorer.attribution"
+METHODS: tuple[MethodSpec, ...] = (
+    MethodSpec("abu", "AbU (unlearning)", f"{_HERE}.abu", "AbU",
+               "Attribution by Unlearning: one Fisher-preconditioned ascent step on the query's DDPM loss "
+               "(cross-attention K/V), then every training image's loss change",
+               "loss increase after unlearning the query", modes=("fast", "exact"), uses_unet=True,
+               # a loss batch of 64 keeps the app's peak memory near 1.2 GB at the speed of 256 (scores do not
+               # depend on the batch size)
+               serving={"batch_size": 64}, tables=f"{_HERE}.abu_precompute:precompute"),
+    MethodSpec("if", "Influence (EK-FAC)", f"{_HERE}.influence", "InfluenceFunctions",
+               "influence functions with kronfluence's EK-FAC Hessian on the same K/V weights",
+               "first-order change of the query loss", modes=("fast", "exact"), uses_unet=True,
+               tables=f"{_HERE}.influence:precompute"),
+    MethodSpec("dtrak", "D-TRAK", f"{_HERE}.dtrak", "DTrak",
+               "D-TRAK: projected K/V gradients of a squared-norm output, TRAK kernel",
+               "TRAK score", uses_unet=True, tables=f"{_HERE}.dtrak:precompute"),
+    MethodSpec("clip", "CLIP NN", f"{_HERE}.nearest", "ClipNN",
+               "nearest neighbours of CLIP image embeddings (faiss, cosine)", "cosine similarity"),
+    MethodSpec("pixel", "Pixel NN", f"{_HERE}.nearest", "PixelNN",
+               "nearest neighbours in pixel space (faiss, cosine)", "cosine similarity"),
+    MethodSpec("random", "Random", f"{_HERE}.random_baseline", "RandomRanking",
+               "a uniformly random ranking seeded by the query: the control", "none (a control)", control=True),
+)
+
+
+def names() -> list[str]:
+    return [m.name for m in METHODS]
+
+
+def spec(name: str) -> MethodSpec:
+    for m in METHODS:
+        if m.name == name:
+            return m
+    raise ValueError(f"unknown method {name!r}; available: {', '.join(names())}")
+
+
+def get_method(name: str) -> type:
+    return spec(name).load_class()
+
+
+def markdown_table() -> str:
+    """The registry as the docs show it (``python -m abu_explorer methods --markdown``)."""
+    rows = ["| name | label | what it measures | score | modes | tables |", "|---|---|---|---|---|---|"]
+    for m in METHODS:
+        tables = f"`{m.precompute_command}`" if m.tables else "none"
+        rows.append(f"| `{m.name}` | {m.label} | {m.description} | {m.score} | {', '.join(m.modes) or 'one'} "
+                    f"| {tables} |")
+    return "\n".join(rows)

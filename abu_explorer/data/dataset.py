@@ -1,0 +1,83 @@
+"""The training set as every later artifact sees it: images (N, H, W, 3) uint8 on white and captions.
+
+``index`` i is row i: the key that latents, losses, Fisher tables and rankings share. ``content_hash``
+covers pixels and captions and is recorded beside every artifact computed from the data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from abu_explorer import artifacts
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How the dataset is built. Saved next to every artifact computed from it."""
+
+    source: str = "openmoji"
+    image_size: int = 32
+    render_size: int = 128
+    skin_tones: bool = False  # 2,035 of ~4,050 named glyphs are skin-tone variants of another glyph
+    flip: bool = False  # horizontal flips contradict names like "left arrow"; shared by training and scoring
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Dataset:
+    """Images (N, H, W, 3) uint8 on white and their captions; ``index`` i is row i."""
+
+    images: np.ndarray
+    captions: list[str]
+    codes: list[str]
+    config: DataConfig
+    content_hash: str
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def image(self, index: int) -> Image.Image:
+        if not 0 <= index < len(self):
+            raise IndexError(f"training index {index} out of range [0, {len(self)})")
+        return Image.fromarray(self.images[index])
+
+    def as_tensor(self):
+        """Float tensor (N, 3, H, W) in [-1, 1]."""
+        import torch
+
+        return torch.from_numpy(self.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def content_hash(images: np.ndarray, captions: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(str(images.shape).encode())
+    h.update(np.ascontiguousarray(images).tobytes())
+    h.update("\n".join(captions).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ABU_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "abu_explorer"
+    )
+    return Path(root)
+
+
+def load_dataset_dir(path: Path, config: DataConfig | None = None) -> Dataset:
+    meta = artifacts.load_json(Path(path) / "meta.json")
+    stored = DataConfig(**meta["config"])
+    if config is not None and stored != config:
+        raise artifacts.ArtifactError(f"{path}: dataset built with {stored}, expected {config}")
+    images = artifacts.load_npy(Path(path) / "images.npy")
+    digest = content_hash(images, meta["captions"])
+    if digest != meta["content_hash"]:
+        raise artifacts.ArtifactError(f"{path}: content hash {digest} != recorded {meta['content_hash']}")
+    return Dataset(images, meta["captions"], meta["codes"], stored, digest)

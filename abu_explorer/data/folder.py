@@ -1,0 +1,35 @@
+"""A researcher's own data: a folder of ``NAME.png`` (or .jpg/.webp/.bmp) with ``NAME.txt`` captions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .dataset import DataConfig, Dataset, content_hash
+
+
+def load_image_folder(folder: str | Path, image_size: int = 32, flip: bool = False) -> Dataset:
+    """A researcher's own data: ``name.png`` (or .jpg/.webp) with ``name.txt`` holding its caption."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in exts)
+    if not files:
+        raise ValueError(f"{folder}: no images (.png/.jpg/.webp/.bmp) found")
+    images, captions, codes = [], [], []
+    for p in files:
+        txt = p.with_suffix(".txt")
+        if not txt.exists():
+            raise ValueError(f"{p}: missing caption file {txt.name}")
+        img = Image.open(p).convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img).convert("RGB")
+        img = img.resize((image_size, image_size), Image.Resampling.BOX)
+        images.append(np.asarray(img, dtype=np.uint8))
+        captions.append(txt.read_text(encoding="utf-8").strip().lower())
+        codes.append(p.stem)
+    arr = np.stack(images)
+    config = DataConfig(source=f"folder:{folder.name}", image_size=image_size, flip=flip)
+    return Dataset(arr, captions, codes, config, content_hash(arr, captions))

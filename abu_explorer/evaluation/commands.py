@@ -1,0 +1,114 @@
+"""The evaluation commands: ``counterfactual`` (one leave-K-out cell), ``evaluate counterfactual`` (the table,
+resumable) and ``offload export|retrain|import`` (the retrains on another machine)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+
+def cmd_counterfactual(args) -> int:
+    from abu_explorer.attribution import query as q
+    from abu_explorer.attribution import spec
+    from abu_explorer.evaluation import counterfactual
+    from abu_explorer.model import Explorer
+
+    spec(args.method)  # unknown names fail before the model loads
+    exp = Explorer.load(args.model)
+    box = tuple(args.box) if args.box else None
+    query = q.from_generation(exp, args.prompt, args.seed, args.steps, args.guidance, box)
+    result = counterfactual.run(exp, query, args.method, args.k, Path(args.results), draw=args.draw)
+    print(counterfactual.show(result))
+    print(f"result: {Path(args.results) / result['key'] / 'result.json'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from abu_explorer.evaluation import counterfactual_table
+
+    return counterfactual_table.main(args)
+
+
+def cmd_offload(args) -> int:
+    if args.step == "retrain":  # needs torch + diffusers only: no Explorer here
+        from abu_explorer.evaluation import offload_retrain
+
+        n = offload_retrain.retrain(Path(args.bundle), Path(args.lines), args.device, args.workers, args.threads,
+                                    args.deadline_min * 60 if args.deadline_min else None, stack=args.stack)
+        print(f"{n} cells retrained -> {args.lines}")
+        return 0
+    from abu_explorer.evaluation import counterfactual_table, offload
+    from abu_explorer.model import Explorer
+    from abu_explorer.training import train
+
+    exp = Explorer.load(args.model)
+    if args.step == "export":
+        recipe = dataclasses.replace(train.UNET_RECIPE, epochs=args.epochs) if args.epochs else train.UNET_RECIPE
+        doc = offload.export(exp, counterfactual_table.load_queries(Path(args.queries)), _csv(args.methods),
+                             [int(k) for k in args.k.split(",")], args.draws, Path(args.bundle), recipe,
+                             full=not args.no_full)
+        print(f"{len(doc['cells'])} cells -> {args.bundle}/plan.json")
+        return 0
+    rep = offload.import_results(exp, Path(args.bundle), Path(args.lines), Path(args.results),
+                                 Path(args.report) if args.report else None)
+    print(json.dumps({k: v for k, v in rep.items() if k != "skipped_existing"}, indent=1))
+    return 0
+
+
+def _csv(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def add_commands(sub, default_model: str) -> None:
+    from abu_explorer.attribution import names
+
+    all_methods = ",".join(names())
+    c = sub.add_parser("counterfactual", help="remove a method's top-K, retrain the UNet, regenerate, measure")
+    c.add_argument("--prompt", required=True)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=int, default=50)
+    c.add_argument("--guidance", type=float, default=None)
+    c.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
+    c.add_argument("--method", default="abu")
+    c.add_argument("--k", type=int, default=17)
+    c.add_argument("--draw", type=int, default=0, help="which random draw (method random)")
+    c.add_argument("--results", default="results/counterfactual")
+    c.add_argument("--model", default=default_model)
+    c.set_defaults(func=cmd_counterfactual)
+
+    e = sub.add_parser("evaluate", help="the counterfactual table: many leave-K-out retrains (resumable)")
+    e.add_argument("what", choices=["counterfactual"])
+    e.add_argument("--queries", required=True, help='JSON list of {"prompt", "seed"[, "steps", "guidance", "box"]}')
+    e.add_argument("--methods", default=all_methods)
+    e.add_argument("--k", default="17", help="comma-separated K values")
+    e.add_argument("--draws", type=int, default=2, help="random draws per query")
+    e.add_argument("--max-cells", type=int, default=None, help="stop after this many new retrains")
+    e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    e.add_argument("--results", default="results/counterfactual")
+    e.add_argument("--assets", default="assets", help="where the table, plot and strips go ('' for none)")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--model", default=default_model)
+    e.set_defaults(func=cmd_evaluate)
+
+    o = sub.add_parser("offload", help="leave-K-out retrains on another machine: export here, retrain there "
+                       "(e.g. --device cuda), import here")
+    o.add_argument("step", choices=["export", "retrain", "import"])
+    o.add_argument("--bundle", default="runs/offload", help="folder of plan.json + bundle.safetensors")
+    o.add_argument("--lines", default="runs/offload/cells.jsonl", help="the retrains' JSON lines")
+    o.add_argument("--queries", default="evaluation/counterfactual_queries.json")
+    o.add_argument("--methods", default=all_methods)
+    o.add_argument("--k", default="17", help="comma-separated K values; the first runs first")
+    o.add_argument("--draws", type=int, default=2, help="random draws per query and K")
+    o.add_argument("--no-full", action="store_true", help="export: skip the K = 0 retrain (the floor)")
+    o.add_argument("--epochs", type=int, default=0, help="export: override the recipe's epochs (smoke tests; "
+                   "such results get other keys)")
+    o.add_argument("--device", default="cpu")
+    o.add_argument("--workers", type=int, default=1, help="retrain: parallel processes")
+    o.add_argument("--threads", type=int, default=1, help="retrain: torch threads per process")
+    o.add_argument("--stack", type=int, default=1, help="retrain: train up to this many cells of equal K in "
+                   "lockstep in one process (one batched model; for a GPU)")
+    o.add_argument("--deadline-min", type=float, default=0, help="retrain: stop after this many minutes")
+    o.add_argument("--results", default="results/counterfactual")
+    o.add_argument("--report", default="", help="import: save the import report (JSON) here")
+    o.add_argument("--model", default=default_model)
+    o.set_defaults(func=cmd_offload)

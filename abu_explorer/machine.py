@@ -1,0 +1,40 @@
+"""The machine a figure was measured on, recorded beside every benchmark and retrain result.
+
+The vector ISA is named because AVX-512 and AVX2 kernels round differently and run at different speeds:
+a K = 0 retrain reproduces the shipped weights bit for bit only on the kind of CPU that made them.
+"""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_name() -> str:
+    return _cpuinfo()[0] or "unknown"
+
+
+def vector_isa() -> str:
+    flags = _cpuinfo()[1]
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+
+
+def machine() -> dict:
+    """Where this process computes: device with ISA and threads, CPU model, library versions."""
+    import diffusers
+    import torch
+
+    return {"device": f"cpu ({vector_isa()}, {torch.get_num_threads()} threads)", "cpu_model": cpu_name(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__}
