@@ -76,3 +76,17 @@ def test_embedded_model_implements_the_backend_interface(tiny_explorer):
     assert isinstance(tiny_explorer, ModelBackend)
     members = [n for n in vars(ModelBackend) if not n.startswith("_")]
     assert {"encode_text", "encode_images", "decode", "generate", "training_cache", "dataset"} <= set(members)
+
+
+def test_dpm_solver_sampler_is_deterministic(tiny_explorer):
+    import numpy as np
+
+    ddim = np.asarray(tiny_explorer.generate("red apple", seed=3, steps=10).image)
+    tiny_explorer.sampler = "dpmpp"
+    try:
+        a = np.asarray(tiny_explorer.generate("red apple", seed=3, steps=10).image)
+        b = np.asarray(tiny_explorer.generate("red apple", seed=3, steps=10).image)
+    finally:
+        tiny_explorer.sampler = "ddim"
+    assert np.array_equal(a, b) and not np.array_equal(a, ddim)
+    assert np.array_equal(ddim, np.asarray(tiny_explorer.generate("red apple", seed=3, steps=10).image))

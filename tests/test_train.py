@@ -89,3 +89,42 @@ def test_unet_draws_are_the_ones_the_shipped_model_was_trained_with():
     assert noise.sum().item() == pytest.approx(61.495674, abs=1e-3)
     side, t, noise, drop = train.unet_step_draws(2371, 128, (4, 8, 8), False, 1000, cfg)
     assert side is None and t[:3].tolist() != [736, 406, 659]  # without flips the timesteps come first
+
+
+def _with_ema(cfg, decay):
+    import dataclasses
+
+    return dataclasses.replace(cfg, extra={**cfg.extra, "ema_decay": decay})
+
+
+def test_ema_of_the_weights_is_what_training_returns():
+    lat, states, null, sched, cfg = _setup()
+    raw, tiny_decay, ema = _fresh_unet(), _fresh_unet(), _fresh_unet()
+    train.train_unet(raw, sched, lat, states, null, cfg, progress=False)
+    train.train_unet(tiny_decay, sched, lat, states, null, _with_ema(cfg, 1e-12), progress=False)
+    train.train_unet(ema, sched, lat, states, null, _with_ema(cfg, 0.9), progress=False)
+    for (k, a), b, c in zip(raw.state_dict().items(), tiny_decay.state_dict().values(), ema.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k  # decay ~0: the average is the last weights
+    moved = [k for (k, a), c in zip(raw.state_dict().items(), ema.state_dict().values()) if not torch.equal(a, c)]
+    assert moved, "an EMA with decay 0.9 must differ from the raw weights"
+
+
+def test_resume_with_ema_equals_uninterrupted_run(tmp_path):
+    lat, states, null, sched, cfg = _setup()
+    cfg = _with_ema(cfg, 0.9)
+    ref = _fresh_unet()
+    train.train_unet(ref, sched, lat, states, null, cfg, progress=False)
+    seen = []
+
+    def stop(epoch, log):
+        seen.append({k: v.clone() for k, v in first.state_dict().items()})  # the EMA weights are swapped in here
+        raise KeyboardInterrupt
+
+    first = _fresh_unet()
+    with pytest.raises(KeyboardInterrupt):
+        train.train_unet(first, sched, lat, states, null, cfg, run_dir=tmp_path, progress=False, on_epoch_end=stop)
+    assert any(not torch.equal(seen[0][k], v) for k, v in first.state_dict().items()), "raw weights restored after"
+    resumed = _fresh_unet()
+    train.train_unet(resumed, sched, lat, states, null, cfg, run_dir=tmp_path, progress=False)
+    for (k, va), vb in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(va, vb), k

@@ -60,15 +60,24 @@ def _to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype="uint8")).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def quality(exp: Explorer, count: int, guidance: float | None = None) -> dict:
+def pixel_nn(exp: Explorer, images: torch.Tensor, true_rows: torch.Tensor) -> dict:
+    """Is the generated image's nearest training image (L2 in pixels) the one its caption names? top-1 / top-5."""
+    train_px = exp.dataset.as_tensor().flatten(1)
+    dist = torch.cdist(images.flatten(1), train_px)  # (Q, N)
+    true = dist[torch.arange(len(true_rows)), true_rows]
+    rank = (dist < true[:, None]).sum(dim=1)
+    return {"top1": (rank < 1).float().mean().item(), "top5": (rank < 5).float().mean().item(), "n": len(true_rows)}
+
+
+def quality(exp: Explorer, count: int, guidance: float | None = None, steps: int = 50) -> dict:
     rows = eval_rows(len(exp.dataset), count)
     t0 = time.perf_counter()
-    gen = generate_rows(exp, rows, guidance)
+    gen = generate_rows(exp, rows, guidance, steps=steps)
     seconds = time.perf_counter() - t0
     true = torch.tensor(rows)
     return {"generated": caption_retrieval(exp, gen, true),
             "real": caption_retrieval(exp, exp.dataset.as_tensor()[true], true),
-            "generation_seconds": seconds, "images": gen}
+            "pixel_nn": pixel_nn(exp, gen, true), "generation_seconds": seconds, "images": gen}
 
 
 def _timeit(fn, repeat: int) -> list[float]:
@@ -81,10 +90,11 @@ def _timeit(fn, repeat: int) -> list[float]:
     return times
 
 
-def speed(exp: Explorer) -> dict:
+def speed(exp: Explorer, recipe: train.StageConfig | None = None, steps: int = 50) -> dict:
+    """One-image time, loss-scan throughput, and training throughput of ``recipe`` (default: the shipped one)."""
     unet, out = exp.unet, {}
     # 1. one image, 50 DDIM steps, CFG (two branches batched)
-    times = _timeit(lambda: exp.generate("red apple", seed=0, steps=50), 5)
+    times = _timeit(lambda: exp.generate("red apple", seed=0, steps=steps), 5)
     out["generate_1_image_50_steps_s"] = statistics.median(times)
     # 2. no-grad loss throughput at batch 256 (the AbU scan's inner loop)
     c, h = unet.config.in_channels, unet.config.sample_size
@@ -108,8 +118,8 @@ def speed(exp: Explorer) -> dict:
             secs = statistics.median(_timeit(lambda: loss_pass(cl, mode), 5))
             unet.to(memory_format=torch.contiguous_format)
             out[f"loss_throughput_{'channels_last' if cl else 'nchw'}_{mode}"] = 256 / secs
-    # 3. training throughput, batch 128, and the retrain time it implies for the shipped recipe
-    recipe = train.UNET_RECIPE
+    # 3. training throughput, batch 128, and the retrain time it implies for the recipe
+    recipe = recipe or train.UNET_RECIPE
     probe = components.build_unet(dict(unet.config))
     cache_lat = torch.randn(512, c, h, h, generator=g)
     states = exp.null_state.expand(512, -1, -1).contiguous()
@@ -145,6 +155,15 @@ def main(args) -> dict:
     from abu_explorer.data.sheet import grid
     from abu_explorer.model.embedded import to_pil
 
+    if args.compare:
+        out = Path(args.grids) if args.grids else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        entries = dict.fromkeys([args.model, *args.compare])  # in order, each once
+        report = compare({e: load_entry(e) for e in entries}, args.num_captions, out)
+        if args.json:
+            artifacts.save_json(Path(args.json), report)
+        return report
     exp = Explorer.load(args.model)
     report = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_avg_at_start": os.getloadavg()[0],
@@ -181,3 +200,70 @@ def exp_default_guidance() -> float:
     from abu_explorer.model.embedded import DEFAULT_GUIDANCE
 
     return DEFAULT_GUIDANCE
+
+
+def compare(entries: dict, count: int, out: Path | None, rounds: int = 2) -> dict:
+    """Several models ({name: (Explorer, sampling steps)}) side by side in one run: quality on the same captions and seeds, then speed in
+    interleaved rounds (A, B, A, B, ...; the median per model), so machine drift hits every model alike."""
+    from abu_explorer.data.sheet import grid
+    from abu_explorer.model.embedded import to_pil
+
+    report = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "load_avg_at_start": os.getloadavg()[0], "num_captions": count, "models": {}}
+    for name, (exp, steps) in entries.items():
+        q = quality(exp, count, steps=steps)
+        meta = exp.meta
+        report["models"][name] = {
+            "clip_top1": q["generated"]["top1"], "clip_top10": q["generated"]["top10"],
+            "pixel_nn_top1": q["pixel_nn"]["top1"], "pixel_nn_top5": q["pixel_nn"]["top5"],
+            "ae_heldout_psnr_db": meta["autoencoder"]["log"].get("heldout_psnr_db"),
+            "recipe": meta["unet"]["recipe"], "sampler": exp.sampler, "steps": steps, "speed_rounds": []}
+        if out is not None:
+            rows = eval_rows(len(exp.dataset), count)[:60]
+            grid(to_pil(q["images"][:60]), [exp.dataset.captions[r] for r in rows], cols=10, scale=3).save(
+                out / f"samples_{_label(Path(name.partition('@')[0]))}{name.partition('@')[2].replace(':', '')}.png")
+        print(f"{name}: CLIP top-1/10 {q['generated']['top1']:.3f}/{q['generated']['top10']:.3f}  pixel-NN "
+              f"top-1/5 {q['pixel_nn']['top1']:.3f}/{q['pixel_nn']['top5']:.3f}", flush=True)
+    for _ in range(rounds):
+        for name, (exp, steps) in entries.items():
+            recipe = train.StageConfig(**exp.meta["unet"]["recipe"])
+            report["models"][name]["speed_rounds"].append(speed(exp, recipe, steps))
+    for name, row in report["models"].items():
+        for key in ("generate_1_image_50_steps_s", "train_img_per_s", "retrain_estimate_min"):
+            row[key] = statistics.median(r[key] for r in row["speed_rounds"])
+    print(compare_table(report))
+    return report
+
+
+def load_entry(entry: str) -> tuple[Explorer, int]:
+    """``FOLDER`` (DDIM, 50 steps) or ``FOLDER@SAMPLER:STEPS``, e.g. ``precomputed@dpmpp:20`` -> (model, steps)."""
+    from abu_explorer.model.components import SAMPLERS
+
+    folder, _, how = entry.partition("@")
+    sampler, _, steps = (how or "ddim:50").partition(":")
+    if sampler not in SAMPLERS or not steps.isdigit():
+        raise ValueError(f"{entry!r}: expected FOLDER@SAMPLER:STEPS with SAMPLER in {', '.join(SAMPLERS)}")
+    exp = Explorer.load(folder)
+    exp.sampler = sampler
+    return exp, int(steps)
+
+
+def _label(folder: Path) -> str:
+    """A model folder's short name: its own, or its parent's when it is called ``model`` or ``precomputed``."""
+    folder = folder.resolve()
+    return folder.parent.name if folder.name in ("model", "precomputed") else folder.name
+
+
+def compare_table(report: dict) -> str:
+    names = list(report["models"])
+    figures = [("CLIP caption retrieval top-1", "clip_top1", "{:.3f}"), ("CLIP top-10", "clip_top10", "{:.3f}"),
+               ("pixel-NN top-1", "pixel_nn_top1", "{:.3f}"), ("pixel-NN top-5", "pixel_nn_top5", "{:.3f}"),
+               ("AE held-out PSNR (dB)", "ae_heldout_psnr_db", "{:.1f}"),
+               ("one image, 50 steps (s)", "generate_1_image_50_steps_s", "{:.3f}"),
+               ("UNet training (img/s)", "train_img_per_s", "{:.0f}"),
+               ("implied retrain (min)", "retrain_estimate_min", "{:.1f}")]
+    lines = ["| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, key, fmt in figures:
+        vals = [report["models"][n].get(key) for n in names]
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else fmt.format(v) for v in vals) + " |")
+    return "\n".join(lines)

@@ -39,14 +39,23 @@ def build_unet(config: dict):
     return UNet2DConditionModel(**config)
 
 
+SAMPLERS = ("ddim", "dpmpp")  # deterministic samplers a generation may use
+
+
 def build_scheduler(config: dict, kind: str = "ddpm"):
-    from diffusers import DDIMScheduler, DDPMScheduler
+    """The training schedule (``ddpm``) or a sampler over it: ``ddim`` (eta = 0) or ``dpmpp`` (DPM-Solver++,
+    2nd-order multistep), both from diffusers and both deterministic given the initial noise."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     if kind == "ddpm":
         return DDPMScheduler(**config)
     if kind == "ddim":
         return DDIMScheduler(**config, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
-    raise ValueError(f"unknown scheduler kind {kind!r}")
+    if kind == "dpmpp":
+        solver = {k: v for k, v in config.items() if k != "clip_sample"}  # DPM-Solver has thresholding instead
+        return DPMSolverMultistepScheduler(**solver, algorithm_type="dpmsolver++", solver_order=2,
+                                           lower_order_final=True)
+    raise ValueError(f"unknown scheduler kind {kind!r}; known: ddpm, {', '.join(SAMPLERS)}")
 
 
 def clip_config(vocab_size: int, base: dict | None = None) -> dict:

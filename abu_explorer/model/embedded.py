@@ -51,6 +51,7 @@ class Explorer:
         self.meta = meta
         self._null = None
         self._training_cache: TrainingCache | None = None
+        self.sampler = "ddim"  # components.SAMPLERS
 
     # --- loading ---------------------------------------------------------------------------------
 
@@ -162,7 +163,7 @@ class Explorer:
             self.tokenizer.encode(p, allow_empty=False)  # raises PromptError on empty / too long
         c, h = self.unet.config.in_channels, self.unet.config.sample_size
         noise = torch.cat([sampling.initial_noise(s, (1, c, h, h)) for s in seeds])
-        scheduler = components.build_scheduler(self.scheduler_config, "ddim")
+        scheduler = components.build_scheduler(self.scheduler_config, self.sampler)
         lat = sampling.ddim_sample(self.unet, scheduler, self.encode_text(prompts), self.null_state, noise,
                                    steps, guidance, callback)
         images = to_pil(self.decode(lat))

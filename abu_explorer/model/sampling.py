@@ -1,4 +1,5 @@
-"""DDIM sampling with classifier-free guidance, both branches in one batched UNet call."""
+"""Deterministic sampling (DDIM or DPM-Solver++) with classifier-free guidance, both branches in one batched
+UNet call."""
 from __future__ import annotations
 
 from typing import Callable
@@ -19,7 +20,8 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 def ddim_sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
                 steps: int = 50, guidance: float = 3.0,
                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0). cond/uncond: (B, L, D) text states; noise: (B, C, h, w).
+    """Deterministic sampling with ``scheduler`` (DDIM at eta = 0, or any diffusers multistep solver).
+    cond/uncond: (B, L, D) text states; noise: (B, C, h, w).
 
     Returns the final latents (B, C, h, w) in the UNet's (scaled) latent space.
     """
@@ -31,13 +33,14 @@ def ddim_sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise
     x = noise.clone()
     batch = len(x)
     context = torch.cat([uncond.expand(batch, -1, -1), cond]) if guidance != 1.0 else cond
+    step_kwargs = {"eta": 0.0} if type(scheduler).__name__ == "DDIMScheduler" else {}
     for i, t in enumerate(scheduler.timesteps):
         if guidance != 1.0:
             eps_u, eps_c = unet(torch.cat([x, x]), t, context).sample.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
         else:
             eps = unet(x, t, context).sample
-        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
         if callback is not None:
             callback(i + 1, steps)
     return x

@@ -12,8 +12,11 @@ import torch
 from abu_explorer import artifacts
 
 
-def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict) -> None:
+def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict,
+         extra: dict | None = None) -> None:
+    """``extra``: more named tensors to keep (an EMA of the weights, say), stored under ``extra.<name>``."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
     state = optimizer.state_dict()
     for pid, s in state["state"].items():
         for key, value in s.items():
@@ -22,7 +25,8 @@ def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
     artifacts.save_safetensors(path, tensors, meta)
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict | None = None) -> dict:
+    """Restore model and optimizer (and, in place, the tensors of ``extra``); returns the progress dict."""
     from safetensors import safe_open
 
     tensors = artifacts.load_safetensors(path)
@@ -35,4 +39,8 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
             _, pid, key = k.split(".", 2)
             opt_state.setdefault(int(pid), {})[key] = v
     optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+    for k, v in (extra or {}).items():
+        if f"extra.{k}" not in tensors:
+            raise ValueError(f"{path} lacks {k}; it was written without it: delete it to start over")
+        v.copy_(tensors[f"extra.{k}"])
     return json.loads(meta["progress"])

@@ -25,7 +25,9 @@ def train_unets_stacked(unet_config: dict, scheduler, latents: torch.Tensor, tex
                         null_state: torch.Tensor, cfg: train.StageConfig, excludes: list[set[int]],
                         device: str | torch.device = "cpu", on_epoch_end=None) -> tuple[list[dict], dict]:
     """Returns (one state dict per removal set, log with per-model mean loss per epoch and seconds)."""
-    # 1. checks: the lockstep needs equal row counts
+    # 1. checks: the lockstep needs equal row counts, and the recipe's features implemented here
+    if cfg.extra.get("ema_decay"):
+        raise ValueError("train_unets_stacked does not keep a weight EMA; retrain one cell at a time (--stack 1)")
     n, m_count = len(latents), len(excludes)
     if m_count == 0 or len({len(e) for e in excludes}) != 1:
         raise ValueError(f"need one or more removal sets of equal size, got sizes {[len(e) for e in excludes]}")

@@ -68,8 +68,11 @@ def epoch_batches(rows: torch.Tensor, epoch: int, cfg: StageConfig) -> list[torc
 
 
 def _loop(name: str, model, rows: torch.Tensor, cfg: StageConfig, step_fn, run_dir: Path | None,
-          progress: bool = True, on_epoch_end=None) -> dict:
-    """Shared optimisation loop. ``step_fn(batch_rows, step) -> loss``; returns a log dict."""
+          progress: bool = True, on_epoch_end=None, after_step=None, extra_state: dict | None = None) -> dict:
+    """Shared optimisation loop. ``step_fn(batch_rows, step) -> loss``; returns a log dict.
+
+    ``after_step(step)`` runs after each optimiser step; ``extra_state`` (named tensors, e.g. an EMA of the
+    weights) is saved in and restored from the checkpoint with the model."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
@@ -77,7 +80,7 @@ def _loop(name: str, model, rows: torch.Tensor, cfg: StageConfig, step_fn, run_d
     start_epoch, log = 0, {"loss": [], "seconds": 0.0}
     ckpt = run_dir / f"{name}-ckpt.safetensors" if run_dir else None
     if ckpt is not None and ckpt.exists():
-        state = checkpoint.load(ckpt, model, opt)
+        state = checkpoint.load(ckpt, model, opt, extra_state)
         if state["config"] != cfg.to_dict():
             raise RuntimeError(f"{ckpt} was written by another recipe; delete it to start over")
         start_epoch, log = state["epoch"], state["log"]
@@ -95,13 +98,15 @@ def _loop(name: str, model, rows: torch.Tensor, cfg: StageConfig, step_fn, run_d
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
+            if after_step is not None:
+                after_step(step)
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         log["loss"].append(sum(losses) / len(losses))
         log["seconds"] += time.time() - t0
         if ckpt is not None and ((epoch + 1) % cfg.ckpt_every_epochs == 0 or epoch + 1 == cfg.epochs):
-            checkpoint.save(ckpt, model, opt, {"epoch": epoch + 1, "log": log, "config": cfg.to_dict()})
+            checkpoint.save(ckpt, model, opt, {"epoch": epoch + 1, "log": log, "config": cfg.to_dict()}, extra_state)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, log)
     bar.close()
@@ -229,6 +234,9 @@ def train_unet(unet, scheduler, latents: torch.Tensor, text_states: torch.Tensor
                run_dir: Path | None = None, progress: bool = True, on_epoch_end=None) -> dict:
     """DDPM training (epsilon MSE, min-SNR weighted) of ``unet`` on precomputed latents and text states.
 
+    With ``cfg.extra["ema_decay"]`` > 0 an exponential moving average of the weights is kept (checkpointed
+    with them); the UNet holds the EMA weights during ``on_epoch_end`` and after training.
+
     latents: (N, C, h, w) or (N, 2, C, h, w) when flips are on (slot 1 = the flipped image's latent).
     The UNet may sit on an accelerator: batch order, timesteps, noise and caption dropout are still drawn
     on the CPU from the same seeded generators, so only the arithmetic differs from a CPU run.
@@ -259,4 +267,43 @@ def train_unet(unet, scheduler, latents: torch.Tensor, text_states: torch.Tensor
         weight = snr[t].clamp(max=gamma) / snr[t] if gamma else torch.ones(len(t), device=dev)
         return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
 
-    return _loop("unet", unet, rows, cfg, step_fn, run_dir, progress, on_epoch_end)
+    decay = cfg.extra.get("ema_decay", 0.0)
+    if not decay:
+        return _loop("unet", unet, rows, cfg, step_fn, run_dir, progress, on_epoch_end)
+    ema = {f"ema.{k}": p.detach().clone() for k, p in unet.named_parameters()}
+
+    @torch.no_grad()
+    def update_ema(step):
+        d = min(decay, (1 + step) / (10 + step))  # short warm-up: early weights fade fast
+        for k, p in unet.named_parameters():
+            ema[f"ema.{k}"].lerp_(p.detach(), 1 - d)
+
+    def epoch_end(epoch, log):
+        if on_epoch_end is not None:
+            with swapped_in(unet, ema):
+                on_epoch_end(epoch, log)
+
+    log = _loop("unet", unet, rows, cfg, step_fn, run_dir, progress, epoch_end, update_ema, ema)
+    with torch.no_grad():
+        for k, p in unet.named_parameters():
+            p.copy_(ema[f"ema.{k}"])
+    return log
+
+
+class swapped_in:
+    """Context manager: the module's parameters replaced by ``ema`` ("ema.<name>" tensors), restored after."""
+
+    def __init__(self, module, ema: dict):
+        self.module, self.ema, self.saved = module, ema, None
+
+    @torch.no_grad()
+    def __enter__(self):
+        self.saved = {k: p.detach().clone() for k, p in self.module.named_parameters()}
+        for k, p in self.module.named_parameters():
+            p.copy_(self.ema[f"ema.{k}"])
+
+    @torch.no_grad()
+    def __exit__(self, *exc):
+        for k, p in self.module.named_parameters():
+            p.copy_(self.saved[k])
+        return False

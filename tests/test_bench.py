@@ -1,0 +1,24 @@
+"""The model benchmark's comparison mode on the tiny model: figures for every folder, side by side."""
+from abu_explorer.bench import model as bench
+
+
+def test_compare_reports_every_model_side_by_side(tiny_explorer, tiny_model_dir, tmp_path):
+    report = bench.compare({str(tiny_model_dir): (tiny_explorer, 50), "again": (tiny_explorer, 10)}, count=4,
+                           out=tmp_path, rounds=1)
+    assert list(report["models"]) == [str(tiny_model_dir), "again"]
+    row = report["models"][str(tiny_model_dir)]
+    for key in ("clip_top1", "clip_top10", "pixel_nn_top1", "pixel_nn_top5", "generate_1_image_50_steps_s",
+                "train_img_per_s", "retrain_estimate_min"):
+        assert key in row and row[key] >= 0, key
+    assert 0 <= row["pixel_nn_top1"] <= row["pixel_nn_top5"] <= 1
+    table = bench.compare_table(report)
+    assert "pixel-NN top-1" in table and str(tiny_model_dir) in table
+    assert list(tmp_path.glob("samples_*.png"))
+
+
+def test_pixel_nn_finds_training_images_themselves(tiny_explorer):
+    import torch
+
+    rows = torch.tensor([0, 5, 9])
+    out = bench.pixel_nn(tiny_explorer, tiny_explorer.dataset.as_tensor()[rows], rows)
+    assert out["top1"] == 1.0 and out["top5"] == 1.0
