@@ -14,6 +14,8 @@ def test_compare_reports_every_model_side_by_side(tiny_explorer, tiny_model_dir,
     table = bench.compare_table(report)
     assert "pixel-NN top-1" in table and str(tiny_model_dir) in table
     assert list(tmp_path.glob("samples_*.png"))
+    assert {r["figure"] for r in report["paired"]} == {"CLIP top-10", "pixel-NN top-1", "pixel-NN top-5"}
+    assert all(r["model"] == "again" and 0 <= r["p"] <= 1 for r in report["paired"])
 
 
 def test_pixel_nn_finds_training_images_themselves(tiny_explorer):
@@ -22,3 +24,10 @@ def test_pixel_nn_finds_training_images_themselves(tiny_explorer):
     rows = torch.tensor([0, 5, 9])
     out = bench.pixel_nn(tiny_explorer, tiny_explorer.dataset.as_tensor()[rows], rows)
     assert out["top1"] == 1.0 and out["top5"] == 1.0
+
+
+def test_mcnemar_exact_p():
+    assert bench.mcnemar_p(0, 0) == 1.0
+    assert abs(bench.mcnemar_p(5, 5) - 1.0) < 1e-12
+    assert abs(bench.mcnemar_p(10, 0) - 2 / 2**10) < 1e-12  # all 10 discordant pairs one way
+    assert bench.mcnemar_p(30, 10) < 0.01 < bench.mcnemar_p(12, 8)

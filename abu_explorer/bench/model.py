@@ -36,7 +36,7 @@ def caption_retrieval(exp: Explorer, images: torch.Tensor, true_rows: torch.Tens
     true = sims[torch.arange(len(true_rows)), true_rows]
     rank = (sims > true[:, None]).sum(dim=1)  # 0 = best
     return {"top1": (rank < 1).float().mean().item(), "top10": (rank < 10).float().mean().item(),
-            "median_rank": float(rank.median().item()), "n": len(true_rows)}
+            "median_rank": float(rank.median().item()), "n": len(true_rows), "ranks": rank.tolist()}
 
 
 def eval_rows(n_train: int, count: int) -> list[int]:
@@ -66,7 +66,8 @@ def pixel_nn(exp: Explorer, images: torch.Tensor, true_rows: torch.Tensor) -> di
     dist = torch.cdist(images.flatten(1), train_px)  # (Q, N)
     true = dist[torch.arange(len(true_rows)), true_rows]
     rank = (dist < true[:, None]).sum(dim=1)
-    return {"top1": (rank < 1).float().mean().item(), "top5": (rank < 5).float().mean().item(), "n": len(true_rows)}
+    return {"top1": (rank < 1).float().mean().item(), "top5": (rank < 5).float().mean().item(), "n": len(true_rows),
+            "ranks": rank.tolist()}
 
 
 def quality(exp: Explorer, count: int, guidance: float | None = None, steps: int = 50) -> dict:
@@ -217,7 +218,8 @@ def compare(entries: dict, count: int, out: Path | None, rounds: int = 2) -> dic
             "clip_top1": q["generated"]["top1"], "clip_top10": q["generated"]["top10"],
             "pixel_nn_top1": q["pixel_nn"]["top1"], "pixel_nn_top5": q["pixel_nn"]["top5"],
             "ae_heldout_psnr_db": meta["autoencoder"]["log"].get("heldout_psnr_db"),
-            "recipe": meta["unet"]["recipe"], "sampler": exp.sampler, "steps": steps, "speed_rounds": []}
+            "recipe": meta["unet"]["recipe"], "sampler": exp.sampler, "steps": steps, "speed_rounds": [],
+            "clip_ranks": q["generated"]["ranks"], "pixel_nn_ranks": q["pixel_nn"]["ranks"]}
         if out is not None:
             rows = eval_rows(len(exp.dataset), count)[:60]
             grid(to_pil(q["images"][:60]), [exp.dataset.captions[r] for r in rows], cols=10, scale=3).save(
@@ -232,8 +234,40 @@ def compare(entries: dict, count: int, out: Path | None, rounds: int = 2) -> dic
         for key in ("generate_1_image_50_steps_s", "train_img_per_s", "retrain_estimate_min"):
             if row["speed_rounds"]:  # rounds = 0: quality only (e.g. beside another job)
                 row[key] = statistics.median(r[key] for r in row["speed_rounds"])
+    report["paired"] = paired_tests(report)
     print(compare_table(report))
+    for row in report["paired"]:
+        print(f"  {row['model']} vs {row['baseline']}, {row['figure']}: {row['difference']:+.3f} "
+              f"({row['wins']} captions gained, {row['losses']} lost; McNemar exact p = {row['p']:.3f})")
     return report
+
+
+def mcnemar_p(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar test: the discordant pairs under H0 are Binomial(wins + losses, 1/2)."""
+    from math import comb
+
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired_tests(report: dict) -> list[dict]:
+    """Every model against the first, caption by caption (same captions and seeds): hit-rate differences."""
+    names = list(report["models"])
+    base = report["models"][names[0]]
+    out = []
+    for name in names[1:]:
+        row = report["models"][name]
+        for figure, key, k in (("CLIP top-10", "clip_ranks", 10), ("pixel-NN top-1", "pixel_nn_ranks", 1),
+                               ("pixel-NN top-5", "pixel_nn_ranks", 5)):
+            a = [r < k for r in base[key]]
+            b = [r < k for r in row[key]]
+            wins = sum(1 for x, y in zip(a, b) if y and not x)
+            losses = sum(1 for x, y in zip(a, b) if x and not y)
+            out.append({"model": name, "baseline": names[0], "figure": figure, "difference": (wins - losses) / len(a),
+                        "wins": wins, "losses": losses, "p": mcnemar_p(wins, losses)})
+    return out
 
 
 def load_entry(entry: str) -> tuple[Explorer, int]:
@@ -250,9 +284,9 @@ def load_entry(entry: str) -> tuple[Explorer, int]:
 
 
 def _label(folder: Path) -> str:
-    """A model folder's short name: its own, or its parent's when it is called ``model`` or ``precomputed``."""
+    """A model folder's short name: its own, or its parent's when it is called ``model``."""
     folder = folder.resolve()
-    return folder.parent.name if folder.name in ("model", "precomputed") else folder.name
+    return folder.parent.name if folder.name == "model" else folder.name
 
 
 def compare_table(report: dict) -> str:

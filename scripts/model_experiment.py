@@ -1,0 +1,86 @@
+"""Candidate embedded models for the sharper-model study (docs/model-research.md), each in its own folder.
+
+    python scripts/model_experiment.py autoencoder ae16_e150 --latent-channels 16 --epochs 150
+    python scripts/model_experiment.py unet ema999_ae16 --autoencoder runs/exp/ae16_e150/autoencoder --ema 0.999
+
+An autoencoder candidate is the shipped AE recipe with other latent channels / epochs / widths; a UNet
+candidate is the shipped UNet recipe (plus the given extras) on a candidate autoencoder and the shipped CLIP.
+Both are resumable (checkpoints under the candidate's folder) and write ``runs/exp/NAME/``; a UNet candidate's
+``model/`` is a complete model folder for ``python -m abu_explorer bench model --compare``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from abu_explorer import data  # noqa: E402
+from abu_explorer.model import components  # noqa: E402
+from abu_explorer.training import build, train  # noqa: E402
+
+
+def autoencoder(args) -> None:
+    out = Path(args.runs) / args.name
+    ds = data.build_openmoji(data.DataConfig(), progress=False)
+    cfg = {**components.model_config("autoencoder"), "latent_channels": args.latent_channels}
+    if args.widths:
+        cfg["block_out_channels"] = args.widths
+    recipe = dataclasses.replace(train.AE_RECIPE, epochs=args.epochs)
+    t0 = time.time()
+    build.write_dataset_record(ds, out)
+    build.build_autoencoder(ds, out, out / "runs", recipe, progress=True, config=cfg)
+    log = json.loads((out / "autoencoder" / "train_meta.json").read_text())["log"]
+    print(f"{args.name}: {time.time() - t0:.0f} s, held-out PSNR {log['heldout_psnr_db']:.2f} dB, "
+          f"train {log['train_psnr_db']:.2f} dB")
+
+
+def unet(args) -> None:
+    out = Path(args.runs) / args.name
+    root = out / "model"
+    root.mkdir(parents=True, exist_ok=True)
+    ae = Path(args.autoencoder)
+    for part, src in (("autoencoder", ae), ("clip", ROOT / "precomputed" / "clip")):
+        if not (root / part).exists():
+            shutil.copytree(src, root / part)
+    shutil.copy(ROOT / "precomputed" / "dataset.json", root / "dataset.json")
+    ds = data.build_openmoji(data.DataConfig(), progress=False)
+    extra = {**train.UNET_RECIPE.extra, **({"ema_decay": args.ema} if args.ema else {})}
+    recipe = dataclasses.replace(train.UNET_RECIPE, extra=extra)
+    channels = json.loads((ae / "config.json").read_text())["latent_channels"]
+    cfg = {**components.model_config("unet"), "in_channels": channels, "out_channels": channels}
+    t0 = time.time()
+    build.build_unet(ds, root, out / "runs", recipe, progress=True, config=cfg)
+    log = json.loads((root / "unet" / "train_meta.json").read_text())["log"]
+    print(f"{args.name}: {time.time() - t0:.0f} s wall, {log['seconds']:.0f} s of training")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default=str(ROOT / "runs" / "exp"))
+    p.add_argument("--threads", type=int, default=1)
+    sub = p.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("autoencoder")
+    a.add_argument("name")
+    a.add_argument("--latent-channels", type=int, default=8)
+    a.add_argument("--epochs", type=int, default=train.AE_RECIPE.epochs)
+    a.add_argument("--widths", type=int, nargs=3, default=None)
+    u = sub.add_parser("unet")
+    u.add_argument("name")
+    u.add_argument("--autoencoder", default=str(ROOT / "precomputed" / "autoencoder"))
+    u.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off, as shipped)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    (autoencoder if args.what == "autoencoder" else unet)(args)
+
+
+if __name__ == "__main__":
+    main()
