@@ -57,7 +57,7 @@ def generate_rows(exp: Explorer, rows: list[int], guidance: float | None = None,
 def _to_tensor(img) -> torch.Tensor:
     import numpy as np
 
-    return torch.from_numpy(np.asarray(img, dtype="uint8")).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(img, dtype="uint8")).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def pixel_nn(exp: Explorer, images: torch.Tensor, true_rows: torch.Tensor) -> dict:
