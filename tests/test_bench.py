@@ -3,7 +3,7 @@ from abu_explorer.bench import model as bench
 
 
 def test_compare_reports_every_model_side_by_side(tiny_explorer, tiny_model_dir, tmp_path):
-    report = bench.compare({str(tiny_model_dir): (tiny_explorer, 50), "again": (tiny_explorer, 10)}, count=4,
+    report = bench.compare({str(tiny_model_dir): (tiny_explorer, 50, None), "again": (tiny_explorer, 10, 5.0)}, count=4,
                            out=tmp_path, rounds=1)
     assert list(report["models"]) == [str(tiny_model_dir), "again"]
     row = report["models"][str(tiny_model_dir)]
@@ -31,3 +31,11 @@ def test_mcnemar_exact_p():
     assert abs(bench.mcnemar_p(5, 5) - 1.0) < 1e-12
     assert abs(bench.mcnemar_p(10, 0) - 2 / 2**10) < 1e-12  # all 10 discordant pairs one way
     assert bench.mcnemar_p(30, 10) < 0.01 < bench.mcnemar_p(12, 8)
+
+
+def test_entry_syntax_is_checked(tmp_path):
+    import pytest
+
+    for bad in ("x@euler:10", "x@ddim", "x@ddim:ten", "x@ddim:10:5:1"):
+        with pytest.raises(ValueError, match="SAMPLER:STEPS"):
+            bench.load_entry(bad)

@@ -204,30 +204,30 @@ def exp_default_guidance() -> float:
 
 
 def compare(entries: dict, count: int, out: Path | None, rounds: int = 2) -> dict:
-    """Several models ({name: (Explorer, sampling steps)}) side by side in one run: quality on the same captions and seeds, then speed in
+    """Several models ({name: (Explorer, sampling steps, guidance)}) side by side in one run: quality on the same captions and seeds, then speed in
     interleaved rounds (A, B, A, B, ...; the median per model), so machine drift hits every model alike."""
     from abu_explorer.data.sheet import grid
     from abu_explorer.model.embedded import to_pil
 
     report = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_avg_at_start": os.getloadavg()[0], "num_captions": count, "models": {}}
-    for name, (exp, steps) in entries.items():
-        q = quality(exp, count, steps=steps)
+    for name, (exp, steps, guidance) in entries.items():
+        q = quality(exp, count, guidance, steps=steps)
         meta = exp.meta
         report["models"][name] = {
             "clip_top1": q["generated"]["top1"], "clip_top10": q["generated"]["top10"],
             "pixel_nn_top1": q["pixel_nn"]["top1"], "pixel_nn_top5": q["pixel_nn"]["top5"],
             "ae_heldout_psnr_db": meta["autoencoder"]["log"].get("heldout_psnr_db"),
-            "recipe": meta["unet"]["recipe"], "sampler": exp.sampler, "steps": steps, "speed_rounds": [],
+            "recipe": meta["unet"]["recipe"], "sampler": exp.sampler, "steps": steps, "guidance": guidance, "speed_rounds": [],
             "clip_ranks": q["generated"]["ranks"], "pixel_nn_ranks": q["pixel_nn"]["ranks"]}
         if out is not None:
             rows = eval_rows(len(exp.dataset), count)[:60]
             grid(to_pil(q["images"][:60]), [exp.dataset.captions[r] for r in rows], cols=10, scale=3).save(
-                out / f"samples_{_label(Path(name.partition('@')[0]))}{name.partition('@')[2].replace(':', '')}.png")
+                out / f"samples_{_label(Path(name.partition('@')[0]))}{name.partition('@')[2].replace(':', '-')}.png")
         print(f"{name}: CLIP top-1/10 {q['generated']['top1']:.3f}/{q['generated']['top10']:.3f}  pixel-NN "
               f"top-1/5 {q['pixel_nn']['top1']:.3f}/{q['pixel_nn']['top5']:.3f}", flush=True)
     for _ in range(rounds):
-        for name, (exp, steps) in entries.items():
+        for name, (exp, steps, _) in entries.items():
             recipe = train.StageConfig(**exp.meta["unet"]["recipe"])
             report["models"][name]["speed_rounds"].append(speed(exp, recipe, steps))
     for name, row in report["models"].items():
@@ -270,17 +270,23 @@ def paired_tests(report: dict) -> list[dict]:
     return out
 
 
-def load_entry(entry: str) -> tuple[Explorer, int]:
-    """``FOLDER`` (DDIM, 50 steps) or ``FOLDER@SAMPLER:STEPS``, e.g. ``precomputed@dpmpp:20`` -> (model, steps)."""
+def load_entry(entry: str) -> tuple[Explorer, int, float | None]:
+    """``FOLDER`` (DDIM, 50 steps, default guidance) or ``FOLDER@SAMPLER:STEPS[:GUIDANCE]``, e.g.
+    ``precomputed@dpmpp:10`` or ``precomputed@ddim:50:5`` -> (model, steps, guidance or None)."""
     from abu_explorer.model.components import SAMPLERS
 
     folder, _, how = entry.partition("@")
-    sampler, _, steps = (how or "ddim:50").partition(":")
-    if sampler not in SAMPLERS or not steps.isdigit():
-        raise ValueError(f"{entry!r}: expected FOLDER@SAMPLER:STEPS with SAMPLER in {', '.join(SAMPLERS)}")
+    parts = (how or "ddim:50").split(":")
+    try:
+        sampler, steps = parts[0], int(parts[1])
+        guidance = float(parts[2]) if len(parts) > 2 else None
+    except (IndexError, ValueError):
+        sampler = None
+    if sampler not in SAMPLERS or len(parts) > 3:
+        raise ValueError(f"{entry!r}: expected FOLDER@SAMPLER:STEPS[:GUIDANCE] with SAMPLER in {', '.join(SAMPLERS)}")
     exp = Explorer.load(folder)
     exp.sampler = sampler
-    return exp, int(steps)
+    return exp, steps, guidance
 
 
 def _label(folder: Path) -> str:
