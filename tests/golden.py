@@ -34,15 +34,9 @@ MODED = ("abu", "if")  # methods with a fast and an exact mode; the others have 
 
 def machine_kind() -> dict:
     """What decides float rounding here: architecture, widest vector ISA, torch build."""
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()
+    from abu_explorer.machine import vector_isa
+
+    isa = vector_isa().lower().replace("-", "")  # "avx512", "avx2" or the architecture
     return {"arch": platform.machine(), "isa": isa, "torch": torch.__version__, "threads": 1}
 
 

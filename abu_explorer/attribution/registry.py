@@ -35,8 +35,8 @@ class MethodSpec:
         """Build this method's tables (``cfg``: its config dataclass, default settings when None)."""
         module, fn = self.tables.split(":")
         build = getattr(import_module(module), fn)
-        return build(explorer, cfg, folder, progress=progress) if cfg is not None else \
-            build(explorer, folder=folder, progress=progress)
+        settings = {} if cfg is None else {"cfg": cfg}
+        return build(explorer, folder=folder, progress=progress, **settings)
 
     def load(self, explorer, **options):
         """The method with its serving options, ``options`` on top."""
