@@ -1,7 +1,8 @@
 """The machine a figure was measured on, recorded beside every benchmark and retrain result.
 
-The vector ISA is named because AVX-512 and AVX2 kernels round differently and run at different speeds:
-a K = 0 retrain reproduces the shipped weights bit for bit only on the kind of CPU that made them.
+The vendor and the vector ISA are named because AVX-512 and AVX2 kernels round differently and run at
+different speeds, and the math libraries pick other kernels on AMD than on Intel CPUs of the same ISA: a
+K = 0 retrain reproduces the shipped weights bit for bit only on the kind of CPU that made them.
 """
 from __future__ import annotations
 
@@ -9,21 +10,29 @@ import platform
 from pathlib import Path
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
+def _cpuinfo() -> tuple[str, set[str], str]:
+    model, flags, vendor = platform.processor() or platform.machine(), set(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
+            elif line.startswith("vendor_id") and not vendor:
+                vendor = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return model, flags
+    return model, flags, vendor
 
 
 def cpu_name() -> str:
     return _cpuinfo()[0] or "unknown"
+
+
+def cpu_vendor() -> str:
+    """"intel", "amd", another vendor id in lower case, or the architecture where none is listed."""
+    vendor = _cpuinfo()[2]
+    return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, vendor.lower() or platform.machine())
 
 
 def vector_isa() -> str:

@@ -33,15 +33,16 @@ MODED = ("abu", "if")  # methods with a fast and an exact mode; the others have 
 
 
 def machine_kind() -> dict:
-    """What decides float rounding here: architecture, widest vector ISA, torch build."""
-    from abu_explorer.machine import vector_isa
+    """What decides float rounding here: architecture, CPU vendor, widest vector ISA, torch build."""
+    from abu_explorer.machine import cpu_vendor, vector_isa
 
     isa = vector_isa().lower().replace("-", "")  # "avx512", "avx2" or the architecture
-    return {"arch": platform.machine(), "isa": isa, "torch": torch.__version__, "threads": 1}
+    return {"arch": platform.machine(), "vendor": cpu_vendor(), "isa": isa, "torch": torch.__version__,
+            "threads": 1}
 
 
 def kind_key(kind: dict) -> str:
-    return f"{kind['arch']}-{kind['isa']}-torch{kind['torch']}-t{kind['threads']}"
+    return f"{kind['arch']}-{kind['vendor']}-{kind['isa']}-torch{kind['torch']}-t{kind['threads']}"
 
 
 def compute(modes=("fast",), progress=print) -> dict:
