@@ -91,6 +91,17 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def folder_hash(folder: Path) -> str:
+    """Hash of every file's name and content in ``folder`` (a method's tables), or "" where it does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".tmp")):
+        h.update(f"{path.name}:{file_hash(path)}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def state_hash(state: dict) -> str:
     """Hash of a state dict's names, shapes and values (independent of file layout)."""
     h = hashlib.sha256()

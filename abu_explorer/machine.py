@@ -40,10 +40,23 @@ def vector_isa() -> str:
     return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
 
 
+def kind(device: str = "cpu") -> str:
+    """The machine kind, as far as float rounding goes: architecture, vendor, vector ISA and torch build on a
+    CPU ("x86_64-amd-avx512-torch2.14.1+cu130"); the GPU's name and torch build on CUDA. Results of one
+    kind form one table; a K = 0 retrain reproduces the shipped weights only on the kind that made them."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device)).lower().replace(" ", "-")
+        return f"cuda-{name}-torch{torch.__version__}"
+    isa = vector_isa().lower().replace("-", "")
+    return f"{platform.machine()}-{cpu_vendor()}-{isa}-torch{torch.__version__}"
+
+
 def machine() -> dict:
-    """Where this process computes: device with ISA and threads, CPU model, library versions."""
+    """Where this process computes: device with ISA and threads, machine kind, CPU model, library versions."""
     import diffusers
     import torch
 
-    return {"device": f"cpu ({vector_isa()}, {torch.get_num_threads()} threads)", "cpu_model": cpu_name(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__}
+    return {"device": f"cpu ({vector_isa()}, {torch.get_num_threads()} threads)", "kind": kind(),
+            "cpu_model": cpu_name(), "torch": torch.__version__, "diffusers": diffusers.__version__}

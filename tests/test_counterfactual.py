@@ -22,8 +22,10 @@ def test_counterfactual_runs_caches_and_excludes(tiny_explorer, tmp_path, monkey
     assert len(result["removed"]) == 3 and seen["exclude"] == set(result["removed"])
     assert result["delta_loss"] == result["loss_counterfactual"] - result["loss_original"]
     assert 0 <= result["delta_g_mse"] and -1 <= result["delta_g_clip"] <= 1
-    assert (tmp_path / result["key"] / "regenerated.png").exists()
-    assert not (tmp_path / result["key"] / "ckpt").exists()
+    folder = counterfactual.result_dir(tmp_path, result["key"])
+    assert folder.parent.name == result["trained_on"]["kind"]  # one folder per machine kind
+    assert (folder / "regenerated.png").exists() and not (folder / "ckpt").exists()
+    assert counterfactual.find_result(tmp_path, result["key"]) == folder
     seen.clear()
     again = counterfactual.run(tiny_explorer, query, "pixel", 3, tmp_path, recipe=recipe, progress=False)
     assert again == result and not seen  # cached: no retraining
@@ -42,3 +44,59 @@ def test_query_loss_is_deterministic(tiny_explorer):
     a = counterfactual.query_loss(tiny_explorer.unet, tiny_explorer.scheduler, query.latent, ctx)
     assert a == counterfactual.query_loss(tiny_explorer.unet, tiny_explorer.scheduler, query.latent, ctx)
     assert torch.isfinite(torch.tensor(a))
+
+
+def test_removal_is_exact_and_its_settings_are_in_the_key(tiny_app):
+    """Gradient methods remove their exact-mode top-K; a changed setting or table gives another key."""
+    import dataclasses
+
+    exp = tiny_app.explorer
+    query = q.from_generation(exp, "red apple", seed=1, steps=3)
+    recipe = tiny_recipes()[2]
+    abu = tiny_app.method("abu")
+    modes = []
+    score = abu.score
+    abu.score = lambda qu, mode="fast", progress=None: modes.append(mode) or score(qu, mode, progress)
+    try:
+        removed = counterfactual.removal(exp, query, "abu", 4, ranker=abu)
+    finally:
+        del abu.score
+    assert modes == ["exact"] and removed == [i for i, _ in abu.score(query, "exact").top(4)]
+    settings = counterfactual.removal_settings(exp, "abu", abu)
+    assert settings["mode"] == "exact" and settings["config"]["alpha"] == abu.cfg.alpha and settings["tables"]
+    key = counterfactual.request_key(exp, query, "abu", 4, 0, recipe, settings)
+    other_alpha = dataclasses.replace(abu.cfg, alpha=abu.cfg.alpha * 2)
+    moved = {**settings, "config": dataclasses.asdict(other_alpha)}
+    assert counterfactual.request_key(exp, query, "abu", 4, 0, recipe, moved) != key
+    # the serving batch size is not a setting of the ranking: the app's instance gives the evaluation's key
+    assert counterfactual.removal_settings(exp, "abu", type(abu).load(exp, batch_size=7)) == settings
+    infl = tiny_app.method("if")
+    s_if = counterfactual.removal_settings(exp, "if", infl)
+    damped = type(infl).load(exp, damping=0.5)
+    assert counterfactual.removal_settings(exp, "if", damped)["config"]["damping"] == 0.5
+    assert counterfactual.request_key(exp, query, "if", 4, 0, recipe, s_if) != counterfactual.request_key(
+        exp, query, "if", 4, 0, recipe, counterfactual.removal_settings(exp, "if", damped))
+
+
+def test_tables_hash_follows_the_files(tmp_path):
+    from abu_explorer import artifacts
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.npy").write_bytes(b"one")
+    h = artifacts.folder_hash(tmp_path / "t")
+    (tmp_path / "t" / "a.npy").write_bytes(b"two")
+    assert artifacts.folder_hash(tmp_path / "t") != h and artifacts.folder_hash(tmp_path / "missing") == ""
+
+
+def test_floor_retrain_reproduces_the_weights_on_this_machine(tiny_explorer, tmp_path):
+    """K = 0 with the shipped recipe and seed on the machine that trained the model: the same weights, dL 0."""
+    recipe = tiny_recipes()[2]
+    queries = [q.from_generation(tiny_explorer, "red apple", seed=1, steps=3)]
+    doc = counterfactual.floor(tiny_explorer, queries, tmp_path / "results", recipe, progress=False)
+    assert doc["identical_to_shipped_weights"] and doc["k"] == 0
+    (only,) = doc["queries"].values()
+    assert only["delta_loss"] == 0.0
+    more = queries + [q.from_training_image(tiny_explorer, 3)]
+    again = counterfactual.floor(tiny_explorer, more, tmp_path / "results", recipe,
+                                 progress=False)  # from the kept weights: no retrain
+    assert len(again["queries"]) == 2 and again["train_seconds"] == doc["train_seconds"]

@@ -54,13 +54,16 @@ def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_pa
         return original(*args, **kwargs)
 
     monkeypatch.setattr(counterfactual.train, "train_unet", spy)
-    # 1. a run stopped after 3 retrains
+    # 1. a run stopped after 3 retrains, after the K = 0 retrain (the floor) that comes first
     first = ce.run(tiny_explorer, QUERIES, ["pixel", "random"], [2], 2, results, assets, progress=False,
                    max_cells=3, recipe=recipe)
-    assert first["cells"] == 6 and first["done"] == 3 and len(retrained) == 3
+    assert first["cells"] == 6 and first["done"] == 3 and len(retrained) == 4 and retrained[0] == set()
+    # on the machine that trained the model, the K = 0 retrain gives back its weights: a floor of exactly 0
+    assert first["floor"]["identical_to_shipped_weights"]
+    assert all(v["delta_loss"] == 0.0 for v in first["floor"]["queries"].values())
     # 2. the same command again: only the 3 missing cells retrain, in plan order
     second = ce.run(tiny_explorer, QUERIES, ["pixel", "random"], [2], 2, results, assets, progress=False, recipe=recipe)
-    assert second["done"] == 6 and len(retrained) == 6
+    assert second["done"] == 6 and len(retrained) == 7
     assert len({json.dumps(sorted(e)) for e in retrained}) == len(retrained)  # every cell removed its own rows
     # 3. the summary: per method and K, mean over queries (and draws) of the cells' own numbers
     rows = {(r["method"], r["k"]): r for r in second["report"]["rows"]}
@@ -78,14 +81,16 @@ def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_pa
     # 4. the report files: table with one line per method, plot, one strip per query
     table = (assets / "counterfactual_table.md").read_text()
     assert "| pixel | 2 (" in table and "| random | 2 (" in table and table.count("| banana |") == 3
-    assert "per draw: " in table
+    assert "per draw: " in table and "| K = 0 retrain (floor) | 0 | 1 | 0.000" in table
+    assert "2/2: p = 0.250" in table or "1/2: p = 0.750" in table or "0/2: p = 1.000" in table
+    assert all(c["mode"] == "" for c in cells)  # neither pixel nor random has an exact mode
     assert all(c["trained_on"]["device"].startswith("cpu (") for c in cells)  # each cell's own machine record
     assert (assets / "counterfactual_plot.png").stat().st_size > 0
     for d in QUERIES:
         assert (assets / f"counterfactual_strip_{ce.slug(d['prompt'])}.png").exists()
     # 5. nothing left: a third run only reads
     third = ce.run(tiny_explorer, QUERIES, ["pixel", "random"], [2], 2, results, None, progress=False, recipe=recipe)
-    assert third["done"] == 6 and len(retrained) == 6
+    assert third["done"] == 6 and len(retrained) == 7
 
 
 def test_runner_rejects_bad_requests_before_any_work(tiny_explorer, tmp_path):
@@ -97,3 +102,18 @@ def test_runner_rejects_bad_requests_before_any_work(tiny_explorer, tmp_path):
     bad.write_text(json.dumps([{"seed": 3}]))
     with pytest.raises(ValueError, match="prompt"):
         ce.load_queries(bad)
+
+
+def test_sign_test_and_bootstrap():
+    assert ce.sign_test_p(3, 3) == 1 / 8 and ce.sign_test_p(6, 6) == 1 / 64 and ce.sign_test_p(0, 4) == 1.0
+    assert ce.sign_test_p(5, 6) == pytest.approx(7 / 64)
+    lo, hi = ce.bootstrap_ci([1.0, 2.0, 3.0, 4.0])
+    assert 1.0 <= lo < 2.5 < hi <= 4.0 and (lo, hi) == ce.bootstrap_ci([1.0, 2.0, 3.0, 4.0])  # seeded
+    test = ce.versus_random([0.1, 0.2, -0.05])
+    assert test["above_random"] == 2 and test["min_possible_p"] == 1 / 8 and not test["significant"]
+
+
+def test_k_as_a_share_of_n():
+    assert ce.parse_ks("0.4%,0.84%,3.37%", 2015) == [8, 17, 68] and ce.parse_ks("17, 5", 2015) == [17, 5]
+    with pytest.raises(ValueError, match="share of N"):
+        ce.parse_ks("lots", 2015)

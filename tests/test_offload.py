@@ -55,11 +55,13 @@ def test_offloaded_cells_equal_counterfactual_run(offloaded, tiny_explorer):
     for qi, method, k in [(0, "pixel", 2), (1, "random", 3)]:  # the second query carries a box
         direct = counterfactual.run(tiny_explorer, _query(tiny_explorer, qi), method, k, tmp / "direct",
                                     recipe=recipe, progress=False)
-        imported = artifacts.load_json(tmp / "results" / direct["key"] / "result.json")
-        assert imported["removed"] == direct["removed"]
+        imported = artifacts.load_json(counterfactual.find_result(tmp / "results", direct["key"]) / "result.json")
+        assert imported["removed"] == direct["removed"] and imported["trained_on"]["kind"] == direct["trained_on"]["kind"]
         assert imported["trained_on"]["device"].startswith("cpu (") and direct["trained_on"]["device"].startswith("cpu (")
+        # the same cell trained in two processes: equal up to float rounding (seen: 1.8e-7 in dL on an AMD
+        # EPYC, 1e-7 on a Xeon); another removed set moves dL by ~1e-3
         for metric in ("loss_original", "delta_loss", "delta_g_mse", "delta_g_clip"):
-            assert imported[metric] == pytest.approx(direct[metric], rel=1e-4, abs=1e-7), (qi, metric)
+            assert imported[metric] == pytest.approx(direct[metric], rel=1e-4, abs=2e-6), (qi, metric)
     again = offload.import_results(tiny_explorer, tmp / "bundle", lines, tmp / "results")
     assert again["written"] == 0 and len(again["skipped_existing"]) == 8  # never over an existing result
 

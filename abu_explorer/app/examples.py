@@ -79,11 +79,10 @@ def counterfactual_tiles(app, item: dict, k: int, size: int = 160):
     results = counterfactuals(app, item, k)
     if not results:
         return []
-    folder = Path(app.results_dir)
-    tiles = [(Image.open(folder / results[0]["key"] / "original.png").convert("RGB")
+    tiles = [(Image.open(app.result_folder(results[0]["key"]) / "original.png").convert("RGB")
               .resize((size, size), Image.Resampling.NEAREST), "original")]
     for r in results:
-        path = folder / r["key"] / "regenerated.png"
+        path = app.result_folder(r["key"]) / "regenerated.png"
         if path.exists():
             label = f"-{r['method']}" + (f" (draw {r['draw']})" if r["method"] == "random" else "")
             tiles.append((Image.open(path).convert("RGB").resize((size, size), Image.Resampling.NEAREST),

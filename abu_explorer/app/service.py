@@ -41,6 +41,7 @@ class ExplorerApp:
         self._load_lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._methods: dict = {}
+        self._removal_settings: dict = {}  # per method: what its removal key holds
         self._queries: OrderedDict = OrderedDict()  # (prompt, seed, steps, guidance) -> Generation
         self.jobs = JobQueue()
         explorer.training_cache()  # shared by every gradient method and by retraining
@@ -139,24 +140,34 @@ class ExplorerApp:
     # --- remove and regenerate ------------------------------------------------------------------------
 
     def counterfactual_key(self, query: q.Query, method: str, k: int, draw: int = 0) -> str:
-        return counterfactual.request_key(self.explorer, query, method, k, draw, self.recipe)
+        """The evaluation's key: the same exact-mode removal, so a committed result is found here."""
+        if method not in self._removal_settings:
+            ranker = None if method == "random" else self.method(method)
+            self._removal_settings[method] = counterfactual.removal_settings(self.explorer, method, ranker)
+        return counterfactual.request_key(self.explorer, query, method, k, draw, self.recipe,
+                                          self._removal_settings[method])
 
     def cached_counterfactual(self, query: q.Query, method: str, k: int, draw: int = 0) -> dict | None:
         return self.result_for_key(self.counterfactual_key(query, method, k, draw))
 
+    def result_folder(self, key: str) -> Path | None:
+        """A finished result's folder, this machine kind's first, else another kind's; or None."""
+        return counterfactual.find_result(self.results_dir, key)
+
     def result_for_key(self, key: str) -> dict | None:
         """A finished result (result.json is written last: its PNGs are complete), or None."""
-        path = self.results_dir / key / "result.json"
-        if path.exists():
-            from abu_explorer.artifacts import load_json
+        folder = self.result_folder(key)
+        if folder is None:
+            return None
+        from abu_explorer.artifacts import load_json
 
-            return load_json(path)
-        return None
+        return load_json(folder / "result.json")
 
     def original_image(self, key: str, size: int = 192) -> Image.Image | None:
         """The original generation of a finished result, or None."""
-        path = self.results_dir / key / "original.png"  # generated queries only
-        if self.result_for_key(key) is None or not path.exists():
+        folder = self.result_folder(key)
+        path = None if folder is None else folder / "original.png"  # generated queries only
+        if path is None or not path.exists():
             return None
         img = Image.open(path).convert("RGB")
         return img.resize((size, size), Image.Resampling.NEAREST)
@@ -194,14 +205,15 @@ class ExplorerApp:
 
     def counterfactual_view(self, result: dict, size: int = 192) -> tuple[Image.Image | None, str]:
         """(regenerated image or None, metrics markdown) of a finished result."""
-        folder = self.results_dir / result["key"]
+        folder = self.result_folder(result["key"])
         img = None
-        if (folder / "regenerated.png").exists():
+        if folder is not None and (folder / "regenerated.png").exists():
             img = Image.open(folder / "regenerated.png").convert("RGB").resize((size, size), Image.Resampling.NEAREST)
         lines = [f"**dL** {result['delta_loss']:+.4f} ({result['loss_original']:.4f} -> {result['loss_counterfactual']:.4f})"]
         if "delta_g_mse" in result:
             lines.append(f"**dG-MSE** {result['delta_g_mse']:.4f} · **dG-CLIP** {result['delta_g_clip']:.3f}")
-        where = f" on {result['trained_on']['device']}" if "trained_on" in result else ""
+        on = result.get("trained_on", {})
+        where = f" on {on.get('cpu_model', '')} ({on.get('kind') or on.get('device', '')})" if on else ""
         lines.append(f"retrained{where} in {result['train_seconds'] / 60:.1f} min without: "
                      + ", ".join(result["removed_captions"][:8]) + (" ..." if result["k"] > 8 else ""))
         return img, "  \n".join(lines)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,6 +33,7 @@ from abu_explorer.attribution.abu_precompute import AbUConfig, AbUTables
 from abu_explorer.attribution.ddpm_loss import ddpm_losses, loss_table
 from abu_explorer.attribution.gradients import random_draw
 from abu_explorer.attribution.params import only_grad_for, select
+from abu_explorer.attribution.settings import method_settings
 
 
 class AbU:
@@ -50,7 +52,11 @@ class AbU:
 
     @classmethod
     def load(cls, explorer, folder=None, **overrides):
-        from abu_explorer.attribution.abu_precompute import TABLE_FIELDS, load_tables
+        from abu_explorer.attribution.abu_precompute import (
+            TABLE_FIELDS,
+            default_folder,
+            load_tables,
+        )
 
         fixed = sorted(set(overrides) & set(TABLE_FIELDS))
         if fixed:
@@ -58,7 +64,13 @@ class AbU:
         tables = load_tables(explorer, folder)
         if overrides:
             tables = dataclasses.replace(tables, config=dataclasses.replace(tables.config, **overrides))
-        return cls(explorer, tables)
+        method = cls(explorer, tables)
+        method.folder = Path(folder or default_folder(explorer))
+        return method
+
+    def settings(self) -> dict:
+        """What changes this method's ranking: its settings and a hash of its precomputed tables."""
+        return method_settings(self.cfg, self.folder)
 
     # --- 1. unlearning ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from abu_explorer import artifacts
 from abu_explorer.attribution import Ranking, distributed
 from abu_explorer.attribution.ddpm_loss import eval_timesteps, item_noise
 from abu_explorer.attribution.gradients import PerExampleGradients
+from abu_explorer.attribution.settings import method_settings
 
 HINT = "python -m abu_explorer precompute --method dtrak"
 QUERY_ROW = 2**40  # noise key of a query (no training row has it)
@@ -125,7 +126,13 @@ class DTrak:
         phi = torch.from_numpy(artifacts.load_npy(folder / "features.npy", HINT))
         if phi.shape != (meta["num_train"], cfg.proj_dim):
             raise artifacts.ArtifactError(f"{folder / 'features.npy'} has shape {tuple(phi.shape)}; rebuild: {HINT}")
-        return cls(explorer, cfg, phi)
+        method = cls(explorer, cfg, phi)
+        method.folder = folder
+        return method
+
+    def settings(self) -> dict:
+        """What changes this method's ranking: its settings and a hash of its precomputed tables."""
+        return method_settings(self.cfg, self.folder)
 
     def score(self, query, mode: str = "", progress=None) -> Ranking:
         t0 = time.perf_counter()

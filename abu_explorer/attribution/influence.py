@@ -37,6 +37,7 @@ from abu_explorer.attribution.ddpm_loss import (
 )
 from abu_explorer.attribution.dtrak import QUERY_ROW
 from abu_explorer.attribution.gradients import random_draw
+from abu_explorer.attribution.settings import method_settings
 
 HINT = "python -m abu_explorer precompute --method if"
 
@@ -258,7 +259,13 @@ class InfluenceFunctions:
         for m in tracked_modules(explorer.unet, cfg.selection):
             if f"{m}.lam" not in factors:
                 raise artifacts.ArtifactError(f"{folder / 'factors.safetensors'} lacks layer {m}; rebuild: {HINT}")
-        return cls(explorer, cfg, factors)
+        method = cls(explorer, cfg, factors)
+        method.folder = folder
+        return method
+
+    def settings(self) -> dict:
+        """What changes this method's ranking: its settings and a hash of its precomputed tables."""
+        return method_settings(self.cfg, self.folder)
 
     def score(self, query, mode: str = "fast", progress=None) -> Ranking:
         if mode not in ("fast", "exact", ""):

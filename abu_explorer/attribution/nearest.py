@@ -37,7 +37,7 @@ class _Nearest:
     def __init__(self, explorer, index_type: str = "Flat"):
         import faiss
 
-        self.explorer = explorer
+        self.explorer, self.index_type = explorer, index_type
         ds = explorer.dataset
         x = ds.as_tensor()
         views = [x, x.flip(-1)] if ds.config.flip else [x]
@@ -53,6 +53,13 @@ class _Nearest:
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def settings(self) -> dict:
+        """What changes this method's ranking (its index is built from the model and data at load)."""
+        return {"config": {"index_type": self.index_type, **self.embedder_settings()}, "tables": ""}
+
+    def embedder_settings(self) -> dict:
+        return {}
 
     def score(self, query, mode: str = "", progress=None) -> Ranking:
         t0 = time.perf_counter()
@@ -85,7 +92,11 @@ class ClipNN(_Nearest):
     def __init__(self, explorer, index_type: str = "Flat", model_name: str | None = None,
                  pretrained: str | None = None):
         self.external = _external_clip(model_name, pretrained) if model_name else None
+        self.model_name, self.pretrained = model_name, pretrained
         super().__init__(explorer, index_type)
+
+    def embedder_settings(self) -> dict:
+        return {"model_name": self.model_name, "pretrained": self.pretrained} if self.model_name else {}
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

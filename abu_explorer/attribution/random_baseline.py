@@ -26,6 +26,9 @@ class RandomRanking:
     def load(cls, explorer, **kwargs):
         return cls(explorer, **kwargs)
 
+    def settings(self) -> dict:
+        return {"config": {"seed": self.seed}, "tables": ""}
+
     def score(self, query, mode: str = "", progress=None) -> Ranking:
         t0 = time.perf_counter()
         n = len(self.explorer.dataset)

@@ -19,7 +19,8 @@ def cmd_counterfactual(args) -> int:
     query = q.from_generation(exp, args.prompt, args.seed, args.steps, args.guidance, box)
     result = counterfactual.run(exp, query, args.method, args.k, Path(args.results), draw=args.draw)
     print(counterfactual.show(result))
-    print(f"result: {Path(args.results) / result['key'] / 'result.json'}")
+    print(f"result: {counterfactual.result_dir(Path(args.results), result['key'], result['trained_on']['kind'])}"
+          "/result.json")
     return 0
 
 
@@ -80,7 +81,9 @@ def add_commands(sub, default_model: str) -> None:
     e.add_argument("what", choices=["counterfactual"])
     e.add_argument("--queries", required=True, help='JSON list of {"prompt", "seed"[, "steps", "guidance", "box"]}')
     e.add_argument("--methods", default=all_methods)
-    e.add_argument("--k", default="17", help="comma-separated K values")
+    e.add_argument("--k", default="0.84%", help="comma-separated K values: counts or shares of N "
+                   "(0.4%%,0.84%%,3.37%% are 8,17,68 at N = 2,015)")
+    e.add_argument("--no-floor", action="store_true", help="skip the K = 0 retrain (the arithmetic floor)")
     e.add_argument("--draws", type=int, default=2, help="random draws per query")
     e.add_argument("--max-cells", type=int, default=None, help="stop after this many new retrains")
     e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

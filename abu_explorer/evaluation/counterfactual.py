@@ -5,7 +5,9 @@ The retrained stage is the whole UNet from scratch with the recipe and seed of t
 Table 1: dL = the query's DDPM loss under the leave-K-out model minus under the original (timesteps at
 stride 5, fixed noise); dG-MSE = pixel MSE between the original and the regenerated image (same noise,
 sampler and prompt); dG-CLIP = CLIP cosine similarity between them (lower = more changed).
-A result is cached by (model hashes, query, method, K, random draw, recipe) and never recomputed.
+Removal rankings are exact wherever a method has a fast mode. A result is cached under
+``RESULTS/<machine kind>/<key>/``, the key holding the model hashes, query, method, K, random draw, recipe
+and the removal settings (mode, method settings, a hash of its tables), and is never recomputed.
 """
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ import torch
 
 from abu_explorer import artifacts
 from abu_explorer.attribution.ddpm_loss import ddpm_losses, item_noise
+from abu_explorer.machine import kind as machine_kind
 from abu_explorer.machine import machine
 from abu_explorer.model import components
 from abu_explorer.training import train
 
 QUERY_KEY = 2**41  # noise key of the counterfactual loss (no training row has it)
+FULL = "full"  # the K = 0 cell: retrained on every row (the arithmetic floor)
 
 
 @torch.no_grad()
@@ -39,8 +43,27 @@ def query_loss(unet, scheduler, latent: torch.Tensor, context: torch.Tensor, mas
                              context.to(dev).expand(len(ts), -1, -1), None if mask is None else mask.to(dev)).mean())
 
 
+def removal_mode(method: str) -> str:
+    """Removal rankings come from exact mode wherever a method has one: fast mode screens candidates and is an
+    interactive convenience, never what a leave-K-out cell removes."""
+    from abu_explorer.attribution import spec
+
+    return "exact" if "exact" in spec(method).modes else ""
+
+
+def removal_settings(explorer, method: str, ranker=None) -> dict:
+    """What decides the removed set besides query, K and draw: the mode, the method's settings and a hash
+    of its tables (``ranker``: an already loaded instance). The random control's rule is fixed in code."""
+    from abu_explorer.attribution import spec
+
+    if method in ("random", FULL):
+        return {}
+    ranker = ranker or spec(method).load(explorer)
+    return {"mode": removal_mode(method), **ranker.settings()}
+
+
 def removal(explorer, query, method: str, k: int, draw: int = 0, ranker=None) -> list[int]:
-    """The K rows to remove: a method's top-K (fast mode, serving options; ``ranker``: an already loaded
+    """The K rows to remove: a method's top-K in exact mode where it has one (``ranker``: an already loaded
     instance), or K uniformly random rows (seeded by query and draw)."""
     from abu_explorer.attribution import spec
 
@@ -53,47 +76,64 @@ def removal(explorer, query, method: str, k: int, draw: int = 0, ranker=None) ->
         g = torch.Generator().manual_seed(query_seed(query, f"draw{draw}"))
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
     ranker = ranker or spec(method).load(explorer)
-    return [i for i, _ in ranker.score(query).top(k)]
+    return [i for i, _ in ranker.score(query, removal_mode(method)).top(k)]
 
 
-def request_key(explorer, query, method: str, k: int, draw: int, recipe: train.StageConfig) -> str:
+def request_key(explorer, query, method: str, k: int, draw: int, recipe: train.StageConfig,
+                settings: dict) -> str:
+    """The cache key of one cell: the model's hashes, the query, method, K, draw, the recipe and the removal
+    settings (``removal_settings``). The machine is not in it: results live in one folder per machine kind."""
     doc = {"unet": explorer.component_hash("unet"), "autoencoder": explorer.component_hash("autoencoder"),
-           "clip": explorer.component_hash("clip"), "query": query.describe(), "method": method, "k": k,
-           "draw": draw if method == "random" else 0, "recipe": recipe.to_dict()}
+           "clip": explorer.component_hash("clip"), "query": None if query is None else query.describe(),
+           "method": method, "k": k, "draw": draw if method == "random" else 0, "recipe": recipe.to_dict(),
+           "removal": settings}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def result_dir(results_dir: Path, key: str, kind: str | None = None) -> Path:
+    """Where a cell's result lives: ``RESULTS/<machine kind>/<key>/`` (this machine's kind by default)."""
+    return Path(results_dir) / (kind or machine_kind()) / key
+
+
+def find_result(results_dir: Path, key: str) -> Path | None:
+    """A finished result's folder: this machine kind's if there is one, else another kind's (the app may serve
+    a committed result on any machine, labelled with the machine it ran on)."""
+    here = result_dir(results_dir, key)
+    if (here / "result.json").exists():
+        return here
+    return next((p.parent for p in sorted(Path(results_dir).glob(f"*/{key}/result.json"))), None)
 
 
 def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE,
         draw: int = 0, progress: bool = True, on_epoch=None, lock=None, ranker=None) -> dict:
-    """One remove-and-regenerate request; resumable (epoch checkpoints) and cached by its key.
+    """One remove-and-regenerate request on this machine; resumable (epoch checkpoints) and cached by its key.
 
     ``on_epoch(epoch, total, log)`` follows the retraining (it may raise to cancel: the checkpoint stays and
     a later call resumes); ``lock`` guards every use of the shared UNet (attribution and measuring)."""
+    from abu_explorer.attribution import spec
     from abu_explorer.model.embedded import Explorer
 
     lock = lock or contextlib.nullcontext()
-
-    key = request_key(explorer, query, method, k, draw, recipe)
-    out = Path(results_dir) / key
+    if method != "random":
+        ranker = ranker or spec(method).load(explorer)
+    settings = removal_settings(explorer, method, ranker)
+    key = request_key(explorer, query, method, k, draw, recipe, settings)
+    out = result_dir(results_dir, key)
     if (out / "result.json").exists():
         return artifacts.load_json(out / "result.json")
     # 1. what to remove
     with lock:
         removed = removal(explorer, query, method, k, draw, ranker)
     # 2. retrain the UNet from scratch without them (same recipe, same seed)
-    cache = explorer.training_cache()
-    torch.manual_seed(recipe.seed)
-    unet = components.build_unet(dict(explorer.unet.config))
-    log = train.train_unet(unet, explorer.scheduler, cache.latents, cache.text_states, cache.null_state, recipe,
-                           exclude=set(removed), run_dir=out / "ckpt", progress=progress,
-                           on_epoch_end=(lambda e, lg: on_epoch(e, recipe.epochs, lg)) if on_epoch else None)
-    unet.eval()
+    unet, log = retrain(explorer, set(removed), recipe, out / "ckpt", progress,
+                        (lambda e, lg: on_epoch(e, recipe.epochs, lg)) if on_epoch else None)
     # 3. regenerate with the same noise, prompt and sampler; measure
     context = explorer.encode_text([query.prompt])
     with lock:
         loss0 = query_loss(explorer.unet, explorer.scheduler, query.latent, context, query.mask)
     loss1 = query_loss(unet, explorer.scheduler, query.latent, context, query.mask)
     result = record(explorer, key, query, method, k, draw, removed, loss0, loss1, log["seconds"], recipe, machine())
+    result["removal_settings"] = settings
     src = query.source
     if src.get("type") == "generated":
         other = Explorer(explorer.root, explorer.vae, explorer.clip, explorer.tokenizer, unet,
@@ -107,6 +147,58 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
     artifacts.save_json(out / "result.json", result)
     shutil.rmtree(out / "ckpt", ignore_errors=True)  # retrained weights need not be kept
     return result
+
+
+def retrain(explorer, exclude: set[int], recipe: train.StageConfig, ckpt_dir: Path, progress: bool = True,
+            on_epoch_end=None):
+    """The UNet retrained from scratch without ``exclude`` (same recipe, same seed); (unet, training log)."""
+    cache = explorer.training_cache()
+    torch.manual_seed(recipe.seed)
+    unet = components.build_unet(dict(explorer.unet.config))
+    log = train.train_unet(unet, explorer.scheduler, cache.latents, cache.text_states, cache.null_state, recipe,
+                           exclude=exclude, run_dir=ckpt_dir, progress=progress, on_epoch_end=on_epoch_end)
+    unet.eval()
+    return unet, log
+
+
+def floor(explorer, queries: list, results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE,
+          progress: bool = True) -> dict:
+    """The K = 0 cell of this machine: the recipe retrained on every row, and each query's dL under it.
+
+    That dL is what the arithmetic alone gives: exactly 0 on the machine kind that trained the shipped
+    weights, and the floor under every other cell of a table made elsewhere. One retrain serves every query;
+    its weights stay beside the result (``unet.safetensors``, not committed), so that a query added later is
+    measured without another retrain."""
+    key = request_key(explorer, None, FULL, 0, 0, recipe, {})
+    out = result_dir(results_dir, key)
+    doc = artifacts.load_json(out / "result.json") if (out / "result.json").exists() else None
+    ids = [json.dumps(q.describe(), sort_keys=True) for q in queries]
+    if doc is not None and all(i in doc["queries"] for i in ids):
+        return doc
+    weights = out / "unet.safetensors"
+    unet = components.build_unet(dict(explorer.unet.config))
+    if weights.exists():
+        unet.load_state_dict(artifacts.load_safetensors(weights))
+        unet.eval()
+        seconds = doc["train_seconds"] if doc else None
+    else:
+        unet, log = retrain(explorer, set(), recipe, out / "ckpt", progress)
+        artifacts.save_safetensors(weights, unet.state_dict())
+        seconds = log["seconds"]
+    doc = doc or {"key": key, "method": FULL, "k": 0, "recipe": recipe.to_dict(), "trained_on": machine(),
+                  "train_seconds": seconds, "queries": {}}
+    with torch.no_grad():
+        same = all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), explorer.unet.state_dict().values()))
+    doc["identical_to_shipped_weights"] = same
+    for qid, q in zip(ids, queries):
+        if qid not in doc["queries"]:
+            ctx = explorer.encode_text([q.prompt])
+            loss0 = query_loss(explorer.unet, explorer.scheduler, q.latent, ctx, q.mask)
+            loss1 = query_loss(unet, explorer.scheduler, q.latent, ctx, q.mask)
+            doc["queries"][qid] = {"loss_original": loss0, "loss_full_retrain": loss1, "delta_loss": loss1 - loss0}
+    artifacts.save_json(out / "result.json", doc)
+    shutil.rmtree(out / "ckpt", ignore_errors=True)
+    return doc
 
 
 def record(explorer, key: str, query, method: str, k: int, draw: int, removed: list[int], loss0: float,

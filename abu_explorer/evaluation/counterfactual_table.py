@@ -103,10 +103,37 @@ def summarize(results: list[dict], methods: list[str]) -> dict:
             if m == "random":
                 row["delta_loss_per_draw"] = {d: statistics.mean(v) for d, v in sorted(per_draw[k].items())}
             else:
-                row["delta_loss_vs_random"] = mean_se([r["delta_loss"] - statistics.mean(by_query[(k, _query_id(r))])
-                                                       for r in rs if (k, _query_id(r)) in by_query])
+                diffs = [r["delta_loss"] - statistics.mean(by_query[(k, _query_id(r))])
+                         for r in rs if (k, _query_id(r)) in by_query]
+                row["delta_loss_vs_random"] = mean_se(diffs)
+                row["vs_random_test"] = versus_random(diffs)
             rows.append(row)
     return {"rows": rows}
+
+
+def sign_test_p(wins: int, n: int) -> float:
+    """One-sided exact sign test: P(at least ``wins`` of ``n`` queries above random | no effect)."""
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n if n else math.nan
+
+
+def bootstrap_ci(xs: list[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (seeded: the same data give the same interval)."""
+    if len(xs) < 2:
+        return math.nan, math.nan
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor(xs, dtype=torch.float64)
+    means = x[torch.randint(0, len(xs), (resamples, len(xs)), generator=g)].mean(dim=1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def versus_random(diffs: list[float]) -> dict:
+    """Per-query differences (method dL - the same query's random mean): sign test and bootstrap interval.
+    With n queries the smallest possible one-sided p is 1/2^n: 3 queries cannot reach 0.05."""
+    wins = sum(d > 0 for d in diffs)
+    p = sign_test_p(wins, len(diffs))
+    return {"queries": len(diffs), "above_random": wins, "sign_test_p": p, "min_possible_p": 0.5 ** len(diffs),
+            "bootstrap_ci95": bootstrap_ci(diffs), "significant": bool(p < 0.05)}
 
 
 def paper_dl(method: str, k: int, num_train: int) -> float | None:
@@ -119,9 +146,10 @@ def paper_dl(method: str, k: int, num_train: int) -> float | None:
 
 
 def table(summary: dict, num_train: int) -> str:
-    lines = ["| method | K (% of N) | cells | dL x1e-3 | dL - random x1e-3 (paired by query) | dL / random "
-             "| dG-MSE x1e-3 | dG-CLIP | paper dL x1e-3 (/ random) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | K (% of N) | cells | dL x1e-3 | dL - random x1e-3 (paired by query) | above random: "
+             "sign test p (one-sided); 95% bootstrap CI x1e-3 | dL / random | dG-MSE x1e-3 | dG-CLIP "
+             "| paper dL x1e-3 (/ random) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rand_mean = {r["k"]: r["delta_loss"][0] for r in summary["rows"] if r["method"] == "random"}
     for r in summary["rows"]:
         def fmt(metric, scale, sign=""):
@@ -139,9 +167,21 @@ def table(summary: dict, num_train: int) -> str:
         ratio = "-" if math.isnan(rm) or rm <= 0 or math.isnan(r["delta_loss"][0]) else f"{r['delta_loss'][0] / rm:.2f}"
         p, p_rand = paper_dl(r["method"], r["k"], num_train), paper_dl("random", r["k"], num_train)
         paper = "-" if p is None else f"{p:.1f} ({p / p_rand:.2f})"
+        test = r.get("vs_random_test")
+        if test and test["queries"]:
+            lo, hi = test["bootstrap_ci95"]
+            ci = "" if math.isnan(lo) else f"; [{lo * 1e3:+.1f}, {hi * 1e3:+.1f}]"
+            stat = f"{test['above_random']}/{test['queries']}: p = {test['sign_test_p']:.3f}{ci}"
+        else:
+            stat = "-"
         lines.append(f"| {r['method']} | {r['k']} ({100 * r['k'] / num_train:.2f}%) | {r['n']} | "
-                     f"{fmt('delta_loss', 1e3)} | {versus} | {ratio} | {fmt('delta_g_mse', 1e3)} | "
+                     f"{fmt('delta_loss', 1e3)} | {versus} | {stat} | {ratio} | {fmt('delta_g_mse', 1e3)} | "
                      f"{fmt('delta_g_clip', 1)} | {paper} |")
+    floor = summary.get("floor")
+    if floor:
+        dls = [v["delta_loss"] for v in floor["queries"].values()]
+        lines.append(f"| K = 0 retrain (floor) | 0 | 1 | {statistics.mean(dls) * 1e3:.3f} (max |dL| "
+                     f"{max(abs(d) for d in dls) * 1e3:.3f}) | - | - | - | - | - | - |")
     return "\n".join(lines)
 
 
@@ -163,13 +203,20 @@ def plot(summary: dict, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 3.6), dpi=110)
     for ax, metric in zip(axes, METRICS):
         sc = SCALE[metric]
-        if len(ks) > 1:
+        if len(ks) > 1:  # the loss-vs-K curve: one line per method, the random control as a band
             for j, m in enumerate(methods):
-                rs = [r for r in summary["rows"] if r["method"] == m]
+                rs = [r for r in summary["rows"] if r["method"] == m and not math.isnan(r[metric][0])]
+                if not rs:
+                    continue
+                mu = [sc * r[metric][0] for r in rs]
+                se = [0 if math.isnan(r[metric][1]) else sc * r[metric][1] for r in rs]
+                if m == "random":
+                    ax.fill_between([r["k"] for r in rs], [a - b for a, b in zip(mu, se)],
+                                    [a + b for a, b in zip(mu, se)], color="0.85", zorder=0, label="random ± s.e.")
+                    ax.plot([r["k"] for r in rs], mu, color="0.55", lw=1, ls="--", zorder=1)
+                    continue
                 xs = [r["k"] * (1 + 0.03 * (j - len(methods) / 2)) for r in rs]  # dodge: bars do not overlap
-                ax.errorbar(xs, [sc * r[metric][0] for r in rs], capsize=3, label=m, marker="o",
-                            yerr=[0 if math.isnan(r[metric][1]) else sc * r[metric][1] for r in rs],
-                            ls="--" if m == "random" else "-")
+                ax.errorbar(xs, mu, yerr=se, capsize=3, label=m, marker="o", zorder=2)
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(FixedLocator(ks))
             ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -209,23 +256,25 @@ def slug(text: str) -> str:
 
 def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int, results_dir: Path,
         assets_dir: Path | None, progress: bool = True, max_cells: int | None = None,
-        recipe: train.StageConfig = train.UNET_RECIPE) -> dict:
-    """Run (or read from the cache) every cell; ``max_cells`` bounds the retrains of this call."""
-    from abu_explorer.attribution import get_method
+        recipe: train.StageConfig = train.UNET_RECIPE, with_floor: bool = True) -> dict:
+    """Run (or read from the cache) every cell on this machine; ``max_cells`` bounds the retrains of this call.
+    The table holds this machine kind's cells only; ``with_floor`` adds its K = 0 retrain first."""
+    from abu_explorer.attribution import spec
 
-    for m in methods:
-        if m != "random":
-            get_method(m)  # unknown names fail before hours of work
+    rankers = {m: spec(m).load(explorer) for m in methods if m != "random"}  # unknown names fail here
+    settings = {m: counterfactual.removal_settings(explorer, m, rankers.get(m)) for m in methods}
     n = len(explorer.dataset)
     for k in ks:
         if not 1 <= k <= n:
             raise ValueError(f"K must be in [1, {n}], got {k}")
     built = build_queries(explorer, queries)
     cells = plan(len(queries), methods, ks, draws)
+    floor = counterfactual.floor(explorer, built, results_dir, recipe, progress) if with_floor else None
     results, done_now = [], 0
     for i, cell in enumerate(cells):
-        key = counterfactual.request_key(explorer, built[cell.query], cell.method, cell.k, cell.draw, recipe)
-        cached = (Path(results_dir) / key / "result.json").exists()
+        key = counterfactual.request_key(explorer, built[cell.query], cell.method, cell.k, cell.draw, recipe,
+                                         settings[cell.method])
+        cached = (counterfactual.result_dir(results_dir, key) / "result.json").exists()
         if not cached and max_cells is not None and done_now >= max_cells:
             continue
         if not cached:
@@ -233,46 +282,66 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
                   f"draw {cell.draw}: retraining", flush=True)
             t0 = time.perf_counter()
         r = counterfactual.run(explorer, built[cell.query], cell.method, cell.k, results_dir, recipe=recipe,
-                               draw=cell.draw, progress=progress)
+                               draw=cell.draw, progress=progress, ranker=rankers.get(cell.method))
         if not cached:
             done_now += 1
             print(f"  {counterfactual.show(r).splitlines()[0]} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
         results.append({**r, "query_index": cell.query})
         if assets_dir is not None and not cached:
-            write_report(explorer, queries, methods, results, results_dir, assets_dir)
-    report = write_report(explorer, queries, methods, results, results_dir, assets_dir) if assets_dir else None
-    return {"cells": len(cells), "done": len(results), "report": report}
+            write_report(explorer, queries, methods, results, results_dir, assets_dir, floor)
+    report = write_report(explorer, queries, methods, results, results_dir, assets_dir, floor) if assets_dir else None
+    return {"cells": len(cells), "done": len(results), "report": report, "floor": floor}
 
 
-def write_report(explorer, queries, methods, results, results_dir: Path, assets_dir: Path) -> dict:
+def write_report(explorer, queries, methods, results, results_dir: Path, assets_dir: Path,
+                 floor: dict | None = None) -> dict:
     """Summary JSON + markdown table + plot + one regeneration strip per query (first draw, first K)."""
+    from abu_explorer.machine import kind
+
     n = len(explorer.dataset)
     assets_dir = Path(assets_dir)
     assets_dir.mkdir(parents=True, exist_ok=True)
+    kinds = {r.get("trained_on", {}).get("kind") for r in results}
+    if len(kinds) > 1:
+        raise ValueError(f"one table holds one machine kind; these results come from {sorted(map(str, kinds))}")
     summary = summarize(results, methods)
-    # each cell carries its own machine record: cells of one table may come from several machines
-    summary.update({"num_train": n, "queries": queries,
-                    "cells": [{k: r[k] for k in ("key", "query_index", "method", "k", "draw", *METRICS, "trained_on")
-                               if k in r} for r in results]})
+    summary.update({"num_train": n, "queries": queries, "machine_kind": kind(), "floor": floor,
+                    "unet_hash": explorer.component_hash("unet"),
+                    "cells": [{**{k: r[k] for k in ("key", "query_index", "method", "k", "draw", *METRICS, "trained_on")
+                                  if k in r}, "mode": r.get("removal_settings", {}).get("mode", "")} for r in results]})
     artifacts.save_json(assets_dir / "counterfactual_summary.json", summary)
-    per_cell = ["| query | method | draw | dL x1e-3 | dG-MSE x1e-3 | dG-CLIP | trained on |",
-                "|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["query_index"], methods.index(r["method"]), r["draw"])):
-        per_cell.append(f"| {queries[r['query_index']]['prompt']} | {r['method']} | {r['draw'] if r['method'] == 'random' else ''} "
+    per_cell = ["| query | method | mode | draw | dL x1e-3 | dG-MSE x1e-3 | dG-CLIP | key |",
+                "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["k"], r["query_index"], methods.index(r["method"]), r["draw"])):
+        mode = r.get("removal_settings", {}).get("mode") or "-"
+        per_cell.append(f"| {queries[r['query_index']]['prompt']} | {r['method']} | {mode} "
+                        f"| {r['draw'] if r['method'] == 'random' else ''} "
                         f"| {r['delta_loss'] * 1e3:+.1f} | {r.get('delta_g_mse', math.nan) * 1e3:.1f} "
-                        f"| {r.get('delta_g_clip', math.nan):.3f} | {r.get('trained_on', {}).get('device', 'cpu (not recorded)')} |")
+                        f"| {r.get('delta_g_clip', math.nan):.3f} | `{r['key']}` |")
     artifacts.save_text(assets_dir / "counterfactual_table.md",
-                        table(summary, n) + "\n\nPer retrain (K = " + ", ".join(str(k) for k in sorted({r["k"] for r in results}))
-                        + "):\n\n" + "\n".join(per_cell) + "\n")
+                        table(summary, n) + f"\n\nEvery cell retrained on one machine kind: {kind()} "
+                        f"({results[0]['trained_on'].get('cpu_model', '') if results else ''}).\n\nPer retrain (K = "
+                        + ", ".join(str(k) for k in sorted({r["k"] for r in results})) + "):\n\n" + "\n".join(per_cell) + "\n")
     plot(summary, assets_dir / "counterfactual_plot.png",
          f"Leave-K-out retraining on the embedded model: {len({r['query_index'] for r in results})} queries, "
-         f"mean ± s.e.")
+         f"mean ± s.e.; all on {kind()}")
     for qi, d in enumerate(queries):
         mine = [r for r in results if r["query_index"] == qi and r["draw"] == 0 and "delta_g_clip" in r]
         mine.sort(key=lambda r: (r["k"], methods.index(r["method"])))
         if mine:
-            counterfactual.strip(results_dir, mine, assets_dir / f"counterfactual_strip_{slug(d['prompt'])}.png")
+            counterfactual.strip(Path(results_dir) / kind(), mine, assets_dir / f"counterfactual_strip_{slug(d['prompt'])}.png")
     return summary
+
+
+def parse_ks(text: str, n: int) -> list[int]:
+    """Comma-separated K values, each a count ("17") or a share of N ("0.84%": rounded, at least 1)."""
+    ks = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            ks.append(max(1, round(n * float(part[:-1]) / 100)) if part.endswith("%") else int(part))
+        except ValueError:
+            raise ValueError(f"K must be a count or a share of N such as 0.84%, got {part!r}") from None
+    return ks
 
 
 def main(args) -> int:
@@ -283,9 +352,9 @@ def main(args) -> int:
     exp = Explorer.load(args.model)
     queries = load_queries(Path(args.queries))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    ks = [int(k) for k in args.k.split(",")]
+    ks = parse_ks(args.k, len(exp.dataset))
     out = run(exp, queries, methods, ks, args.draws, Path(args.results), Path(args.assets) if args.assets else None,
-              progress=not args.quiet, max_cells=args.max_cells)
+              progress=not args.quiet, max_cells=args.max_cells, with_floor=not args.no_floor)
     if out["report"]:
         print(table(out["report"], len(exp.dataset)))
     print(f"{out['done']}/{out['cells']} cells done")

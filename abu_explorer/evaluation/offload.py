@@ -54,6 +54,7 @@ def export(explorer, queries: list[dict], methods: list[str], ks: list[int], dra
     cells = _order(plan(len(queries), methods, ks, draws), ks, methods)
     # 2. removed rows: one ranking per (query, method), cut at each K
     rankers = {m: spec(m).load(explorer) for m in methods if m != "random"}
+    settings = {m: counterfactual.removal_settings(explorer, m, rankers.get(m)) for m in methods}
     rankings: dict[tuple[int, str], list[int]] = {}
     planned = []
     for c in tqdm(cells, desc="rank", disable=not progress):
@@ -61,10 +62,13 @@ def export(explorer, queries: list[dict], methods: list[str], ks: list[int], dra
             removed = counterfactual.removal(explorer, built[c.query], "random", c.k, c.draw)
         else:
             if (c.query, c.method) not in rankings:
-                rankings[(c.query, c.method)] = [i for i, _ in rankers[c.method].score(built[c.query]).top(max(ks))]
+                ranking = rankers[c.method].score(built[c.query], counterfactual.removal_mode(c.method))
+                rankings[(c.query, c.method)] = [i for i, _ in ranking.top(max(ks))]
             removed = rankings[(c.query, c.method)][:c.k]
-        planned.append({"key": counterfactual.request_key(explorer, built[c.query], c.method, c.k, c.draw, recipe),
-                        "query": c.query, "method": c.method, "k": c.k, "draw": c.draw, "removed": removed})
+        planned.append({"key": counterfactual.request_key(explorer, built[c.query], c.method, c.k, c.draw, recipe,
+                                                          settings[c.method]),
+                        "query": c.query, "method": c.method, "k": c.k, "draw": c.draw, "removed": removed,
+                        "removal_settings": settings[c.method]})
     if full:
         planned.insert(sum(1 for c in cells if c.k == ks[0] and c.draw < 2),
                        {"key": "full", "query": None, "method": "full", "k": 0, "draw": 0, "removed": []})
@@ -146,11 +150,12 @@ def import_results(explorer, bundle_dir: Path, lines_path: Path, results_dir: Pa
         cell = plan.get(key)
         if cell is None or cell["removed"] != line["removed"]:
             raise ValueError(f"{lines_path}: cell {key} is not in {bundle_dir}/plan.json (or removes other rows)")
-        machine = {k: line[k] for k in ("device", "cpu_model", "torch", "diffusers") if k in line}
+        machine = {k: line[k] for k in ("device", "kind", "cpu_model", "torch", "diffusers") if k in line}
         qi, qu = cell["query"], built[cell["query"]]
-        if counterfactual.request_key(explorer, qu, cell["method"], cell["k"], cell["draw"], recipe) != key:
+        settings = cell.get("removal_settings", {})
+        if counterfactual.request_key(explorer, qu, cell["method"], cell["k"], cell["draw"], recipe, settings) != key:
             raise ValueError(f"cell {key}: its key does not match this model and query; export again")
-        out = Path(results_dir) / key
+        out = counterfactual.result_dir(results_dir, key, machine.get("kind", "unrecorded"))
         if (out / "result.json").exists():
             skipped.append(key)
             continue
@@ -158,6 +163,7 @@ def import_results(explorer, bundle_dir: Path, lines_path: Path, results_dir: Pa
         a, b = decode(originals[qi]["latent"]), decode(line["latents"][str(qi)])
         result = {**counterfactual.record(explorer, key, qu, cell["method"], cell["k"], cell["draw"], cell["removed"],
                                           loss0, loss1, line["train_seconds"], recipe, machine),
+                  "removal_settings": settings,
                   **counterfactual.image_change(explorer, a, b)}
         if full is not None:  # the same machine's K = 0 retrain: dL against it has no arithmetic offset
             result["loss_full_retrain"] = full["losses"][str(qi)]
@@ -167,7 +173,7 @@ def import_results(explorer, bundle_dir: Path, lines_path: Path, results_dir: Pa
         written.append(key)
     summary = {"plan": str(bundle_dir), "bundle_hash": doc["bundle_hash"], "written": len(written),
                "skipped_existing": skipped, "cells_in_plan": len(doc["cells"]),
-               "machine": {k: originals[0][k] for k in ("device", "torch", "diffusers")},
+               "machine": {k: originals[0][k] for k in ("device", "kind", "torch", "diffusers") if k in originals[0]},
                "floor_delta_loss": floor, "original_parity": parity}
     if report is not None:
         artifacts.save_json(Path(report), summary)

@@ -24,6 +24,7 @@ import torch
 
 from abu_explorer import artifacts
 from abu_explorer.evaluation import counterfactual
+from abu_explorer.machine import kind as machine_kind
 from abu_explorer.machine import machine
 from abu_explorer.model import components, sampling
 from abu_explorer.training import train
@@ -97,6 +98,7 @@ def _machine() -> dict:
     info = machine()
     if _W["device"].type == "cuda":
         info["device"] = torch.cuda.get_device_name(_W["device"])
+        info["kind"] = machine_kind(str(_W["device"]))
     return info
 
 
