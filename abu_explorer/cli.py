@@ -16,7 +16,7 @@ def _cmd_train(args) -> int:
     from abu_explorer.training import build
 
     build.build(Path(args.out), Path(args.run_dir), only=args.only, progress=not args.quiet,
-                data_folder=Path(args.data) if args.data else None)
+                data_folder=Path(args.data) if args.data else None, force=args.force)
     return 0
 
 
@@ -193,7 +193,8 @@ def parser() -> argparse.ArgumentParser:
 def _model_commands(sub) -> None:
     t = sub.add_parser("train", help="reproduce the embedded model's weights from scratch")
     t.add_argument("--only", choices=["autoencoder", "clip", "unet"], help="one stage (the others must exist)")
-    t.add_argument("--out", default=str(DEFAULT_DIR))
+    t.add_argument("--out", required=True, help="the model folder to write (the shipped one is precomputed/)")
+    t.add_argument("--force", action="store_true", help="replace what --out already holds")
     t.add_argument("--run-dir", default="runs", help="resumable checkpoints")
     t.add_argument("--data", default="", help="your own folder of NAME.png + NAME.txt (caption) instead of OpenMoji")
     t.add_argument("--quiet", action="store_true")
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PromptError, ArtifactError, ValueError, FileNotFoundError) as e:
+    except (PromptError, ArtifactError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -89,7 +89,7 @@ def shipped_explorer():
     from abu_explorer.model.embedded import Explorer
 
     if not (PRECOMPUTED / "unet" / "train_meta.json").exists():
-        pytest.fail(f"shipped model missing under {PRECOMPUTED}; build it with: python -m abu_explorer train")
+        pytest.fail(f"shipped model missing under {PRECOMPUTED}; build it with: python -m abu_explorer train --out precomputed --force")
     return Explorer.load(PRECOMPUTED)
 
 

@@ -42,6 +42,7 @@ def machine_kind() -> dict:
 
 
 def kind_key(kind: dict) -> str:
+    """``abu_explorer.machine.kind()`` (what the leave-K-out results are filed under) plus the thread count."""
     return f"{kind['arch']}-{kind['vendor']}-{kind['isa']}-torch{kind['torch']}-t{kind['threads']}"
 
 

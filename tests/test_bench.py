@@ -1,4 +1,6 @@
 """The model benchmark's comparison mode on the tiny model: figures for every folder, side by side."""
+import pytest
+
 from abu_explorer.bench import model as bench
 
 
@@ -39,3 +41,30 @@ def test_entry_syntax_is_checked(tmp_path):
     for bad in ("x@euler:10", "x@ddim", "x@ddim:ten", "x@ddim:10:5:1"):
         with pytest.raises(ValueError, match="SAMPLER:STEPS"):
             bench.load_entry(bad)
+
+
+def test_quality_curve_reads_every_snapshot(tiny_model_dir, tiny_dataset, tmp_path, monkeypatch):
+    """The quality-vs-time curve: one point per snapshot, with that snapshot's own training time, and the
+    model's final weights back in place afterwards."""
+    import torch
+
+    from abu_explorer import artifacts
+    from abu_explorer.bench import curves
+    from abu_explorer.model.embedded import Explorer
+
+    exp = Explorer.load(tiny_model_dir, dataset=tiny_dataset)
+    monkeypatch.setattr(bench, "load_entry", lambda entry: (exp, 5, None))  # the tiny data is not OpenMoji's
+    snaps = tmp_path / "snaps"
+    final = {k: v.clone() for k, v in exp.unet.state_dict().items()}
+    noisy = {k: v + 0.05 * torch.randn_like(v) for k, v in final.items()}
+    artifacts.save_safetensors(snaps / "epoch0001.safetensors", noisy, {"seconds": "6.0", "epoch": "1"})
+    artifacts.save_safetensors(snaps / "epoch0003.safetensors", final, {"seconds": "18.0", "epoch": "3"})
+    report = curves.curves([f"{tiny_model_dir}={snaps}"], count=4)
+    (c,) = report["curves"]
+    assert [p["epoch"] for p in c["points"]] == [1, 3] and [p["train_minutes"] for p in c["points"]] == [0.1, 0.3]
+    assert all(0 <= p["pixel_nn_top1"] <= p["pixel_nn_top5"] <= 1 for p in c["points"])
+    assert all(torch.equal(v, final[k]) for k, v in exp.unet.state_dict().items())
+    curves.plot(report, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match="no UNet snapshots"):
+        curves.curve(f"{tiny_model_dir}={tmp_path / 'none'}", 4)

@@ -32,7 +32,13 @@ def test_counterfactual_runs_caches_and_excludes(tiny_explorer, tmp_path, monkey
 
 
 def test_random_removal_depends_on_the_draw(tiny_explorer):
+    import pytest
+
     query = q.from_training_image(tiny_explorer, 2)
+    n = len(tiny_explorer.dataset)
+    with pytest.raises(ValueError, match="at least one"):  # removing every image leaves nothing to train on
+        counterfactual.removal(tiny_explorer, query, "random", n)
+    assert len(counterfactual.removal(tiny_explorer, query, "random", n - 1)) == n - 1
     a = counterfactual.removal(tiny_explorer, query, "random", 5, draw=0)
     assert a == counterfactual.removal(tiny_explorer, query, "random", 5, draw=0)
     assert a != counterfactual.removal(tiny_explorer, query, "random", 5, draw=1)

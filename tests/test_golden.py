@@ -63,3 +63,10 @@ def test_golden_exact_mode(record):
     assert all(any(k.endswith("/exact") for k in q["rankings"]) for q in pinned.values()), \
         "exact mode not pinned; run: python tests/golden.py --write --exact"
     _check(record, ("exact",))
+
+
+def test_kind_key_is_the_machine_kind():
+    """The golden record and the leave-K-out results name a machine kind the same way."""
+    from abu_explorer import machine
+
+    assert golden.kind_key(golden.machine_kind()) == machine.kind() + "-t1"

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
@@ -29,6 +30,7 @@ def test_generate_cli_is_byte_identical_and_upscales(tmp_path):
         r = _cli("generate", "--prompt", "red apple", "--seed", "0", "--steps", "10", "--size", "128", "--out", str(out))
         assert r.returncode == 0, r.stderr
         assert "wrote" in r.stdout and " s" in r.stdout
+        assert "initialized randomly" not in r.stderr  # open_clip's note before our own weights load
     assert a.read_bytes() == b.read_bytes()
     from PIL import Image
 
@@ -82,3 +84,17 @@ def test_attribute_cli_bad_input(tmp_path):
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not out.exists()
+
+
+def test_train_refuses_to_replace_a_model_without_force(tmp_path, capsys):
+    from abu_explorer import cli
+
+    out = tmp_path / "model"
+    (out / "unet").mkdir(parents=True)
+    (out / "unet" / "weights").write_text("mine")
+    assert cli.main(["train", "--out", str(out), "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(out), "--only", "unet", "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "unet" / "weights").read_text() == "mine"
+    with pytest.raises(SystemExit):  # --out has no default: the shipped model is never the implicit target
+        cli.parser().parse_args(["train"])

@@ -175,7 +175,7 @@ class ExplorerApp:
     def submit_counterfactual(self, query: q.Query, method: str, k, draw: int = 0):
         """Queue (or find) the job; the random control is the same call with method 'random'."""
         n = len(self.explorer.dataset)
-        k = as_int(k, "K", 1, n)
+        k = as_int(k, "K", 1, n - 1)  # a retrain needs at least one image
         if method not in names():
             raise UIError(f"unknown method {method!r}")
         key = self.counterfactual_key(query, method, k, draw)
@@ -192,7 +192,7 @@ class ExplorerApp:
     def request_counterfactual(self, query: q.Query, method: str, k) -> list[str]:
         """The tab's request: the method's top-K and K random images (the control), each queued unless its
         result is cached or its job is already on the server. Returns the two result keys."""
-        k = as_int(k, "K", 1, len(self.explorer.dataset))
+        k = as_int(k, "K", 1, len(self.explorer.dataset) - 1)
         if method == "random":
             raise UIError("pick an attribution method: K random images are always removed next to it")
         keys = []

@@ -8,6 +8,7 @@ whose file exists with matching settings is skipped (resume), a mismatched table
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,9 @@ class AbUConfig:
         from abu_explorer.attribution.params import SELECTIONS
 
         checks = [(self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}"),
-                  (self.alpha > 0, "alpha must be > 0"), (self.fisher_damping >= 0, "damping must be >= 0"),
+                  (math.isfinite(self.alpha) and self.alpha > 0, f"alpha must be a finite number > 0, got {self.alpha}"),
+                  (math.isfinite(self.fisher_damping) and self.fisher_damping >= 0,
+                   f"damping must be a finite number >= 0, got {self.fisher_damping}"),
                   (self.unlearn_steps >= 1, "unlearn_steps must be >= 1"),
                   (self.unlearn_samples >= 1, "unlearn_samples must be >= 1"),
                   (self.fisher_passes >= 1, "fisher_passes must be >= 1"),

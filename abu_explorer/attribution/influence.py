@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import tempfile
 import time
@@ -55,6 +56,17 @@ class IFConfig:
     batch_size: int = 160
 
     QUERY_TIME = ("damping", "fd_step", "screen_candidates")  # settings a query may change
+
+    def __post_init__(self):
+        checks = [(self.damping is None or (math.isfinite(self.damping) and self.damping >= 0),
+                   f"damping must be a finite number >= 0 (or unset), got {self.damping}"),
+                  (math.isfinite(self.fd_step) and self.fd_step > 0, f"fd_step must be a finite number > 0, got {self.fd_step}"),
+                  (self.screen_candidates >= 1, "screen_candidates must be >= 1"),
+                  (self.num_timesteps >= 1 and self.fit_draws >= 1 and self.batch_size >= 1,
+                   "num_timesteps, fit_draws and batch_size must be >= 1")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"IF setting: {msg}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

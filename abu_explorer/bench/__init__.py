@@ -20,6 +20,9 @@ def add_commands(sub, default_model: str) -> None:
     m.add_argument("--compare", nargs="*", default=[], help="other model folders, measured beside --model in one run")
     m.add_argument("--grids", default="", help="with --compare: write each model's sample grid here")
     m.add_argument("--rounds", type=int, default=2, help="with --compare: interleaved speed rounds (0: quality only)")
+    m.add_argument("--curves", nargs="*", default=[], metavar="MODEL[=SNAPSHOTS]",
+                   help="quality against training time of each model's UNet snapshots (see bench/curves.py)")
+    m.add_argument("--plot", default="", help="with --curves: draw them here")
     m.add_argument("--json", default="", help="also write the figures here")
     m.set_defaults(func=lambda args: _run("model", args))
 

@@ -156,6 +156,15 @@ def main(args) -> dict:
     from abu_explorer.data.sheet import grid
     from abu_explorer.model.embedded import to_pil
 
+    if args.curves:
+        from abu_explorer.bench import curves
+
+        report = curves.curves(args.curves, args.num_captions)
+        if args.plot:
+            curves.plot(report, Path(args.plot))
+        if args.json:
+            artifacts.save_json(Path(args.json), report)
+        return report
     if args.compare:
         out = Path(args.grids) if args.grids else None
         if out is not None:

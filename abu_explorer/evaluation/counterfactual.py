@@ -68,8 +68,8 @@ def removal(explorer, query, method: str, k: int, draw: int = 0, ranker=None) ->
     from abu_explorer.attribution import spec
 
     n = len(explorer.dataset)
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if not 1 <= k < n:
+        raise ValueError(f"K must be in [1, {n - 1}]: a retrain needs at least one of the {n} images, got {k}")
     if method == "random":
         from abu_explorer.attribution.random_baseline import query_seed
 

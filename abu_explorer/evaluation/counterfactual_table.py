@@ -265,8 +265,8 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
     settings = {m: counterfactual.removal_settings(explorer, m, rankers.get(m)) for m in methods}
     n = len(explorer.dataset)
     for k in ks:
-        if not 1 <= k <= n:
-            raise ValueError(f"K must be in [1, {n}], got {k}")
+        if not 1 <= k < n:
+            raise ValueError(f"K must be in [1, {n - 1}]: a retrain needs at least one of the {n} images, got {k}")
     built = build_queries(explorer, queries)
     cells = plan(len(queries), methods, ks, draws)
     floor = counterfactual.floor(explorer, built, results_dir, recipe, progress) if with_floor else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -64,17 +65,31 @@ def clip_config(vocab_size: int, base: dict | None = None) -> dict:
     return cfg
 
 
+class _NoRandomInitNote(logging.Filter):
+    """open_clip says "No pretrained weights loaded ... initialized randomly" when it builds an architecture;
+    the project's own weights are loaded right after, so the note only misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def build_clip(config: dict, name: str = "emoji-clip"):
     """Build an open_clip model from a config dict through open_clip's own registry and factory."""
     import tempfile
 
     import open_clip
 
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / f"{name}.json"
-        path.write_text(json.dumps(config))
-        open_clip.add_model_config(path)
-        model = open_clip.create_model(name, pretrained=None, device="cpu")
+    note = _NoRandomInitNote()
+    root = logging.getLogger()
+    root.addFilter(note)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / f"{name}.json"
+            path.write_text(json.dumps(config))
+            open_clip.add_model_config(path)
+            model = open_clip.create_model(name, pretrained=None, device="cpu")
+    finally:
+        root.removeFilter(note)
     return model
 
 

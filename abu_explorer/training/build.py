@@ -111,9 +111,22 @@ def write_dataset_record(ds: data.Dataset, out: Path, folder: Path | None = None
     artifacts.save_json(Path(out) / "dataset.json", record)
 
 
+def check_out(out: Path, only: str | None, force: bool) -> None:
+    """Nothing is replaced without ``force``: a whole build needs an empty (or new) folder, one stage a
+    folder without that stage (the stages before it must be there)."""
+    out = Path(out)
+    if force:
+        return
+    if only is None and out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; pass --force to replace what it holds, or --out a new folder")
+    if only is not None and (out / only).exists():
+        raise FileExistsError(f"{out / only} exists; pass --force to replace it")
+
+
 def build(out: Path, run_dir: Path, only: str | None = None, progress: bool = True,
-          data_folder: Path | None = None) -> None:
+          data_folder: Path | None = None, force: bool = False) -> None:
     """Train the stages. ``data_folder``: your own images (``x.png`` + ``x.txt`` caption) instead of OpenMoji."""
+    check_out(out, only, force)
     if data_folder is not None:
         ds = data.load_image_folder(data_folder)
     else:
