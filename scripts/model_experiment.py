@@ -34,7 +34,8 @@ def autoencoder(args) -> None:
     cfg = {**components.model_config("autoencoder"), "latent_channels": args.latent_channels}
     if args.widths:
         cfg["block_out_channels"] = args.widths
-    recipe = dataclasses.replace(train.AE_RECIPE, epochs=args.epochs)
+    extra = {**train.AE_RECIPE.extra, **({"kl_weight": args.kl_weight} if args.kl_weight is not None else {})}
+    recipe = dataclasses.replace(train.AE_RECIPE, epochs=args.epochs, extra=extra)
     t0 = time.time()
     build.write_dataset_record(ds, out)
     build.build_autoencoder(ds, out, out / "runs", recipe, progress=True, config=cfg)
@@ -54,7 +55,13 @@ def unet(args) -> None:
     shutil.copy(ROOT / "precomputed" / "dataset.json", root / "dataset.json")
     ds = data.build_openmoji(data.DataConfig(), progress=False)
     extra = {**train.UNET_RECIPE.extra, **({"ema_decay": args.ema} if args.ema else {})}
-    recipe = dataclasses.replace(train.UNET_RECIPE, extra=extra)
+    if args.min_snr is not None:
+        extra["min_snr_gamma"] = args.min_snr
+    base = train.UNET_RECIPE
+    recipe = dataclasses.replace(base, extra=extra, epochs=args.epochs or base.epochs,
+                                 batch_size=args.batch_size or base.batch_size, lr=args.lr or base.lr,
+                                 warmup_steps=args.warmup if args.warmup is not None else base.warmup_steps)
+    print(f"{args.name}: recipe {recipe.to_dict()}")
     channels = json.loads((ae / "config.json").read_text())["latent_channels"]
     cfg = {**components.model_config("unet"), "in_channels": channels, "out_channels": channels}
     t0 = time.time()
@@ -73,10 +80,16 @@ def main() -> None:
     a.add_argument("--latent-channels", type=int, default=8)
     a.add_argument("--epochs", type=int, default=train.AE_RECIPE.epochs)
     a.add_argument("--widths", type=int, nargs=3, default=None)
+    a.add_argument("--kl-weight", type=float, default=None, help="default: the shipped recipe's (1e-6)")
     u = sub.add_parser("unet")
     u.add_argument("name")
     u.add_argument("--autoencoder", default=str(ROOT / "precomputed" / "autoencoder"))
     u.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off, as shipped)")
+    u.add_argument("--epochs", type=int, default=None)
+    u.add_argument("--batch-size", type=int, default=None)
+    u.add_argument("--lr", type=float, default=None)
+    u.add_argument("--warmup", type=int, default=None, help="warm-up steps")
+    u.add_argument("--min-snr", type=float, default=None, help="min-SNR gamma (0: unweighted)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     (autoencoder if args.what == "autoencoder" else unet)(args)

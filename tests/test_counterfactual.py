@@ -106,3 +106,27 @@ def test_floor_retrain_reproduces_the_weights_on_this_machine(tiny_explorer, tmp
     again = counterfactual.floor(tiny_explorer, more, tmp_path / "results", recipe,
                                  progress=False)  # from the kept weights: no retrain
     assert len(again["queries"]) == 2 and again["train_seconds"] == doc["train_seconds"]
+
+
+def test_concurrent_jobs_match_their_solo_results(tiny_explorer, tmp_path):
+    """Two retrains and a generation at once, in threads, give byte for byte what each gives alone: no
+    request path moves another's random draws."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    recipe = tiny_recipes()[2]
+
+    def retrain(exclude, name):
+        unet, _ = counterfactual.retrain(tiny_explorer, exclude, recipe, tmp_path / name, progress=False)
+        return {k: v.clone() for k, v in unet.state_dict().items()}
+
+    def image():
+        return tiny_explorer.generate("red apple", seed=3, steps=4).image.tobytes()
+
+    solo = [retrain({1, 2}, "solo-a"), retrain({5}, "solo-b"), image()]
+    with ThreadPoolExecutor(3) as pool:
+        jobs = [pool.submit(retrain, {1, 2}, "a"), pool.submit(retrain, {5}, "b"), pool.submit(image)]
+        together = [j.result() for j in jobs]
+    for alone, both in zip(solo[:2], together[:2]):
+        assert all(torch.equal(alone[k], both[k]) for k in alone)
+    assert solo[2] == together[2]
+    assert not all(torch.equal(solo[0][k], solo[1][k]) for k in solo[0])  # the two jobs differ

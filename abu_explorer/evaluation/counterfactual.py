@@ -153,8 +153,8 @@ def retrain(explorer, exclude: set[int], recipe: train.StageConfig, ckpt_dir: Pa
             on_epoch_end=None):
     """The UNet retrained from scratch without ``exclude`` (same recipe, same seed); (unet, training log)."""
     cache = explorer.training_cache()
-    torch.manual_seed(recipe.seed)
-    unet = components.build_unet(dict(explorer.unet.config))
+    with components.seeded_global_rng(recipe.seed):  # the initial weights, as the shipped UNet's
+        unet = components.build_unet(dict(explorer.unet.config))
     log = train.train_unet(unet, explorer.scheduler, cache.latents, cache.text_states, cache.null_state, recipe,
                            exclude=exclude, run_dir=ckpt_dir, progress=progress, on_epoch_end=on_epoch_end)
     unet.eval()

@@ -9,9 +9,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -57,6 +59,19 @@ def build_scheduler(config: dict, kind: str = "ddpm"):
         return DPMSolverMultistepScheduler(**solver, algorithm_type="dpmsolver++", solver_order=2,
                                            lower_order_final=True)
     raise ValueError(f"unknown scheduler kind {kind!r}; known: ddpm, {', '.join(SAMPLERS)}")
+
+
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int):
+    """torch's global generator seeded for what draws from it (the modules' weight initialisers), one thread
+    at a time and restored afterwards: concurrent requests never move each other's draws. Everything else
+    in a request path draws from its own seeded ``torch.Generator``."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def clip_config(vocab_size: int, base: dict | None = None) -> dict:

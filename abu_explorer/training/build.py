@@ -85,8 +85,8 @@ def build_unet(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.UNET_REC
 
     exp = Explorer.load(out, require_unet=False, dataset=ds)
     cache = exp.training_cache()
-    torch.manual_seed(recipe.seed)
-    unet = components.build_unet(config or components.model_config("unet"))
+    with components.seeded_global_rng(recipe.seed):
+        unet = components.build_unet(config or components.model_config("unet"))
     snapshots = run_dir / "unet-snapshots"
 
     def on_epoch_end(epoch, log):

@@ -241,7 +241,6 @@ def train_unet(unet, scheduler, latents: torch.Tensor, text_states: torch.Tensor
     The UNet may sit on an accelerator: batch order, timesteps, noise and caption dropout are still drawn
     on the CPU from the same seeded generators, so only the arithmetic differs from a CPU run.
     """
-    torch.manual_seed(cfg.seed)
     dev = next(unet.parameters()).device
     latents, text_states, null_state = latents.to(dev), text_states.to(dev), null_state.to(dev)
     n = len(latents)
