@@ -83,3 +83,18 @@ def test_remove_and_regenerate_runs_in_the_background_and_caches(client):
     out = client.predict("red apple", 2, 4, 3.0, None, "", None, None, None, None, "pixel", 2,
                          api_name="/counterfactual")
     assert "dL" in out[2] and out[5] == ""
+
+
+def test_upload_preview_is_what_attribution_sees(tiny_app):
+    """A transparent upload is composited on white for the preview exactly as for the attributed latent."""
+    import numpy as np
+    from PIL import Image
+
+    from abu_explorer.data import model_image
+
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent black: white once composited
+    rgba.paste((200, 30, 30, 255), (16, 16, 48, 48))
+    shown = tiny_app.preview({"type": "upload", "image": rgba})
+    small = model_image(rgba, tiny_app.image_size)
+    assert np.asarray(small)[0, 0].tolist() == [255, 255, 255]
+    assert shown.resize(small.size, Image.Resampling.BOX).getpixel((0, 0)) == (255, 255, 255)

@@ -25,6 +25,7 @@ from abu_explorer.app.inputs import (
 from abu_explorer.app.jobs import JobQueue
 from abu_explorer.attribution import names, spec
 from abu_explorer.attribution import query as q
+from abu_explorer.data import model_image
 from abu_explorer.evaluation import counterfactual
 from abu_explorer.training import train
 
@@ -91,8 +92,7 @@ class ExplorerApp:
         if source.get("type") == "upload":
             if source.get("image") is None:
                 raise UIError("upload an image first")
-            img = open_image(source["image"]).convert("RGB").resize((self.image_size, self.image_size),
-                                                                    Image.Resampling.BOX)
+            img = model_image(open_image(source["image"]), self.image_size)  # what attribution sees
         else:
             img = self.generate(source.get("prompt"), source.get("seed"), source.get("steps"),
                                 source.get("guidance")).image

@@ -56,6 +56,14 @@ class Dataset:
         return torch.from_numpy(self.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def model_image(image: Image.Image, size: int) -> Image.Image:
+    """The one policy for every image that enters the model (a training folder, an upload, its preview):
+    alpha composited on white (the training glyphs' background), then area-resized to size x size RGB."""
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB").resize((size, size), Image.Resampling.BOX)
+
+
 def content_hash(images: np.ndarray, captions: list[str]) -> str:
     h = hashlib.sha256()
     h.update(str(images.shape).encode())

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .dataset import DataConfig, Dataset, content_hash
+from .dataset import DataConfig, Dataset, content_hash, model_image
 
 
 def load_image_folder(folder: str | Path, image_size: int = 32, flip: bool = False) -> Dataset:
@@ -23,11 +23,7 @@ def load_image_folder(folder: str | Path, image_size: int = 32, flip: bool = Fal
         txt = p.with_suffix(".txt")
         if not txt.exists():
             raise ValueError(f"{p}: missing caption file {txt.name}")
-        img = Image.open(p).convert("RGBA")
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, img).convert("RGB")
-        img = img.resize((image_size, image_size), Image.Resampling.BOX)
-        images.append(np.asarray(img, dtype=np.uint8))
+        images.append(np.asarray(model_image(Image.open(p), image_size), dtype=np.uint8))
         captions.append(txt.read_text(encoding="utf-8").strip().lower())
         codes.append(p.stem)
     arr = np.stack(images)

@@ -201,9 +201,7 @@ def load_clip(folder: Path):
 
 def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """A PIL image (any mode) on white, area-resized to size x size -> (1, 3, size, size) in [-1, 1]."""
-    img = img.convert("RGBA")
-    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-    img = Image.alpha_composite(white, img).convert("RGB").resize((size, size), Image.Resampling.BOX)
+    img = data.model_image(img, size)
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 
