@@ -23,12 +23,18 @@ def _load_browser_check():
 
 browser_check = _load_browser_check()
 
-pytestmark = pytest.mark.skipif(not os.path.exists(browser_check.CHROMIUM),
-                                reason=f"{browser_check.CHROMIUM} missing (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium():
+    """A browser test never skips in silence: without the browser it fails and says how to install it."""
+    if not os.path.exists(browser_check.CHROMIUM):
+        pytest.fail(f"{browser_check.CHROMIUM} is missing: install it with "
+                    "`sudo apt-get install -y --no-install-recommends chromium` (bash .ci/run does)", pytrace=False)
 
 
 @pytest.fixture(scope="module")
-def seen(tiny_server, tmp_path_factory):
+def seen(chromium, tiny_server, tmp_path_factory):
     """One browser session through the whole flow; the tests below check parts of what it saw."""
     shot = tmp_path_factory.mktemp("browser") / "app.png"
     seen = browser_check.drive(tiny_server, screenshot=str(shot), timeout_s=60)
