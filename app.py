@@ -8,4 +8,5 @@ from abu_explorer.app.demo import build_demo
 __all__ = ["build_demo"]
 
 if __name__ == "__main__":
-    build_demo().queue(max_size=32, default_concurrency_limit=1).launch()
+    # mcp_server: the API tools (generate_image, attribute_image, compare_methods) at /gradio_api/mcp/
+    build_demo().queue(max_size=32, default_concurrency_limit=1).launch(mcp_server=True)

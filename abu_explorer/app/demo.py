@@ -21,6 +21,7 @@ def default_app():
 def build_demo(app=None):
     import gradio as gr
 
+    from abu_explorer.app import tools
     from abu_explorer.app.views import about, attribute, counterfactual, examples
 
     app = app or default_app()
@@ -42,6 +43,7 @@ def build_demo(app=None):
             return prefill(dict(request.query_params) if request else {})
 
         demo.load(from_url, None, [q.prompt, q.seed], api_name=False)
+        tools.register(app)  # generate_image, attribute_image, compare_methods: API and MCP tools
     return demo
 
 

@@ -109,19 +109,19 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
 
     query_out = [q.kind, c["query_img"], c["note"], *q.box, c["clicks"]]
     gen_in = [q.prompt, q.seed, q.steps, q.guidance]
-    c["gen_btn"].click(generate, gen_in, query_out, **HEAVY, api_name="generate")
+    c["gen_btn"].click(generate, gen_in, query_out, **HEAVY, api_name="generate", api_visibility="undocumented")
     q.prompt.submit(generate, gen_in, query_out, **HEAVY, api_name=False)
-    c["up_btn"].click(use_upload, [q.upload, q.caption], query_out, **HEAVY, api_name="upload")
+    c["up_btn"].click(use_upload, [q.upload, q.caption], query_out, **HEAVY, api_name="upload", api_visibility="undocumented")
     c["query_img"].select(click_box, [*q.source, c["clicks"]], [c["clicks"], *q.box, c["query_img"], c["note"]],
                           **LIGHT, api_name=False)
-    c["box_btn"].click(show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name="show_box")
+    c["box_btn"].click(show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name="show_box", api_visibility="undocumented")
     c["clear_btn"].click(lambda: (None, None, None, None, []), None, [*q.box, c["clicks"]], api_name=False).then(
         show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name=False)
     checked = c["attr_btn"].click(show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name=False)
     for m in METHODS:
         checked.success(_attribute_fn(app, m), [*q.source, *q.box, c["k"], c["chosen"], c["mode"]],
                         [c["columns"][m.name], c["heads"][m.name], c["galleries"][m.name], c["states"][m.name]],
-                        **(HEAVY if m.uses_unet else LIGHT), api_name=f"attribute_{m.name}")
+                        **(HEAVY if m.uses_unet else LIGHT), api_name=f"attribute_{m.name}", api_visibility="undocumented")
         c["galleries"][m.name].select(show_tile, [c["states"][m.name]], [c["detail_img"], c["detail_md"]],
                                       **LIGHT, api_name=False)
 

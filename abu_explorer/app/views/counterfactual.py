@@ -60,10 +60,10 @@ def build(app, q: QueryInputs) -> None:
         return "Cancel requested (a running retrain stops after its current epoch; requesting it again resumes it)."
 
     outs = [orig, img, md, rand, rand_md, status]
-    go.click(request, [*q.source, *q.box, method, k], [keys, *outs], **HEAVY, api_name="counterfactual")
+    go.click(request, [*q.source, *q.box, method, k], [keys, *outs], **HEAVY, api_name="counterfactual", api_visibility="undocumented")
     cancel_btn.click(cancel, [keys], [status], **LIGHT, api_name=False)
     timer.tick(poll, [keys], [*outs, jobs], **LIGHT, api_name=False)
-    refresh.click(poll, [keys], [*outs, jobs], **LIGHT, api_name="counterfactual_status")
+    refresh.click(poll, [keys], [*outs, jobs], **LIGHT, api_name="counterfactual_status", api_visibility="undocumented")
 
 
 def render(app, keys) -> tuple:

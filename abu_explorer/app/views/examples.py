@@ -47,4 +47,4 @@ def build(app, assets: Path) -> None:
         return outs
 
     choice.change(show, [choice], [img, cf] + [c for m in METHODS for c in (heads[m.name], gals[m.name])],
-                  **LIGHT, api_name="example")
+                  **LIGHT, api_name="example", api_visibility="undocumented")
