@@ -171,3 +171,48 @@ def test_examples_build_load_and_refuse_another_model(tiny_app, tmp_path):
     (out / "examples.json").write_text(json.dumps(doc))
     with pytest.raises(ArtifactError, match="another model.*python -m abu_explorer examples"):
         examples.load(tiny_app, out)
+
+
+def test_admission_caps_per_client_and_in_total():
+    """Long jobs pass a per-client and a global cap; a known key is not counted twice; cancelling frees a slot;
+    waiting jobs know their place in the queue."""
+    import threading
+
+    from abu_explorer.app.jobs import JobQueue, Refused
+
+    gate = threading.Event()
+    jobs = JobQueue(per_client=2, total=3)
+
+    def slow(progress):
+        progress(1, 2)
+        gate.wait(30)
+        return {}
+
+    a1 = jobs.submit("a1", "a1", slow, owner="alice")
+    jobs.submit("a2", "a2", slow, owner="alice")
+    assert jobs.submit("a1", "a1", slow, owner="alice") is a1  # already queued: not a new job
+    with pytest.raises(Refused, match="at most 2 per visitor"):
+        jobs.submit("a3", "a3", slow, owner="alice")
+    jobs.submit("b1", "b1", slow, owner="bob")
+    with pytest.raises(Refused, match="server is busy"):
+        jobs.submit("c1", "c1", slow, owner="carol")
+    t0 = time.time()
+    while a1.status != "running" and time.time() - t0 < 10:
+        time.sleep(0.01)
+    assert [jobs.position(k) for k in ("a1", "a2", "b1")] == [0, 1, 2]
+    assert jobs.expected_start_seconds("b1", 100.0) > 100.0 and jobs.expected_start_seconds("a1", 100.0) is None
+    jobs.cancel("a2")  # a queued job cancelled: its slot is free at once
+    assert jobs.position("b1") == 1
+    jobs.submit("c1", "c1", slow, owner="carol")
+    gate.set()
+
+
+def test_a_request_is_admitted_whole_or_not_at_all(tiny_app, tmp_path):
+    from abu_explorer.app.jobs import JobQueue, Refused
+
+    app = ui.ExplorerApp(tiny_app.explorer, tmp_path, recipe=tiny_app.recipe)
+    app.jobs = JobQueue(per_client=1, total=5)
+    query = app.query(GEN)
+    with pytest.raises(Refused, match="per visitor"):
+        app.request_counterfactual(query, "pixel", 2, owner="alice")  # method + random = 2 jobs > 1
+    assert app.jobs.snapshot() == []  # neither was queued

@@ -172,7 +172,7 @@ class ExplorerApp:
         img = Image.open(path).convert("RGB")
         return img.resize((size, size), Image.Resampling.NEAREST)
 
-    def submit_counterfactual(self, query: q.Query, method: str, k, draw: int = 0):
+    def submit_counterfactual(self, query: q.Query, method: str, k, draw: int = 0, owner: str = ""):
         """Queue (or find) the job; the random control is the same call with method 'random'."""
         n = len(self.explorer.dataset)
         k = as_int(k, "K", 1, n - 1)  # a retrain needs at least one image
@@ -187,21 +187,30 @@ class ExplorerApp:
                                       progress=False, on_epoch=lambda e, total, log: progress(e, total),
                                       lock=self.lock, ranker=ranker)
 
-        return self.jobs.submit(key, label, work)
+        return self.jobs.submit(key, label, work, owner)
 
-    def request_counterfactual(self, query: q.Query, method: str, k) -> list[str]:
+    def request_counterfactual(self, query: q.Query, method: str, k, owner: str = "") -> list[str]:
         """The tab's request: the method's top-K and K random images (the control), each queued unless its
-        result is cached or its job is already on the server. Returns the two result keys."""
+        result is cached (committed results of any machine count) or its job is already on the server.
+        Both jobs pass the admission caps together or neither is queued. Returns the two result keys."""
         k = as_int(k, "K", 1, len(self.explorer.dataset) - 1)
         if method == "random":
             raise UIError("pick an attribution method: K random images are always removed next to it")
-        keys = []
-        for m in (method, "random"):
-            key = self.counterfactual_key(query, m, k)
-            if self.result_for_key(key) is None:
-                self.submit_counterfactual(query, m, k)
-            keys.append(key)
+        keys = [self.counterfactual_key(query, m, k) for m in (method, "random")]
+        todo = [(m, key) for m, key in zip((method, "random"), keys)
+                if self.result_for_key(key) is None and not (self.jobs.get(key) and self.jobs.get(key).active)]
+        self.jobs.admit(owner, len(todo))
+        for m, _ in todo:
+            self.submit_counterfactual(query, m, k, owner=owner)
         return keys
+
+    def queue_note(self, key: str) -> str:
+        """Where a queued job stands: its place in the queue and the estimated start ("" when not queued)."""
+        pos = self.jobs.position(key)
+        if not pos:
+            return ""
+        wait = self.jobs.expected_start_seconds(key, self.jobs.typical_seconds(self.explorer.meta["unet"]["log"]["seconds"]))
+        return f"number {pos} in the queue, starts in about {wait / 60:.0f} min"
 
     def counterfactual_view(self, result: dict, size: int = 192) -> tuple[Image.Image | None, str]:
         """(regenerated image or None, metrics markdown) of a finished result."""

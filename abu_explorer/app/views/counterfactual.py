@@ -19,8 +19,10 @@ def build(app, q: QueryInputs) -> None:
     gr.Markdown("Removes the method's top-K training images **and** K random images (the control), "
                 "retrains the UNet from scratch without each set (same recipe and seed; about 20-50 "
                 "minutes each on 2 CPU cores), then regenerates the query with the same noise. Results "
-                "are cached: a request done before shows at once. Jobs run on the server, so you may "
-                "reload the page and ask again to see their progress.")
+                "are cached: a request done before (here or on another machine, as labelled) shows at once. "
+                "Jobs run on the server, so you may reload the page and ask again to see their progress. "
+                f"Each visitor may have {app.jobs.per_client} retrains queued or running, the server "
+                f"{app.jobs.total} in all.")
     with gr.Row():
         method = gr.Dropdown([(m.label, m.name) for m in METHODS if not m.control], value=METHODS[0].name,
                              label="method")
@@ -44,9 +46,10 @@ def build(app, q: QueryInputs) -> None:
     timer = gr.Timer(5.0)
 
     @friendly
-    def request(kind, prompt, seed, steps, guidance, upload, caption, x0, y0, x1, y1, method, k):
+    def request(kind, prompt, seed, steps, guidance, upload, caption, x0, y0, x1, y1, method, k,
+                request: gr.Request = None):
         query = app.query(source_of(kind, prompt, seed, steps, guidance, upload, caption), (x0, y0, x1, y1))
-        ks = app.request_counterfactual(query, method, k)
+        ks = app.request_counterfactual(query, method, k, owner=client_of(request))
         return ks, *render(app, ks)
 
     def poll(ks):
@@ -75,7 +78,7 @@ def render(app, keys) -> tuple:
             result = app.result_for_key(key)
             job = app.jobs.get(key)
             if result is None and job is not None:
-                status.append(job_html(job))
+                status.append(job_html(job, app.queue_note(key)))
         if result is None:
             outs += [None, ""]
         else:
@@ -85,8 +88,16 @@ def render(app, keys) -> tuple:
     return original, *outs, "".join(status) or ("" if keys else "Nothing requested yet.")
 
 
-def job_html(job) -> str:
-    text = html.escape(job.describe())
+def client_of(request) -> str:
+    """Who asks, for the per-visitor cap: the first forwarded address behind a proxy (a Space), else the peer."""
+    if request is None:
+        return ""
+    forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
+    return forwarded or (request.client.host if request.client else "")
+
+
+def job_html(job, note: str = "") -> str:
+    text = html.escape(job.describe() + (f" ({note})" if note else ""))
     if job.status != "running" or not job.total_units:
         return f"<div>{text}</div>"
     return f'<div>{text}<br><progress value="{job.done_units}" max="{job.total_units}" style="width: 60%"></progress></div>'
