@@ -63,7 +63,10 @@ def load_npy(path: Path, hint: str = "") -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"missing artifact {path}" + (f"; build it with: {hint}" if hint else ""))
-    return np.load(path, allow_pickle=False)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # truncated, or not an .npy file
+        raise ArtifactError(f"corrupt artifact {path} ({e})" + (f"; rebuild it with: {hint}" if hint else "")) from None
 
 
 def save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
@@ -80,7 +83,11 @@ def load_safetensors(path: Path, hint: str = "") -> dict:
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"missing artifact {path}" + (f"; build it with: {hint}" if hint else ""))
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ArtifactError(f"corrupt artifact {path} ({type(e).__name__}: {e})"
+                            + (f"; rebuild it with: {hint}" if hint else "")) from None
 
 
 def file_hash(path: Path) -> str:

@@ -33,16 +33,33 @@ def parse_box(box, image_size: int):
     return box
 
 
+MAX_UPLOAD_BYTES = 10 * 2**20
+MAX_UPLOAD_PIXELS = 4096 * 4096
+
+
 def open_image(image) -> Image.Image:
-    """A PIL image, or a path to one (uploads arrive as paths): unreadable files are a readable error."""
+    """A PIL image, or a path to one (uploads arrive as paths): unreadable or giant files are a readable error."""
+    import os
+
     if isinstance(image, Image.Image):
+        _check_pixels(image.width, image.height)
         return image
     try:
+        if os.path.getsize(image) > MAX_UPLOAD_BYTES:
+            raise UIError(f"the upload is over {MAX_UPLOAD_BYTES // 2**20} MB; the model sees 32x32 pixels anyway")
         with Image.open(image) as im:
+            _check_pixels(im.width, im.height)  # before decoding: the header gives the size
             im.load()
             return im.copy()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, UIError):
+            raise
         raise UIError(f"cannot read the uploaded file as an image: {e}") from None
+
+
+def _check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise UIError(f"the upload is {width}x{height} pixels, over the {MAX_UPLOAD_PIXELS:,}-pixel limit")
 
 
 def draw_box(image: Image.Image, box, size: int) -> Image.Image:

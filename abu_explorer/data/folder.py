@@ -23,7 +23,11 @@ def load_image_folder(folder: str | Path, image_size: int = 32, flip: bool = Fal
         txt = p.with_suffix(".txt")
         if not txt.exists():
             raise ValueError(f"{p}: missing caption file {txt.name}")
-        images.append(np.asarray(model_image(Image.open(p), image_size), dtype=np.uint8))
+        try:
+            with Image.open(p) as im:
+                images.append(np.asarray(model_image(im, image_size), dtype=np.uint8))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{p}: not a readable image ({e})") from None
         captions.append(txt.read_text(encoding="utf-8").strip().lower())
         codes.append(p.stem)
     arr = np.stack(images)

@@ -15,10 +15,11 @@ import torch
 PAD, SOT, EOT, UNK = "<pad>", "<sot>", "<eot>", "<unk>"
 SPECIALS = [PAD, SOT, EOT, UNK]  # ids 0..3; open_clip config uses pad_id=0, eos_id=2
 _TOKEN_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+MAX_CHARS = 1000  # longer text is refused before it is split (the context holds a few words anyway)
 
 
 class PromptError(ValueError):
-    """A prompt the model cannot take (empty or too long)."""
+    """A prompt the model cannot take (empty, too long, or holding control characters)."""
 
 
 def normalize(text: str) -> str:
@@ -58,6 +59,12 @@ class WordTokenizer:
         return [w for w in split_words(text) if w not in self.index]
 
     def encode(self, text: str, allow_empty: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise PromptError(f"the prompt must be text, got {type(text).__name__}")
+        if len(text) > MAX_CHARS:
+            raise PromptError(f"the prompt has {len(text):,} characters; at most {MAX_CHARS} are read")
+        if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n\r" for ch in text):
+            raise PromptError("the prompt holds control characters; type plain words")
         words = split_words(text)
         if not words and not allow_empty:
             raise PromptError("the prompt is empty")
