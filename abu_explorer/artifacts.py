@@ -40,6 +40,11 @@ def save_png(path: Path, image) -> None:
     _atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
+def save_figure(path: Path, fig) -> None:
+    """A matplotlib figure as PNG, atomically (a reader never sees half a plot)."""
+    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
 def save_text(path: Path, text: str) -> None:
     data = text.encode("utf-8")
     _atomic_write(path, lambda f: f.write(data))

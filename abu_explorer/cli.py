@@ -33,8 +33,11 @@ def _cmd_generate(args) -> int:
 
         img = img.resize((args.size, args.size), Image.Resampling.NEAREST)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out, format="PNG")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    from abu_explorer import artifacts
+
+    artifacts.save_png(out, img)
     unknown = exp.tokenizer.unknown_words(args.prompt)
     if unknown:
         print(f"note: words the model does not know (read as <unk>): {', '.join(unknown)}")
@@ -207,6 +210,7 @@ def _model_commands(sub) -> None:
     g.add_argument("--guidance", type=float, default=None)
     g.add_argument("--size", type=int, default=0, help="upscale (nearest) to this many pixels for display")
     g.add_argument("--out", required=True)
+    g.add_argument("--force", action="store_true", help="replace --out if it exists")
     g.add_argument("--model", default=str(DEFAULT_DIR), help="precomputed folder")
     g.set_defaults(func=_cmd_generate)
 

@@ -34,7 +34,7 @@ def build(app, queries_file: Path, out: Path | None = None, methods=None, progre
                 print(f"  {d['prompt']!r} {m}: {time.perf_counter() - t0:.1f} s", flush=True)
         items.append({"name": name, "source": source, "box": d.get("box"), "rankings": rankings})
         out.mkdir(parents=True, exist_ok=True)
-        app.preview(source, d.get("box")).save(out / f"{name}.png")
+        artifacts.save_png(out / f"{name}.png", app.preview(source, d.get("box")))
     artifacts.save_json(out / "examples.json", {"provenance": provenance(app.explorer), "top": TOP, "items": items})
     return out
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from abu_explorer import artifacts
+
 
 def about_figure(example_dir: Path, out: Path, data_images=None) -> None:
     """AbU in one picture: query -> unlearning step -> re-measured losses -> ranking (a precomputed example)."""
@@ -39,5 +41,5 @@ def about_figure(example_dir: Path, out: Path, data_images=None) -> None:
             ax.imshow(data_images[r["index"]])
         ax.set_title(f"#{r['rank']} {r['caption'][:14]}\n{r['score']:+.4f}", fontsize=7)
         ax.axis("off")
-    fig.savefig(out)
+    artifacts.save_figure(out, fig)
     plt.close(fig)

@@ -82,5 +82,5 @@ def plot(report: dict, out: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out)
+    artifacts.save_figure(out, fig)
     plt.close(fig)

@@ -188,8 +188,8 @@ def main(args) -> dict:
         print(f"  generated  top-1 {q['generated']['top1']:.3f}  top-10 {q['generated']['top10']:.3f}")
         print(f"  real       top-1 {q['real']['top1']:.3f}  top-10 {q['real']['top10']:.3f}")
         rows = eval_rows(len(exp.dataset), args.num_captions)[:60]
-        grid(to_pil(q["images"][:60]), [exp.dataset.captions[r] for r in rows], cols=10, scale=3).save(
-            Path(args.model).parent / "assets" / "samples.png")
+        artifacts.save_png(Path(args.model).parent / "assets" / "samples.png",
+                           grid(to_pil(q["images"][:60]), [exp.dataset.captions[r] for r in rows], cols=10, scale=3))
         sweep = {}
         for gscale in (1.0, 2.0, 3.0, 5.0, 8.0):
             sweep[gscale] = quality(exp, 100, gscale)["generated"]
@@ -231,8 +231,9 @@ def compare(entries: dict, count: int, out: Path | None, rounds: int = 2) -> dic
             "clip_ranks": q["generated"]["ranks"], "pixel_nn_ranks": q["pixel_nn"]["ranks"]}
         if out is not None:
             rows = eval_rows(len(exp.dataset), count)[:60]
-            grid(to_pil(q["images"][:60]), [exp.dataset.captions[r] for r in rows], cols=10, scale=3).save(
-                out / f"samples_{_label(Path(name.partition('@')[0]))}{name.partition('@')[2].replace(':', '-')}.png")
+            artifacts.save_png(
+                out / f"samples_{_label(Path(name.partition('@')[0]))}{name.partition('@')[2].replace(':', '-')}.png",
+                grid(to_pil(q["images"][:60]), [exp.dataset.captions[r] for r in rows], cols=10, scale=3))
         print(f"{name}: CLIP top-1/10 {q['generated']['top1']:.3f}/{q['generated']['top10']:.3f}  pixel-NN "
               f"top-1/5 {q['pixel_nn']['top1']:.3f}/{q['pixel_nn']['top5']:.3f}", flush=True)
     for _ in range(rounds):

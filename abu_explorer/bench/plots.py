@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+from abu_explorer import artifacts
+
 
 def quality_vs_time(report: dict, out: Path) -> None:
     import matplotlib
@@ -27,7 +29,7 @@ def quality_vs_time(report: dict, out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
-    fig.savefig(out)
+    artifacts.save_figure(out, fig)
 
 
 if __name__ == "__main__":

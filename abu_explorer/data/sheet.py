@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from abu_explorer import artifacts
+
 
 def _font(size: int):
     for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
@@ -46,4 +48,4 @@ def dataset_sheet(ds, path: Path, count: int = 120, cols: int = 12) -> None:
     idx = np.linspace(0, len(ds) - 1, count).round().astype(int)
     img = grid([ds.image(int(i)) for i in idx], [f"{i}: {ds.captions[i]}" for i in idx], cols=cols)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    artifacts.save_png(path, img)

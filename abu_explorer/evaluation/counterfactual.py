@@ -241,4 +241,4 @@ def strip(results_dir: Path, results: list[dict], path: Path) -> None:
     for r in results:
         images.append(Image.open(Path(results_dir) / r["key"] / "regenerated.png").convert("RGB"))
         captions.append(f"-{r['method']} K={r['k']}: dL {r['delta_loss']:+.4f} CLIP {r['delta_g_clip']:.2f}")
-    grid(images, captions, cols=len(images), scale=5, caption_lines=3).save(path)
+    artifacts.save_png(path, grid(images, captions, cols=len(images), scale=5, caption_lines=3))

@@ -246,7 +246,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    artifacts.save_figure(path, fig)
     plt.close(fig)
 
 
