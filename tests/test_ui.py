@@ -216,3 +216,26 @@ def test_a_request_is_admitted_whole_or_not_at_all(tiny_app, tmp_path):
     with pytest.raises(Refused, match="per visitor"):
         app.request_counterfactual(query, "pixel", 2, owner="alice")  # method + random = 2 jobs > 1
     assert app.jobs.snapshot() == []  # neither was queued
+
+
+def test_rankings_download_and_agreement(tiny_app, tmp_path):
+    import csv
+    import json
+
+    from abu_explorer.app import exports
+
+    query = tiny_app.query(GEN)
+    shown = [tiny_app.attribute(query, m, 4) for m in ("pixel", "clip", "random")]
+    js, cs = exports.write_rankings(shown, tiny_app.model_hashes(), tiny_app.method_settings(), tmp_path)
+    doc = json.loads(js.read_text())
+    assert doc["model"]["unet_hash"] == tiny_app.explorer.component_hash("unet")
+    assert [r["index"] for r in doc["methods"]["pixel"]["results"]] == [r["index"] for r in shown[0]["results"]]
+    assert doc["methods"]["pixel"]["settings"]["config"]["index_type"] == "Flat"
+    rows = list(csv.DictReader(cs.open()))
+    assert len(rows) == 12 and rows[0]["method"] == "pixel" and rows[0]["rank"] == "1"
+    assert float(rows[0]["score"]) == shown[0]["results"][0]["score"]  # full precision
+    table = exports.agreement(shown)
+    a, b = ({r["index"] for r in x["results"]} for x in shown[:2])
+    assert "overlap@4" in table and f"| pixel | - | {len(a & b) / 4:.2f} |" in table
+    with pytest.raises(ValueError, match="attribute first"):
+        exports.write_rankings([None, None], {}, {}, tmp_path)

@@ -125,6 +125,15 @@ class ExplorerApp:
         out["label"] = spec(name).label
         return out
 
+    def model_hashes(self) -> dict:
+        from abu_explorer.model.embedded import provenance
+
+        return provenance(self.explorer)
+
+    def method_settings(self) -> dict:
+        """Each loaded method's settings and tables hash (what its rankings were made with)."""
+        return {name: m.settings() for name, m in list(self._methods.items())}
+
     def tiles(self, result: dict, size: int = 128) -> list[tuple[Image.Image, str]]:
         ds = self.explorer.dataset
         return [(ds.image(r["index"]).resize((size, size), Image.Resampling.NEAREST),

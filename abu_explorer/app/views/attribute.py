@@ -60,6 +60,10 @@ def build(app) -> QueryInputs:
     with gr.Row():
         detail_img = gr.Image(label="selected training image", interactive=False, height=296, type="pil", format="png")
         detail_md = gr.Markdown("Click a tile to see it large.")
+        with gr.Column():
+            agree_md = gr.Markdown()
+            files = gr.File(label="rankings of this query (JSON with settings and model hashes, CSV)",
+                            file_count="multiple", interactive=False)
 
     q = QueryInputs(kind, prompt, seed, steps, guidance, upload, caption, box)
     _wire(app, q, locals())
@@ -124,6 +128,21 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
                         **(HEAVY if m.uses_unet else LIGHT), api_name=f"attribute_{m.name}", api_visibility="undocumented")
         c["galleries"][m.name].select(show_tile, [c["states"][m.name]], [c["detail_img"], c["detail_md"]],
                                       **LIGHT, api_name=False)
+    results = [c["states"][m.name] for m in METHODS]
+
+    @friendly
+    def takeaway(*shown):
+        import tempfile
+
+        from abu_explorer.app import exports
+
+        if not any(shown):
+            return "", None
+        paths = exports.write_rankings(list(shown), app.model_hashes(), app.method_settings(), tempfile.mkdtemp())
+        return exports.agreement(list(shown)), [str(p) for p in paths]
+
+    for state in results:
+        state.change(takeaway, results, [c["agree_md"], c["files"]], **LIGHT, api_name=False)
 
 
 def _attribute_fn(app, m):

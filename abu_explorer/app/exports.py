@@ -1,0 +1,47 @@
+"""What a researcher takes away from one query: every shown method's ranking as JSON and CSV (with the
+method's settings and the model's hashes), and how much the methods agree (overlap@K of every pair)."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from abu_explorer import artifacts
+
+
+def agreement(results: list[dict]) -> str:
+    """Markdown: overlap@K (shared indices / K) between every pair of methods' top-K."""
+    results = [r for r in results if r]
+    if len(results) < 2:
+        return ""
+    tops = {r["method"]: [x["index"] for x in r["results"]] for r in results}
+    names = list(tops)
+    k = min(len(v) for v in tops.values())
+    lines = [f"**Agreement** (overlap@{k}: shared training images among the top {k})", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for a in names:
+        cells = [f"{len(set(tops[a][:k]) & set(tops[b][:k])) / k:.2f}" if a != b else "-" for b in names]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_rankings(results: list[dict], model: dict, settings: dict, folder: Path) -> tuple[Path, Path]:
+    """``rankings.json`` (query, model hashes, per method: mode, settings, ranking) and ``rankings.csv``
+    (method, rank, index, caption, score) in ``folder``; returns their paths."""
+    results = [r for r in results if r]
+    if not results:
+        raise ValueError("nothing to download yet: attribute first")
+    doc = {"query": results[0]["query"], "model": model,
+           "methods": {r["method"]: {"label": r.get("label", r["method"]), "mode": r["mode"],
+                                     "settings": settings.get(r["method"], {}), "results": r["results"]}
+                       for r in results}}
+    folder = Path(folder)
+    artifacts.save_json(folder / "rankings.json", doc)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["method", "mode", "rank", "index", "caption", "score"])
+    for r in results:
+        for x in r["results"]:
+            writer.writerow([r["method"], r["mode"], x["rank"], x["index"], x["caption"], repr(x["score"])])
+    artifacts.save_text(folder / "rankings.csv", buf.getvalue())
+    return folder / "rankings.json", folder / "rankings.csv"
