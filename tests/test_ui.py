@@ -239,3 +239,22 @@ def test_rankings_download_and_agreement(tiny_app, tmp_path):
     assert "overlap@4" in table and f"| pixel | - | {len(a & b) / 4:.2f} |" in table
     with pytest.raises(ValueError, match="attribute first"):
         exports.write_rankings([None, None], {}, {}, tmp_path)
+
+
+def test_gpu_decorator_is_a_no_op_without_spaces_and_used_with_it(monkeypatch):
+    import sys
+    import types
+
+    from abu_explorer.app.views import common
+
+    def f(x: int) -> int:
+        return x + 1
+
+    monkeypatch.setitem(sys.modules, "spaces", None)  # not installed
+    assert common.gpu(f) is f
+    seen = []
+    fake = types.ModuleType("spaces")
+    fake.GPU = lambda fn: (seen.append(fn), lambda *a, **k: fn(*a, **k))[1]
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    wrapped = common.gpu(f)
+    assert seen == [f] and wrapped(1) == 2 and wrapped.__name__ == "f"

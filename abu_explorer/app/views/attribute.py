@@ -1,7 +1,7 @@
 """Tab 1, generate & attribute: prompt (or upload) -> query image with an optional box -> one gallery per
 method, side by side, in the registry's order."""
 
-from abu_explorer.app.views.common import HEAVY, LIGHT, QueryInputs, friendly, source_of
+from abu_explorer.app.views.common import HEAVY, LIGHT, QueryInputs, friendly, gpu, source_of
 
 
 def build(app) -> QueryInputs:
@@ -77,6 +77,7 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
     from abu_explorer.attribution import METHODS
 
     @friendly
+    @gpu
     def generate(prompt, seed, steps, guidance, progress=gr.Progress()):
         g = app.generate(prompt, seed, steps, guidance, progress=lambda i, n: progress(i / n, desc="sampling"))
         note = f"Words the model does not know (read as `<unk>`): {', '.join(g.unknown_words)}" if g.unknown_words else ""
@@ -149,6 +150,7 @@ def _attribute_fn(app, m):
     import gradio as gr
 
     @friendly
+    @gpu
     def run(kind, prompt, seed, steps, guidance, upload, caption, x0, y0, x1, y1, k, chosen, mode,
             progress=gr.Progress()):
         if m.name not in (chosen or []):

@@ -7,6 +7,16 @@ HEAVY = dict(concurrency_id="model", concurrency_limit=1)  # everything that run
 LIGHT = dict(concurrency_id="light", concurrency_limit=4)  # NN lookups, cached results, box drawing
 
 
+def gpu(fn):
+    """On a Hugging Face ZeroGPU Space (the ``spaces`` package is installed there) a GPU is attached for each
+    call; elsewhere the function is returned as it is."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return functools.wraps(fn)(spaces.GPU(fn))
+
+
 def friendly(fn):
     """Errors a user can cause become one readable line (``gr.Error``), never a traceback."""
     import gradio as gr
