@@ -128,6 +128,39 @@ def _two_click_box(page, timeout_s: float) -> dict:
     return {"values": values, "image_size": image_size}
 
 
+def _dragged_box(page, timeout_s: float) -> dict:
+    """Open the drag panel, drag BOX on the annotator's canvas, and report what the number fields then held."""
+    page.get_by_role("button", name="Whole image").click()  # empty fields: the drag must fill them
+    _until(page, "empty box fields", lambda: _box_values(page) == ["", "", "", ""], timeout_s)
+    page.get_by_text("or drag a box on the image").click()
+    canvas = page.locator("#drag canvas").first
+    canvas.wait_for(state="visible", timeout=timeout_s * 1000)
+    image_size = float(_box_fields(page)[0].get_attribute("max") or 32)
+    _until(page, "the annotator's image", lambda: canvas.bounding_box() and canvas.bounding_box()["width"] > 50,
+           timeout_s)
+    time.sleep(0.5)  # the image is drawn on the canvas after it loads
+    r = canvas.bounding_box()
+    side = min(r["width"], r["height"])  # the square image, centred on the canvas
+    left, top = r["x"] + (r["width"] - side) / 2, r["y"] + (r["height"] - side) / 2
+    s = side / image_size
+    target = (4, 6, 20, 26)
+    page.mouse.move(left + target[0] * s, top + target[1] * s)
+    page.mouse.down()
+    for i in range(1, 11):  # a slow drag, as a hand makes it
+        f = i / 10
+        page.mouse.move(left + (target[0] + f * (target[2] - target[0])) * s,
+                        top + (target[1] + f * (target[3] - target[1])) * s)
+        time.sleep(0.03)
+    page.mouse.up()
+    _until(page, "the box from a drag", lambda: [v for v in _box_values(page)] != ["", "", "", ""]
+           and page.get_by_text("Box (").count(), timeout_s)
+    values = [float(v) for v in _box_values(page)]
+    page.get_by_text("or drag a box on the image").click()  # close the panel again
+    if max(abs(a - b) for a, b in zip(values, target)) > 1:
+        raise BrowserCheckError(f"a drag over {target} set the box fields to {values}")
+    return {"values": values, "dragged": list(target)}
+
+
 def _gallery_tiles(page, name: str) -> int:
     """How many tiles of the gallery show a loaded image."""
     return _gallery_state(page, name)["loaded"]
@@ -198,6 +231,8 @@ def drive(url: str, screenshot: str | None = None, prompt: str = "red apple", ti
             if two_clicks:
                 seen["two_click_box"] = _soft(page, lambda: _two_click_box(page, 30))
                 lap("two_click_box")
+                seen["dragged_box"] = _soft(page, lambda: _dragged_box(page, 30))
+                lap("dragged_box")
             for field, value in zip(_box_fields(page), BOX):
                 field.fill(str(value))
                 field.press("Tab")  # blur, so the component commits the value
@@ -248,7 +283,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     seen = drive(args.url, args.screenshot, args.prompt, timeout_s=args.timeout, two_clicks=not args.no_clicks)
     print(json.dumps(seen, indent=2))
-    failed = [step for step in ("two_click_box", "tile") if step in seen and not seen[step]["ok"]]
+    failed = [step for step in ("two_click_box", "dragged_box", "tile") if step in seen and not seen[step]["ok"]]
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 

@@ -18,8 +18,9 @@ def attribute(client, name, prompt="red apple", box=NO_BOX, k=4, methods=None, m
 
 
 def test_generate(client):
-    image, note, *box = client.predict("red apple", 2, 4, 3.0, api_name="/generate")
+    image, note, *box, drag = client.predict("red apple", 2, 4, 3.0, api_name="/generate")
     assert image.endswith(".png") and box == NO_BOX
+    assert drag["boxes"] == [] and drag["image"]  # the annotator shows the same image, ready for a dragged box
 
 
 @pytest.mark.parametrize("name", names())

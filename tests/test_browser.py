@@ -57,5 +57,6 @@ def test_select_events(seen):
     """Two clicks on the query image set the box; clicking a tile shows it in the detail panel."""
     assert seen["two_click_box"]["ok"], seen["two_click_box"]
     assert seen["tile"]["ok"], seen["tile"]
+    assert seen["dragged_box"]["ok"], seen["dragged_box"]  # a box dragged on the annotator fills the fields
     assert seen["tile"]["image"]["width"] > 0
     assert "training index" in seen["tile"]["text"] and spec("abu").label in seen["tile"]["text"]

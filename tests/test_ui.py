@@ -275,3 +275,11 @@ def test_a_running_job_computes_with_its_own_thread_count(monkeypatch):
         assert job.result == {"threads": 1} and torch.get_num_threads() == 2  # restored after the job
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_dragged_box_becomes_model_pixels():
+    drag = {"image": None, "boxes": [{"xmin": 200, "ymin": 40.4, "xmax": 32, "ymax": 300, "label": ""}]}
+    assert inputs.dragged_box(drag, 256, 32) == (4, 5, 25, 32)  # corners sorted, scaled by 32/256, clamped
+    assert inputs.dragged_box({"image": None, "boxes": []}, 256, 32) is None and inputs.dragged_box(None, 256, 32) is None
+    click = {"boxes": [{"xmin": 40, "ymin": 40, "xmax": 41, "ymax": 90}]}
+    assert inputs.dragged_box(click, 256, 32) is None  # no area in model pixels: nothing to attribute yet

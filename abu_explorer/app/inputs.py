@@ -80,6 +80,23 @@ def clicks_to_box(first: tuple[float, float], second: tuple[float, float], displ
     return (round(x0), round(y0), round(x1), round(y1))
 
 
+def dragged_box(annotation, display: int, image_size: int):
+    """The box dragged on the annotator (display pixels; the last one drawn) -> a box in image pixels, or
+    None when none (or none of any area) is drawn. Corners are clamped to the image and rounded to whole pixels."""
+    boxes = (annotation or {}).get("boxes") or []
+    if not boxes:
+        return None
+    b = boxes[-1]
+    s = image_size / display
+
+    def px(v):
+        return min(image_size, max(0, round(float(v) * s)))
+
+    x0, x1 = sorted((px(b["xmin"]), px(b["xmax"])))
+    y0, y1 = sorted((px(b["ymin"]), px(b["ymax"])))
+    return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else None  # a click, or a drag still under way
+
+
 def as_int(value, name: str, lo: int, hi: int) -> int:
     try:
         v = float(value)

@@ -1,7 +1,14 @@
 """Tab 1, generate & attribute: prompt (or upload) -> query image with an optional box -> one gallery per
 method, side by side, in the registry's order."""
 
-from abu_explorer.app.views.common import HEAVY, LIGHT, QueryInputs, friendly, gpu, source_of
+from abu_explorer.app.views.common import (
+    HEAVY,
+    LIGHT,
+    QueryInputs,
+    friendly,
+    gpu,
+    source_of,
+)
 
 
 def build(app) -> QueryInputs:
@@ -40,6 +47,12 @@ def build(app) -> QueryInputs:
                 box_btn = gr.Button("Show box", size="sm")
                 clear_btn = gr.Button("Whole image", size="sm")
             note = gr.Markdown(f"Box in model pixels (0-{app.image_size}); empty = whole image.")
+            with gr.Accordion("or drag a box on the image", open=False):
+                from gradio_image_annotation import image_annotator
+
+                drag = image_annotator(label="drag a box", image_type="pil", single_box=True, sources=[], disable_edit_boxes=True,
+                                       show_download_button=False, show_clear_button=False,
+                                       height=inputs.SHOW + 40, elem_id="drag")
         # 3. the methods
         with gr.Column(scale=1, min_width=280):
             k = gr.Slider(1, min(service.MAX_K, n_train), value=10, step=1, label="K (images per method)")
@@ -81,13 +94,15 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
     def generate(prompt, seed, steps, guidance, progress=gr.Progress()):
         g = app.generate(prompt, seed, steps, guidance, progress=lambda i, n: progress(i / n, desc="sampling"))
         note = f"Words the model does not know (read as `<unk>`): {', '.join(g.unknown_words)}" if g.unknown_words else ""
-        return "generated", inputs.draw_box(g.image, None, inputs.SHOW), note, None, None, None, None, []
+        big = inputs.draw_box(g.image, None, inputs.SHOW)
+        return "generated", big, note, None, None, None, None, [], {"image": big, "boxes": []}
 
     @friendly
     def use_upload(upload, caption):
         src = source_of("upload", None, None, None, None, upload, caption)
         app.query(src)  # validates the image and caption now, not at attribution time
-        return "upload", app.preview(src), "Attributing the uploaded image.", None, None, None, None, []
+        big = app.preview(src)
+        return "upload", big, "Attributing the uploaded image.", None, None, None, None, [], {"image": big, "boxes": []}
 
     @friendly
     def click_box(kind, prompt, seed, steps, guidance, upload, caption, clicks, evt: gr.SelectData):
@@ -98,6 +113,14 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
                     "First corner set; click the opposite corner.")
         box = inputs.clicks_to_box(clicks[0], clicks[1], inputs.SHOW, app.image_size)
         return [], *box, app.preview(src, box), f"Box {box}."
+
+    @friendly
+    def dragged(kind, prompt, seed, steps, guidance, upload, caption, annotation):
+        box = inputs.dragged_box(annotation, inputs.SHOW, app.image_size)
+        if box is None:
+            return gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
+        src = source_of(kind, prompt, seed, steps, guidance, upload, caption)
+        return *box, app.preview(src, box), f"Box {box}."
 
     @friendly
     def show_box(kind, prompt, seed, steps, guidance, upload, caption, x0, y0, x1, y1):
@@ -112,13 +135,14 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
         return img, (f"**{caption}** · training index {row['index']} · rank {row['rank']} by {result['label']} · "
                      f"score {row['score']:.4g}")
 
-    query_out = [q.kind, c["query_img"], c["note"], *q.box, c["clicks"]]
+    query_out = [q.kind, c["query_img"], c["note"], *q.box, c["clicks"], c["drag"]]
     gen_in = [q.prompt, q.seed, q.steps, q.guidance]
     c["gen_btn"].click(generate, gen_in, query_out, **HEAVY, api_name="generate", api_visibility="undocumented")
     q.prompt.submit(generate, gen_in, query_out, **HEAVY, api_name=False)
     c["up_btn"].click(use_upload, [q.upload, q.caption], query_out, **HEAVY, api_name="upload", api_visibility="undocumented")
     c["query_img"].select(click_box, [*q.source, c["clicks"]], [c["clicks"], *q.box, c["query_img"], c["note"]],
                           **LIGHT, api_name=False)
+    c["drag"].change(dragged, [*q.source, c["drag"]], [*q.box, c["query_img"], c["note"]], **LIGHT, api_name=False)
     c["box_btn"].click(show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name="show_box", api_visibility="undocumented")
     c["clear_btn"].click(lambda: (None, None, None, None, []), None, [*q.box, c["clicks"]], api_name=False).then(
         show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name=False)
