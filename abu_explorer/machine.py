@@ -6,11 +6,13 @@ K = 0 retrain reproduces the shipped weights bit for bit only on the kind of CPU
 """
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
 
-def _cpuinfo() -> tuple[str, set[str], str]:
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str], str]:
     model, flags, vendor = platform.processor() or platform.machine(), set(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -22,7 +24,7 @@ def _cpuinfo() -> tuple[str, set[str], str]:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return model, flags, vendor
+    return model, frozenset(flags), vendor
 
 
 def cpu_name() -> str:
@@ -33,6 +35,11 @@ def cpu_vendor() -> str:
     """"intel", "amd", another vendor id in lower case, or the architecture where none is listed."""
     vendor = _cpuinfo()[2]
     return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, vendor.lower() or platform.machine())
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo), read once."""
+    return _cpuinfo()[1]
 
 
 def vector_isa() -> str:

@@ -9,6 +9,12 @@ from pathlib import Path
 from abu_explorer import artifacts
 
 
+def overlap_at_k(tops: dict[str, list[int]]) -> tuple[int, dict[tuple[str, str], float]]:
+    """(K, {(a, b): shared indices / K}) for every ordered pair of methods' top-K index lists (K: the shortest)."""
+    k = min(len(v) for v in tops.values())
+    return k, {(a, b): len(set(tops[a][:k]) & set(tops[b][:k])) / max(1, k) for a in tops for b in tops if a != b}
+
+
 def agreement(results: list[dict]) -> str:
     """Markdown: overlap@K (shared indices / K) between every pair of methods' top-K."""
     results = [r for r in results if r]
@@ -16,11 +22,11 @@ def agreement(results: list[dict]) -> str:
         return ""
     tops = {r["method"]: [x["index"] for x in r["results"]] for r in results}
     names = list(tops)
-    k = min(len(v) for v in tops.values())
+    k, overlap = overlap_at_k(tops)
     lines = [f"**Agreement** (overlap@{k}: shared training images among the top {k})", "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for a in names:
-        cells = [f"{len(set(tops[a][:k]) & set(tops[b][:k])) / k:.2f}" if a != b else "-" for b in names]
+        cells = [f"{overlap[(a, b)]:.2f}" if a != b else "-" for b in names]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -35,6 +35,7 @@ def _methods(text: str, available: list[str]) -> list[str]:
 
 def make_tools(app) -> list:
     """The tool functions bound to one ``ExplorerApp`` (their names are the MCP tool names)."""
+    from abu_explorer.app import exports
     from abu_explorer.attribution import names
     from abu_explorer.model.embedded import provenance
 
@@ -104,9 +105,8 @@ def make_tools(app) -> list:
         query = _query(prompt, seed, steps, guidance, box)
         chosen = _methods(methods, names())
         rankings = {m: app.attribute(query, m, k, "fast")["results"] for m in chosen}
-        tops = {m: {r["index"] for r in rs} for m, rs in rankings.items()}
-        overlap = {f"{a}|{b}": len(tops[a] & tops[b]) / max(1, len(tops[a]))
-                   for i, a in enumerate(chosen) for b in chosen[i + 1:]}
+        _, pairs = exports.overlap_at_k({m: [r["index"] for r in rs] for m, rs in rankings.items()})
+        overlap = {f"{a}|{b}": pairs[(a, b)] for i, a in enumerate(chosen) for b in chosen[i + 1:]}
         return json.dumps({"image_size": size, "rankings": rankings, "overlap_at_k": overlap,
                            "model": provenance(app.explorer)})
 
@@ -114,28 +114,11 @@ def make_tools(app) -> list:
 
 
 def register(app) -> None:
-    """Inside a ``gr.Blocks``: expose every tool as an API / MCP endpoint named after its function."""
+    """Inside a ``gr.Blocks``: expose every tool as an API / MCP endpoint named after its function, bad input
+    answered in one line as on the page."""
     import gradio as gr
+
+    from abu_explorer.app.views.common import friendly
 
     for fn in make_tools(app):
-        gr.api(_one_line_errors(fn), api_name=fn.__name__)
-
-
-def _one_line_errors(fn):
-    """The tool with bad input answered as a readable ``gr.Error`` (the message only, no traceback)."""
-    import functools
-
-    import gradio as gr
-
-    from abu_explorer.artifacts import ArtifactError
-    from abu_explorer.attribution.query import QueryError
-    from abu_explorer.model.tokenizer import PromptError
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (UIError, PromptError, QueryError, ArtifactError, ValueError) as e:
-            raise gr.Error(str(e)) from None
-
-    return wrapped
+        gr.api(friendly(fn), api_name=fn.__name__)

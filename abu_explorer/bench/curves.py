@@ -22,35 +22,46 @@ def snapshots_of(entry: str) -> tuple[str, Path]:
     return model, Path(snaps) if snaps else folder.parent / "runs" / "unet-snapshots"
 
 
-def curve(entry: str, count: int) -> dict:
-    """Every snapshot of one model: epoch, its run's training minutes, CLIP and pixel-NN hit rates."""
+def points(exp, folder: Path, count: int, steps: int = 50, guidance: float | None = None, name: str = "") -> list:
+    """One point per snapshot in ``folder``: epoch, its run's training minutes, CLIP and pixel-NN hit rates on
+    ``count`` captions. The model's own weights are back in place afterwards."""
     from safetensors import safe_open
 
-    from abu_explorer.bench.model import load_entry, quality
+    from abu_explorer.bench.model import quality
 
-    model, folder = snapshots_of(entry)
-    paths = sorted(folder.glob("epoch*.safetensors"))
+    paths = sorted(Path(folder).glob("epoch*.safetensors"))
     if not paths:
         raise FileNotFoundError(f"no UNet snapshots (epochNNNN.safetensors) in {folder}")
-    exp, steps, guidance = load_entry(model)
     final = {k: v.clone() for k, v in exp.unet.state_dict().items()}
-    points = []
+    out = []
     try:
         for path in paths:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata()
             exp.unet.load_state_dict(artifacts.load_safetensors(path))
             q = quality(exp, count, guidance, steps=steps)
-            points.append({"epoch": int(meta["epoch"]), "train_minutes": float(meta["seconds"]) / 60,
-                           "clip_top1": q["generated"]["top1"], "clip_top10": q["generated"]["top10"],
-                           "pixel_nn_top1": q["pixel_nn"]["top1"], "pixel_nn_top5": q["pixel_nn"]["top5"]})
-            p = points[-1]
-            print(f"  {model}: epoch {p['epoch']:4d} {p['train_minutes']:6.1f} min  pixel-NN top-1 "
+            out.append({"epoch": int(meta["epoch"]), "train_minutes": float(meta["seconds"]) / 60,
+                        "clip_top1": q["generated"]["top1"], "clip_top10": q["generated"]["top10"],
+                        "pixel_nn_top1": q["pixel_nn"]["top1"], "pixel_nn_top5": q["pixel_nn"]["top5"]})
+            p = out[-1]
+            print(f"  {name}: epoch {p['epoch']:4d} {p['train_minutes']:6.1f} min  pixel-NN top-1 "
                   f"{p['pixel_nn_top1']:.3f} top-5 {p['pixel_nn_top5']:.3f}  CLIP top-10 {p['clip_top10']:.3f}",
                   flush=True)
     finally:
         exp.unet.load_state_dict(final)
-    return {"model": model, "snapshots": str(folder), "recipe": exp.meta["unet"]["recipe"], "points": points}
+    return out
+
+
+def curve(entry: str, count: int) -> dict:
+    """Every snapshot of one model (``MODEL[@SAMPLER:STEPS[:GUIDANCE]][=SNAPSHOTS]``)."""
+    from abu_explorer.bench.model import load_entry
+
+    model, folder = snapshots_of(entry)
+    if not sorted(folder.glob("epoch*.safetensors")):
+        raise FileNotFoundError(f"no UNet snapshots (epochNNNN.safetensors) in {folder}")
+    exp, steps, guidance = load_entry(model)
+    return {"model": model, "snapshots": str(folder), "recipe": exp.meta["unet"]["recipe"],
+            "points": points(exp, folder, count, steps, guidance, name=model)}
 
 
 def curves(entries: list[str], count: int) -> dict:

@@ -135,21 +135,11 @@ def speed(exp: Explorer, recipe: train.StageConfig | None = None, steps: int = 5
 
 
 def snapshot_curve(exp: Explorer, folder: Path, count: int) -> list[dict]:
-    rows = []
-    base = {k: v.clone() for k, v in exp.unet.state_dict().items()}
-    for path in sorted(Path(folder).glob("epoch*.safetensors")):
-        from safetensors import safe_open
+    """``--snapshots``: the CLIP figures of each snapshot, in the rows ``bench/plots.py`` draws."""
+    from abu_explorer.bench.curves import points
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        exp.unet.load_state_dict(artifacts.load_safetensors(path))
-        q = quality(exp, count)
-        rows.append({"epoch": int(meta["epoch"]), "train_minutes": float(meta["seconds"]) / 60,
-                     "top1": q["generated"]["top1"], "top10": q["generated"]["top10"]})
-        print(f"  epoch {rows[-1]['epoch']:4d}  {rows[-1]['train_minutes']:6.1f} min  "
-              f"top-1 {rows[-1]['top1']:.3f}  top-10 {rows[-1]['top10']:.3f}", flush=True)
-    exp.unet.load_state_dict(base)
-    return rows
+    return [{"epoch": p["epoch"], "train_minutes": p["train_minutes"], "top1": p["clip_top1"],
+             "top10": p["clip_top10"]} for p in points(exp, folder, count)]
 
 
 def main(args) -> dict:

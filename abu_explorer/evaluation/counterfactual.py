@@ -176,8 +176,9 @@ def floor(explorer, queries: list, results_dir: Path, recipe: train.StageConfig 
     if doc is not None and all(i in doc["queries"] for i in ids):
         return doc
     weights = out / "unet.safetensors"
-    unet = components.build_unet(dict(explorer.unet.config))
     if weights.exists():
+        with components.seeded_global_rng(recipe.seed):
+            unet = components.build_unet(dict(explorer.unet.config))
         unet.load_state_dict(artifacts.load_safetensors(weights))
         unet.eval()
         seconds = doc["train_seconds"] if doc else None

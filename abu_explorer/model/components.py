@@ -126,8 +126,6 @@ def num_params(module: torch.nn.Module) -> int:
 
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 matmul units (AVX512-BF16 or AMX). fp32 stays the default."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from abu_explorer.machine import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())

@@ -50,9 +50,9 @@ def build(app) -> QueryInputs:
             with gr.Accordion("or drag a box on the image", open=False):
                 from gradio_image_annotation import image_annotator
 
-                drag = image_annotator(label="drag a box", image_type="pil", single_box=True, sources=[], disable_edit_boxes=True,
-                                       show_download_button=False, show_clear_button=False,
-                                       height=inputs.SHOW + 40, elem_id="drag")
+                drag = image_annotator(label="drag a box", image_type="pil", single_box=True, sources=[],
+                                       disable_edit_boxes=True, show_download_button=False,
+                                       show_clear_button=False, height=inputs.SHOW + 40, elem_id="drag")
         # 3. the methods
         with gr.Column(scale=1, min_width=280):
             k = gr.Slider(1, min(service.MAX_K, n_train), value=10, step=1, label="K (images per method)")
