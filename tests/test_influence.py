@@ -118,7 +118,8 @@ def test_scores_equal_kronfluence_pairwise_scores(tiny_explorer, tmp_path):
     analyzer.compute_pairwise_scores("s", "f", qry, train, per_device_query_batch_size=1, per_device_train_batch_size=8,
                                      score_args=ScoreArguments(damping_factor=None))
     ref = analyzer.load_pairwise_scores("s")["all_modules"][0]
-    assert _pearson(scores, ref) > 0.999
+    # two EK-FAC fits of float32 factors: 0.9999+ at one thread, 0.99894 at two threads on an AMD EPYC
+    assert _pearson(scores, ref) > 0.998
     assert float((scores - ref.float()).abs().max()) < 0.05 * float(ref.abs().max())
 
 

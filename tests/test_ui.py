@@ -260,23 +260,6 @@ def test_gpu_decorator_is_a_no_op_without_spaces_and_used_with_it(monkeypatch):
     assert seen == [f] and wrapped(1) == 2 and wrapped.__name__ == "f"
 
 
-def test_a_running_job_computes_with_its_own_thread_count(monkeypatch):
-    from abu_explorer.app.jobs import JobQueue
-
-    monkeypatch.setenv("ABU_JOB_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        jobs = JobQueue()
-        job = jobs.submit("t", "t", lambda progress: {"threads": torch.get_num_threads()})
-        t0 = time.time()
-        while job.status != "done" and time.time() - t0 < 10:
-            time.sleep(0.01)
-        assert job.result == {"threads": 1} and torch.get_num_threads() == 2  # restored after the job
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_a_dragged_box_becomes_model_pixels():
     drag = {"image": None, "boxes": [{"xmin": 200, "ymin": 40.4, "xmax": 32, "ymax": 300, "label": ""}]}
     assert inputs.dragged_box(drag, 256, 32) == (4, 5, 25, 32)  # corners sorted, scaled by 32/256, clamped

@@ -7,8 +7,11 @@ at the next epoch (the checkpoint stays, so submitting the same request again re
 Admission control: at most ``per_client`` jobs queued or running per client and ``total`` on the server
 (``ABU_JOBS_PER_CLIENT``, default 2: one request is the method's retrain and the random control's;
 ``ABU_JOBS_TOTAL``, default 6). A request over a cap is refused in one line; a job already known is
-never counted twice. While a job runs, torch computes with ``ABU_JOB_THREADS`` threads (default 1), so on
-2 cores a retrain keeps one and attribution requests get the other.
+never counted twice.
+
+A job shares the process's torch thread pool with the requests: torch's thread count is process-wide, so
+changing it for a job would change the arithmetic (and the bytes) of a generation served at the same time.
+Capping a retrain to one core needs it in its own process.
 """
 from __future__ import annotations
 
@@ -71,7 +74,6 @@ class JobQueue:
     def __init__(self, per_client: int | None = None, total: int | None = None):
         self.per_client = per_client or int(os.environ.get("ABU_JOBS_PER_CLIENT", 2))
         self.total = total or int(os.environ.get("ABU_JOBS_TOTAL", 6))
-        self.threads = int(os.environ.get("ABU_JOB_THREADS", 1))
         self.jobs: dict[str, Job] = {}
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -157,10 +159,6 @@ class JobQueue:
                 if job.cancel.is_set():
                     raise Cancelled(job.key)
 
-            import torch
-
-            threads = torch.get_num_threads()
-            torch.set_num_threads(self.threads)  # the process-wide intra-op width, restored after the job
             try:
                 job.result = fn(progress)
                 job.status = "done"
@@ -168,6 +166,4 @@ class JobQueue:
                 job.status = "cancelled"
             except Exception as e:  # a failed job reports its error; the worker keeps serving
                 job.status, job.error = "failed", f"{type(e).__name__}: {e}"
-            finally:
-                torch.set_num_threads(threads)
             job.finished = time.time()
