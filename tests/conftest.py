@@ -9,7 +9,8 @@ import pytest
 import torch
 
 # ABU_TEST_THREADS=1 leaves a core free when a long job runs beside the tests
-torch.set_num_threads(int(os.environ.get("ABU_TEST_THREADS", min(2, os.cpu_count() or 1))))
+THREADS = int(os.environ.get("ABU_TEST_THREADS", min(2, os.cpu_count() or 1)))
+torch.set_num_threads(THREADS)
 
 ROOT = Path(__file__).resolve().parent.parent
 PRECOMPUTED = ROOT / "precomputed"
@@ -32,6 +33,16 @@ TINY_UNET = {
     "up_block_types": ["CrossAttnUpBlock2D"] * 2, "cross_attention_dim": 16, "attention_head_dim": 2,
     "norm_num_groups": 8,
 }
+
+
+@pytest.fixture(autouse=True)
+def _thread_count_is_left_alone():
+    """A test that changes torch's (process-wide) thread count changes the arithmetic of every test after it."""
+    yield
+    threads = torch.get_num_threads()
+    if threads != THREADS:
+        torch.set_num_threads(THREADS)
+        pytest.fail(f"this test left torch at {threads} threads (the suite runs at {THREADS}); restore it")
 
 
 @pytest.fixture(scope="session")

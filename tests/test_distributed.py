@@ -25,7 +25,11 @@ def test_two_process_results_are_bit_identical(tmp_path):
     sys.path.insert(0, str(HERE))
     import dist_worker
 
-    torch.set_num_threads(1)
-    single = dist_worker.compute()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' arithmetic; process-wide, so restored for the tests after this one
+    try:
+        single = dist_worker.compute()
+    finally:
+        torch.set_num_threads(threads)
     for key in ("losses", "fisher"):
         assert torch.equal(sharded[key], single[key]), key
