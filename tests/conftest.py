@@ -109,9 +109,9 @@ def tiny_app(tiny_model_dir, tiny_dataset, tmp_path_factory):
     """An ExplorerApp on the tiny model with every method's tables and a seconds-long retrain recipe."""
     import shutil
 
+    from abu_explorer.app.service import ExplorerApp
     from abu_explorer.attribution import abu_precompute, dtrak, influence
     from abu_explorer.model.embedded import Explorer
-    from abu_explorer.app.service import ExplorerApp
 
     root = tmp_path_factory.mktemp("tiny-app") / "precomputed"
     shutil.copytree(tiny_model_dir, root)

@@ -15,7 +15,7 @@ def test_two_process_results_are_bit_identical(tmp_path):
     for attempt in range(2):  # gloo teardown aborted once in ~10 runs ("terminate called ..."): one retry
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                             "--master-port", str(29533 + attempt), str(HERE / "dist_worker.py"), str(out)],
-                           env=env, capture_output=True, text=True, timeout=600)
+                           check=False, env=env, capture_output=True, text=True, timeout=600)
         if r.returncode == 0:
             break
     assert r.returncode == 0, r.stderr[-3000:]
