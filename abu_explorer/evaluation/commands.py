@@ -6,15 +6,19 @@ import dataclasses
 import json
 from pathlib import Path
 
+from abu_explorer.cli_options import add_precomputed
+
 
 def cmd_counterfactual(args) -> int:
     from abu_explorer.attribution import query as q
     from abu_explorer.attribution import spec
     from abu_explorer.evaluation import counterfactual
-    from abu_explorer.model import Explorer
+    from abu_explorer.model import load
 
     spec(args.method)  # unknown names fail before the model loads
-    exp = Explorer.load(args.model)
+    exp = load(args.precomputed)
+    if exp.retrain_note:
+        raise ValueError(exp.retrain_note)
     box = tuple(args.box) if args.box else None
     query = q.from_generation(exp, args.prompt, args.seed, args.steps, args.guidance, box)
     result = counterfactual.run(exp, query, args.method, args.k, Path(args.results), draw=args.draw)
@@ -30,6 +34,12 @@ def cmd_evaluate(args) -> int:
     return counterfactual_table.main(args)
 
 
+def cmd_lds(args) -> int:
+    from abu_explorer.evaluation import lds_table
+
+    return lds_table.main(args)
+
+
 def cmd_offload(args) -> int:
     if args.step == "retrain":  # needs torch + diffusers only: no Explorer here
         from abu_explorer.evaluation import offload_retrain
@@ -42,7 +52,7 @@ def cmd_offload(args) -> int:
     from abu_explorer.model import Explorer
     from abu_explorer.training import train
 
-    exp = Explorer.load(args.model)
+    exp = Explorer.load(args.precomputed)
     if args.step == "export":
         recipe = dataclasses.replace(train.UNET_RECIPE, epochs=args.epochs) if args.epochs else train.UNET_RECIPE
         doc = offload.export(exp, counterfactual_table.load_queries(Path(args.queries)), _csv(args.methods),
@@ -74,11 +84,12 @@ def add_commands(sub, default_model: str) -> None:
     c.add_argument("--k", type=int, default=17)
     c.add_argument("--draw", type=int, default=0, help="which random draw (method random)")
     c.add_argument("--results", default="results/counterfactual")
-    c.add_argument("--model", default=default_model)
+    add_precomputed(c, default_model)
     c.set_defaults(func=cmd_counterfactual)
 
-    e = sub.add_parser("evaluate", help="the counterfactual table: many leave-K-out retrains (resumable)")
-    e.add_argument("what", choices=["counterfactual"])
+    ev = sub.add_parser("evaluate", help="evaluations over many retrains (resumable): counterfactual | lds")
+    group = ev.add_subparsers(dest="what", required=True)
+    e = group.add_parser("counterfactual", help="the leave-K-out table: one retrain per (query, method, K)")
     e.add_argument("--queries", required=True, help='JSON list of {"prompt", "seed"[, "steps", "guidance", "box"]}')
     e.add_argument("--methods", default=all_methods)
     e.add_argument("--k", default="0.84%", help="comma-separated K values: counts or shares of N "
@@ -90,8 +101,22 @@ def add_commands(sub, default_model: str) -> None:
     e.add_argument("--results", default="results/counterfactual")
     e.add_argument("--assets", default="assets", help="where the table, plot and strips go ('' for none)")
     e.add_argument("--quiet", action="store_true")
-    e.add_argument("--model", default=default_model)
+    add_precomputed(e, default_model)
     e.set_defaults(func=cmd_evaluate)
+
+    lds_cmd = group.add_parser("lds", help="the linear datamodeling score: models on random halves, every method")
+    lds_cmd.add_argument("--queries", default="evaluation/lds_queries.json", help="the test and tuning splits")
+    lds_cmd.add_argument("--split", default="test", help="test (reported) or tune (for choosing settings)")
+    lds_cmd.add_argument("--num-queries", type=int, default=0, help="the first N queries of the split (0: all)")
+    lds_cmd.add_argument("--methods", default=all_methods)
+    lds_cmd.add_argument("--subsets", type=int, default=24, help="M: subset models, each on half of N")
+    lds_cmd.add_argument("--max-subsets", type=int, default=None, help="stop after this many new subset models")
+    lds_cmd.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    lds_cmd.add_argument("--results", default="results/lds")
+    lds_cmd.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
+    lds_cmd.add_argument("--quiet", action="store_true")
+    add_precomputed(lds_cmd, default_model)
+    lds_cmd.set_defaults(func=cmd_lds)
 
     o = sub.add_parser("offload", help="leave-K-out retrains on another machine: export here, retrain there "
                        "(e.g. --device cuda), import here")
@@ -113,5 +138,5 @@ def add_commands(sub, default_model: str) -> None:
     o.add_argument("--deadline-min", type=float, default=0, help="retrain: stop after this many minutes")
     o.add_argument("--results", default="results/counterfactual")
     o.add_argument("--report", default="", help="import: save the import report (JSON) here")
-    o.add_argument("--model", default=default_model)
+    add_precomputed(o, default_model)
     o.set_defaults(func=cmd_offload)

@@ -1,0 +1,165 @@
+"""The linear datamodeling score (LDS; Park et al. 2023, TRAK; Zheng et al. 2024, D-TRAK): one set of models
+trained on random halves of the training set measures every method on every query at once.
+
+Protocol (every seed is written here; ``protocol()`` records all of it beside the results):
+
+1. **Subsets.** Subset j keeps ``round(fraction * N)`` rows: the first of ``torch.randperm(N)`` drawn from a
+   generator seeded ``SUBSET_SEED + j``, sorted.
+2. **Subset models.** The UNet recipe of the shipped weights (same epochs, same initial weights, same
+   batch-order seed), trained on the kept rows only; the autoencoder and CLIP stay fixed.
+3. **Queries.** A split's (prompt, seed) list (``evaluation/lds_queries.json``, built by ``split_queries``),
+   generated once by the full model (DDIM, default guidance). The output of query q under model j is the
+   query's DDPM loss at timesteps stride/2, stride/2 + 5, ... with fixed noise (``counterfactual.query_loss``,
+   the loss dL uses).
+4. **Scores.** Every registry method, in exact mode where it has one, scores all N rows for each query
+   (higher = more responsible for the query, the order leave-K-out removes in).
+5. **LDS.** For query q the prediction for subset S_j is ``-sum_{i in S_j} score_q[i]`` (a subset holding the
+   images that made the query should give it a *lower* loss); LDS_q is the Spearman correlation over j of
+   prediction and actual loss; a method's LDS is the mean over queries with a bootstrap interval.
+
+Nearest-neighbour similarities are not additive by design; their LDS is reported with that note.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from abu_explorer import artifacts
+from abu_explorer.evaluation import counterfactual
+from abu_explorer.machine import kind as machine_kind
+from abu_explorer.machine import machine
+from abu_explorer.training import train
+
+SUBSET_SEED = 10_000  # subset j is drawn from SUBSET_SEED + j
+FRACTION = 0.5
+STRIDE = 5  # timestep stride of the query loss
+RULE = ("training rows floor((k + 0.5) * N / count), k = 0 .. count-1, prompt = the row's caption, seed = the row "
+        "index, DDIM 50 steps, default guidance; the tuning split uses offset 0.0 instead of 0.5, skipping any row "
+        "(or whose caption is) already in the test split to the next free row")
+
+
+def subset_rows(j: int, n: int, fraction: float = FRACTION) -> list[int]:
+    g = torch.Generator().manual_seed(SUBSET_SEED + j)
+    return sorted(torch.randperm(n, generator=g)[:round(fraction * n)].tolist())
+
+
+def split_queries(captions: list[str], test: int = 50, tune: int = 16) -> dict:
+    """The written rule (``RULE``): evenly spaced training captions, disjoint splits."""
+    n = len(captions)
+    test_rows = [int((k + 0.5) * n / test) for k in range(test)]
+    taken, tune_rows = set(test_rows), []
+    test_captions = {captions[r] for r in test_rows}
+    for k in range(tune):
+        r = int(k * n / tune)
+        while r in taken or captions[r] in test_captions:
+            r = (r + 1) % n
+        taken.add(r)
+        tune_rows.append(r)
+
+    def items(rows):
+        return [{"prompt": captions[r], "seed": r, "row": r, "steps": 50} for r in rows]
+
+    return {"rule": RULE, "test": items(test_rows), "tune": items(tune_rows)}
+
+
+def protocol(explorer, queries: list[dict], recipe: train.StageConfig, fraction: float = FRACTION) -> dict:
+    """Everything the subset losses depend on; its hash names the results folder."""
+    return {"unet": explorer.component_hash("unet"), "autoencoder": explorer.component_hash("autoencoder"),
+            "clip": explorer.component_hash("clip"), "data": explorer.meta["dataset"]["content_hash"],
+            "recipe": recipe.to_dict(), "fraction": fraction, "subset_seed": SUBSET_SEED, "stride": STRIDE,
+            "queries": queries}
+
+
+def key_of(doc: dict) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def results_folder(results_dir: Path, doc: dict, kind: str | None = None) -> Path:
+    """``RESULTS/<machine kind>/<protocol key>/``: one LDS table = one machine kind."""
+    return Path(results_dir) / (kind or machine_kind()) / key_of(doc)
+
+
+def query_latents(explorer, queries: list[dict]) -> list:
+    """The split's generated queries (the full model's images: what every method attributes)."""
+    from abu_explorer.attribution import query as q
+
+    return [q.from_generation(explorer, d["prompt"], int(d["seed"]), int(d.get("steps", 50)), d.get("guidance"))
+            for d in queries]
+
+
+def train_subset(explorer, j: int, built: list, folder: Path, recipe: train.StageConfig,
+                 progress: bool = True) -> dict:
+    """Subset model j (resumable from its epoch checkpoints) and each query's loss under it; written once."""
+    path = folder / f"subset_{j:03d}.json"
+    if path.exists():
+        return artifacts.load_json(path)
+    n = len(explorer.dataset)
+    kept = subset_rows(j, n)
+    exclude = set(range(n)) - set(kept)
+    unet, log = counterfactual.retrain(explorer, exclude, recipe, folder / "ckpt" / f"subset_{j:03d}", progress)
+    losses = []
+    for query in built:
+        ctx = explorer.encode_text([query.prompt])
+        losses.append(counterfactual.query_loss(unet, explorer.scheduler, query.latent, ctx, query.mask, STRIDE))
+    doc = {"subset": j, "kept": len(kept), "rows_sha256": hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16],
+           "losses": losses, "train_seconds": log["seconds"], "trained_on": machine()}
+    artifacts.save_json(path, doc)
+    import shutil
+
+    shutil.rmtree(folder / "ckpt" / f"subset_{j:03d}", ignore_errors=True)
+    return doc
+
+
+def method_scores(explorer, name: str, built: list, folder: Path) -> np.ndarray:
+    """(Q, N) scores of one method, exact mode where it has one; cached under its settings' hash."""
+    from abu_explorer.attribution import spec
+
+    ranker = spec(name).load(explorer)
+    settings = {"mode": counterfactual.removal_mode(name), **ranker.settings()}
+    path = folder / "scores" / f"{name}-{key_of(settings)}.npy"
+    if path.exists():
+        return artifacts.load_npy(path)
+    rows = [ranker.score(query, counterfactual.removal_mode(name)).scores.numpy() for query in built]
+    scores = np.stack(rows).astype(np.float64)
+    artifacts.save_npy(path, scores)
+    artifacts.save_json(path.with_suffix(".json"), {"method": name, "settings": settings})
+    return scores
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank (as scipy.stats.rankdata)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = rankdata(np.asarray(a, float)), rankdata(np.asarray(b, float))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / den) if den > 0 else 0.0
+
+
+def lds_per_query(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """scores (Q, N), masks (M, N) 0/1 of kept rows, losses (M, Q) -> LDS of each query (Q,)."""
+    predicted = -(masks @ scores.T)  # (M, Q): a subset holding the query's top images -> a lower loss
+    return np.array([spearman(predicted[:, q], losses[:, q]) for q in range(scores.shape[0])])
+
+
+def bootstrap_mean_ci(xs: np.ndarray, resamples: int = 10_000, seed: int = 0, level: float = 0.95):
+    g = np.random.default_rng(seed)
+    means = g.choice(xs, size=(resamples, len(xs)), replace=True).mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(xs.mean()), float(lo), float(hi)

@@ -1,0 +1,134 @@
+"""``python -m abu_explorer evaluate lds``: train the subset models (resumable, one result file per subset),
+score every method on the split's queries, and write the LDS table and plot (``lds.py`` has the protocol).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from abu_explorer import artifacts
+from abu_explorer.evaluation import lds
+from abu_explorer.training import train
+
+NN_NOTE = "similarities, not additive by design"
+# Published LDS for context, not a comparison of equals (D-TRAK paper, CIFAR-2, 5,000 images, M = 64 half
+# subsets, outputs averaged over 3 training x 3 evaluation seeds, generated queries): 10 / 100 timesteps.
+PUBLISHED = {"dtrak": (0.162, 0.226), "trak": (0.051, 0.121)}
+
+
+def run(explorer, queries: list[dict], methods: list[str], subsets: int, results_dir: Path,
+        assets_dir: Path | None, recipe: train.StageConfig = train.UNET_RECIPE, max_subsets: int | None = None,
+        progress: bool = True, split: str = "test") -> dict:
+    """Train what is missing of subsets 0..subsets-1 (at most ``max_subsets`` in this call), then the report."""
+    from tqdm.auto import tqdm
+
+    doc = lds.protocol(explorer, queries, recipe)
+    folder = lds.results_folder(results_dir, doc)
+    if not (folder / "protocol.json").exists():
+        artifacts.save_json(folder / "protocol.json", doc)
+    built = lds.query_latents(explorer, queries)
+    done_now, bar = 0, tqdm(total=subsets, desc="LDS subset models", disable=not progress)
+    for j in range(subsets):
+        if not (folder / f"subset_{j:03d}.json").exists():
+            if max_subsets is not None and done_now >= max_subsets:
+                break
+            lds.train_subset(explorer, j, built, folder, recipe, progress=False)
+            done_now += 1
+        bar.update(1)
+    bar.close()
+    finished = sorted(folder.glob("subset_*.json"))
+    report = {"subsets_done": len(finished), "subsets_planned": subsets, "folder": str(folder)}
+    if len(finished) >= 3:
+        report.update(evaluate(explorer, methods, built, folder, [artifacts.load_json(p) for p in finished]))
+        report["split"] = split
+        if assets_dir is not None:
+            write(report, Path(assets_dir), len(explorer.dataset))
+    return report
+
+
+def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_docs: list[dict]) -> dict:
+    """LDS per method (mean over queries, bootstrap 95% interval), with all M subsets and with the first M/2."""
+    from abu_explorer.attribution import spec
+
+    n = len(explorer.dataset)
+    masks = np.zeros((len(subset_docs), n))
+    for row, d in enumerate(subset_docs):
+        masks[row, lds.subset_rows(d["subset"], n)] = 1.0
+    losses = np.array([d["losses"] for d in subset_docs])  # (M, Q)
+    kinds = {d["trained_on"]["kind"] for d in subset_docs}
+    if len(kinds) > 1:
+        raise ValueError(f"one LDS table holds one machine kind; these subsets come from {sorted(kinds)}")
+    rows, half = {}, max(3, len(subset_docs) // 2)
+    for name in methods:
+        scores = lds.method_scores(explorer, name, built, folder)
+        per_query = lds.lds_per_query(scores, masks, losses)
+        mean, lo, hi = lds.bootstrap_mean_ci(per_query)
+        half_mean = float(lds.lds_per_query(scores, masks[:half], losses[:half]).mean())
+        m = spec(name)
+        rows[name] = {"label": m.label, "lds": mean, "ci95": [lo, hi], "lds_half": half_mean,
+                      "per_query": per_query.tolist(), "mode": "exact" if "exact" in m.modes else "",
+                      "note": NN_NOTE if m.module.endswith(".nearest") else ""}
+    return {"methods": rows, "num_subsets": len(subset_docs), "half": half, "num_queries": len(built),
+            "machine_kind": next(iter(kinds)), "num_train": n}
+
+
+def table(report: dict) -> str:
+    lines = [f"| method | LDS (mean over {report['num_queries']} queries) | 95% interval | with M/2 = "
+             f"{report['half']} subsets | note |", "|---|---|---|---|---|"]
+    for name, r in report["methods"].items():
+        lo, hi = r["ci95"]
+        pub = PUBLISHED.get(name)
+        note = r["note"] + (f"; D-TRAK paper, CIFAR-2: {pub[0]:.3f} / {pub[1]:.3f} (10 / 100 timesteps)" if pub else "")
+        lines.append(f"| {r['label']} | {r['lds']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['lds_half']:+.3f} | {note} |")
+    return "\n".join(lines)
+
+
+def write(report: dict, assets_dir: Path, n: int) -> None:
+    assets_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.save_json(assets_dir / "lds_summary.json", report)
+    artifacts.save_text(assets_dir / "lds_table.md", table(report) + f"\n\nM = {report['num_subsets']} subset models "
+                        f"(half of N = {n} each), {report['split']} split, all trained on {report['machine_kind']}.\n")
+    plot(report, assets_dir / "lds_plot.png")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["methods"])
+    r = report["methods"]
+    means = [r[m]["lds"] for m in names]
+    err = np.array([[r[m]["lds"] - r[m]["ci95"][0], r[m]["ci95"][1] - r[m]["lds"]] for m in names]).T
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.2))
+    ax.bar(range(len(names)), means, yerr=err, capsize=4, color="#4c72b0")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(names)), [r[m]["label"] for m in names], rotation=20, ha="right")
+    ax.set_ylabel("LDS (Spearman)")
+    ax.set_title(f"LDS, {report['num_queries']} queries x {report['num_subsets']} subset models "
+                 f"({report['machine_kind']}), 95% bootstrap intervals", fontsize=8)
+    fig.tight_layout()
+    artifacts.save_figure(path, fig)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    from abu_explorer.model.embedded import Explorer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    exp = Explorer.load(args.precomputed)
+    doc = artifacts.load_json(Path(args.queries))
+    if args.split not in ("test", "tune"):
+        raise ValueError(f"--split must be test or tune, got {args.split!r}")
+    queries = doc[args.split][:args.num_queries] if args.num_queries else doc[args.split]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = run(exp, queries, methods, args.subsets, Path(args.results), Path(args.assets) if args.assets else None,
+              max_subsets=args.max_subsets, progress=not args.quiet, split=args.split)
+    if "methods" in out:
+        print(table(out))
+    print(f"{out['subsets_done']}/{out['subsets_planned']} subset models done ({out['folder']})")
+    return 0

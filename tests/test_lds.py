@@ -1,0 +1,69 @@
+"""The linear datamodeling score: its arithmetic on hand-checked cases, and the resumable runner (tiny model)."""
+import json
+
+import numpy as np
+import pytest
+
+from abu_explorer.evaluation import lds, lds_table
+
+
+def test_spearman_and_ranks_match_hand_cases():
+    assert lds.rankdata(np.array([3.0, 1.0, 2.0, 2.0])).tolist() == [4.0, 1.0, 2.5, 2.5]
+    assert lds.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert lds.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1, 2, 3) vs (1, 3, 2): 1 - 6 * 2 / (3 * 8) = 0.5
+    assert lds.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    assert lds.spearman([1, 1, 1], [1, 2, 3]) == 0.0  # a constant prediction carries no ranking
+
+
+def test_lds_sign_convention():
+    """A subset holding the images a method scores high should give the query a lower loss: LDS +1."""
+    scores = np.array([[5.0, 1.0, 0.0, 0.0]])
+    masks = np.array([[1, 0, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1], [1, 1, 0, 0]], dtype=float)
+    sums = masks @ scores[0]  # 5, 1, 0, 6
+    losses = (10.0 - sums)[:, None]  # more of the helpful images -> lower loss
+    assert lds.lds_per_query(scores, masks, losses)[0] == pytest.approx(1.0)
+    assert lds.lds_per_query(-scores, masks, losses)[0] == pytest.approx(-1.0)
+
+
+def test_subsets_and_splits_follow_the_written_rule():
+    a, b = lds.subset_rows(0, 100), lds.subset_rows(1, 100)
+    assert len(a) == 50 and a == sorted(a) and a == lds.subset_rows(0, 100) and a != b
+    captions = [f"c{i % 40}" for i in range(200)]  # repeated captions: the splits must not share one
+    doc = lds.split_queries(captions, test=10, tune=6)
+    test_caps = {d["prompt"] for d in doc["test"]}
+    assert [d["row"] for d in doc["test"]] == [int((k + 0.5) * 20) for k in range(10)]
+    assert not test_caps & {d["prompt"] for d in doc["tune"]} and len(doc["tune"]) == 6
+
+
+def test_shipped_query_splits_are_the_rule_applied_to_the_data(full_dataset):
+    from pathlib import Path
+
+    shipped = json.loads((Path(__file__).resolve().parent.parent / "evaluation" / "lds_queries.json").read_text())
+    doc = lds.split_queries(full_dataset.captions)
+    assert shipped["test"] == doc["test"] and shipped["tune"] == doc["tune"] and shipped["rule"] == doc["rule"]
+
+
+def test_runner_is_resumable_and_reports_every_method(tiny_app, tmp_path):
+    from abu_explorer.attribution import names
+    from conftest import tiny_recipes
+
+    exp = tiny_app.explorer
+    queries = [{"prompt": exp.dataset.captions[i], "seed": i, "steps": 3} for i in (2, 9, 17)]
+    recipe = tiny_recipes()[2]
+    first = lds_table.run(exp, queries, ["pixel"], 4, tmp_path / "r", None, recipe, max_subsets=2, progress=False)
+    assert first["subsets_done"] == 2 and "methods" not in first  # fewer than 3 subsets: no LDS yet
+    folder = tmp_path / "r"
+    files = sorted(folder.glob("*/*/subset_*.json"))
+    stamp = [f.stat().st_mtime_ns for f in files]
+    out = lds_table.run(exp, queries, list(names()), 4, folder, tmp_path / "assets", recipe, progress=False)
+    assert [f.stat().st_mtime_ns for f in files] == stamp  # finished subsets are never retrained
+    assert out["num_subsets"] == 4 and set(out["methods"]) == set(names())
+    for r in out["methods"].values():
+        assert -1 <= r["lds"] <= 1 and r["ci95"][0] <= r["lds"] <= r["ci95"][1] and len(r["per_query"]) == 3
+    assert out["methods"]["pixel"]["note"] and not out["methods"]["abu"]["note"]
+    assert out["methods"]["abu"]["mode"] == "exact"
+    assert (tmp_path / "assets" / "lds_plot.png").exists()
+    assert "AbU" in (tmp_path / "assets" / "lds_table.md").read_text()
+    proto = json.loads(next(folder.glob("*/*/protocol.json")).read_text())
+    assert proto["subset_seed"] == lds.SUBSET_SEED and proto["queries"] == queries
