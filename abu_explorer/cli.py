@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from abu_explorer.cli_options import add_precomputed
+
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "precomputed"
 
 
@@ -21,9 +23,9 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from abu_explorer.model.embedded import Explorer
+    from abu_explorer.model import load
 
-    exp = Explorer.load(args.model)
+    exp = load(args.precomputed)
     t0 = time.perf_counter()
     result = exp.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
     seconds = time.perf_counter() - t0
@@ -38,7 +40,7 @@ def _cmd_generate(args) -> int:
     from abu_explorer import artifacts
 
     artifacts.save_png(out, img)
-    unknown = exp.tokenizer.unknown_words(args.prompt)
+    unknown = exp.unknown_words(args.prompt)
     if unknown:
         print(f"note: words the model does not know (read as <unk>): {', '.join(unknown)}")
     print(f"wrote {out} ({img.width}x{img.height}) in {seconds:.2f} s")
@@ -48,9 +50,9 @@ def _cmd_generate(args) -> int:
 def _cmd_examples(args) -> int:
     from abu_explorer.app import examples
     from abu_explorer.app.service import ExplorerApp
-    from abu_explorer.model.embedded import Explorer
+    from abu_explorer.model import load
 
-    app = ExplorerApp(Explorer.load(args.model), Path(args.results))
+    app = ExplorerApp(load(args.precomputed), Path(args.results))
     out = examples.build(app, Path(args.queries), progress=not args.quiet)
     print(f"wrote {out / 'examples.json'}")
     return 0
@@ -81,29 +83,59 @@ def _cmd_dataset(args) -> int:
 
 
 def _cmd_precompute(args) -> int:
-    from abu_explorer.attribution import distributed, spec
-    from abu_explorer.model import Explorer
+    """Tables of a precomputed folder's model (``--precomputed DIR``), or a diffusers model's whole folder
+    (``--model M --data D --out DIR``: backend.json, then every method's tables)."""
+    from abu_explorer.attribution import METHODS, distributed, spec
+    from abu_explorer.model import load
 
-    method = spec(args.method)
     distributed.init_from_env()
-    exp = Explorer.load(args.model)
-    t0 = time.perf_counter()
-    folder = method.precompute(exp, _tables_config(args), args.out or None, progress=not args.quiet)
-    if distributed.rank_world()[0] == 0:
-        print(f"{args.method} tables in {folder} ({time.perf_counter() - t0:.1f} s)")
+    if args.model or args.data or args.out:
+        if not (args.model and args.data and args.out):
+            raise ValueError("a diffusers model needs all three of --model M --data FOLDER --out DIR; "
+                             "the tables of an existing folder: --precomputed DIR")
+        exp = _new_pipeline_folder(args)
+    else:
+        exp = load(args.precomputed)
+    names = [m.name for m in METHODS if m.tables] if args.method == "all" else [spec(args.method).name]
+    for name in names:
+        t0 = time.perf_counter()
+        folder = spec(name).precompute(exp, _tables_config(args, name), None, progress=not args.quiet)
+        if distributed.rank_world()[0] == 0:
+            print(f"{name} tables in {folder} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
-def _tables_config(args):
+def _new_pipeline_folder(args):
+    from abu_explorer.model.diffusers_backend import (
+        BACKEND_FILE,
+        PipelineBackend,
+        PipelineSpec,
+    )
+
+    out = Path(args.out)
+    if (out / BACKEND_FILE).exists() and not args.force:
+        raise FileExistsError(f"{out} already holds a model's tables; pass --force to rebuild them")
+    spec = PipelineSpec(args.model, unet_config=args.unet_config, unet_weights=args.unet_weights,
+                        variant=args.variant or None, clip=args.clip, guidance=args.guidance)
+    if bool(spec.unet_config) != bool(spec.unet_weights):
+        raise ValueError("--unet-config and --unet-weights go together")
+    backend = PipelineBackend.load(spec, args.data, out)
+    out.mkdir(parents=True, exist_ok=True)
+    backend.save_record()
+    print(f"{args.model}: {len(backend.dataset)} images of {args.data} at {backend.image_size} px -> {out}")
+    return backend
+
+
+def _tables_config(args, method: str):
     """The precompute flags as the method's own config dataclass (saved beside its tables)."""
-    if args.method == "if":
+    if method == "if":
         from abu_explorer.attribution.influence import IFConfig
 
         return IFConfig(selection=args.selection, num_timesteps=args.timesteps, damping=args.damping)
-    if args.method == "dtrak":
+    if method == "dtrak":
         from abu_explorer.attribution.dtrak import DTrakConfig
 
-        return DTrakConfig(selection=args.selection, num_timesteps=args.timesteps)
+        return DTrakConfig(selection=args.selection, num_timesteps=args.timesteps, proj_dim=args.proj_dim)
     from abu_explorer.attribution.abu_precompute import AbUConfig
 
     return AbUConfig(selection=args.selection, fisher_passes=args.fisher_passes, num_timesteps=args.timesteps)
@@ -111,7 +143,7 @@ def _tables_config(args):
 
 def _cmd_attribute(args) -> int:
     from abu_explorer.attribution import distributed, spec
-    from abu_explorer.model import Explorer
+    from abu_explorer.model import load
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
@@ -119,7 +151,7 @@ def _cmd_attribute(args) -> int:
         raise ValueError(f"--mode must be fast or exact, got {args.mode!r}")
     method_spec = spec(args.method)
     distributed.init_from_env()  # under torchrun the exact scan is sharded; rank 0 prints and writes
-    exp = Explorer.load(args.model)
+    exp = load(args.precomputed)
     n = len(exp.dataset)
     if args.k > n:
         raise ValueError(f"--k {args.k} exceeds the training set ({n} images)")
@@ -199,7 +231,7 @@ def _model_commands(sub) -> None:
     t.add_argument("--out", required=True, help="the model folder to write (the shipped one is precomputed/)")
     t.add_argument("--force", action="store_true", help="replace what --out already holds")
     t.add_argument("--run-dir", default="runs", help="resumable checkpoints")
-    t.add_argument("--data", default="", help="your own folder of NAME.png + NAME.txt (caption) instead of OpenMoji")
+    t.add_argument("--data", default="", help="your own images instead of OpenMoji: an imagefolder (metadata.jsonl, one caption per image) or NAME.png + NAME.txt pairs")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 
@@ -211,7 +243,7 @@ def _model_commands(sub) -> None:
     g.add_argument("--size", type=int, default=0, help="upscale (nearest) to this many pixels for display")
     g.add_argument("--out", required=True)
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
-    g.add_argument("--model", default=str(DEFAULT_DIR), help="precomputed folder")
+    add_precomputed(g, str(DEFAULT_DIR))
     g.set_defaults(func=_cmd_generate)
 
     d = sub.add_parser("dataset", help="render the OpenMoji set into the cache; optionally a contact sheet")
@@ -222,14 +254,26 @@ def _model_commands(sub) -> None:
 def _attribution_commands(sub) -> None:
     from abu_explorer.attribution import METHODS
 
-    pc = sub.add_parser("precompute", help="build a method's tables: AbU (Fisher, losses), D-TRAK or IF features (torchrun-able)")
-    pc.add_argument("--model", default=str(DEFAULT_DIR))
-    pc.add_argument("--method", default="abu", choices=[m.name for m in METHODS if m.tables])
-    pc.add_argument("--out", default="", help="default: MODEL/<method>")
+    pc = sub.add_parser("precompute", help="build the methods' tables (torchrun-able): of a precomputed folder, "
+                        "or of your diffusers model and image folder")
+    pc.add_argument("--precomputed", default=str(DEFAULT_DIR), help="a folder whose model is already set up")
+    pc.add_argument("--method", default="abu", choices=["all"] + [m.name for m in METHODS if m.tables])
+    pc.add_argument("--model", default="", help="a diffusers pipeline folder or Hub id (with --data and --out)")
+    pc.add_argument("--data", default="", help="its training images: an imagefolder (metadata.jsonl) or NAME.png + "
+                    "NAME.txt folder")
+    pc.add_argument("--out", default="", help="the precomputed folder to write for --model")
+    pc.add_argument("--unet-config", default="", help="a UNet2DConditionModel config.json (with --unet-weights): "
+                    "--model then supplies only vae/, text_encoder/, tokenizer/, scheduler/")
+    pc.add_argument("--unet-weights", default="", help=".safetensors, or .bin (read with weights_only=True)")
+    pc.add_argument("--variant", default="", help="weight variant of the pipeline (e.g. fp16)")
+    pc.add_argument("--clip", default="", help="an open_clip folder (this project's format) for the CLIP baseline")
+    pc.add_argument("--guidance", type=float, default=7.5, help="--model: its default guidance scale")
+    pc.add_argument("--force", action="store_true", help="rebuild an --out folder that exists")
     pc.add_argument("--selection", default="cross-attn", choices=["cross-attn", "attn", "all"])
     pc.add_argument("--fisher-passes", type=int, default=5)
     pc.add_argument("--timesteps", type=int, default=10)
     pc.add_argument("--damping", type=float, default=None, help="if: EK-FAC damping (default 0.1 x mean eigenvalue)")
+    pc.add_argument("--proj-dim", type=int, default=1024, help="dtrak: random projection size (below N)")
     pc.add_argument("--quiet", action="store_true")
     pc.set_defaults(func=_cmd_precompute)
 
@@ -255,14 +299,14 @@ def _attribution_commands(sub) -> None:
     a.add_argument("--clip-pretrained", default="", help="clip: its pretrained tag (open_clip download) or a "
                    "local .safetensors checkpoint")
     a.add_argument("--json", default="")
-    a.add_argument("--model", default=str(DEFAULT_DIR))
+    add_precomputed(a, str(DEFAULT_DIR))
     a.set_defaults(func=_cmd_attribute)
 
     x = sub.add_parser("examples", help="precompute the app's curated examples (every method's ranking)")
     x.add_argument("--queries", default="evaluation/counterfactual_queries.json")
     x.add_argument("--results", default="results/counterfactual")
     x.add_argument("--quiet", action="store_true")
-    x.add_argument("--model", default=str(DEFAULT_DIR))
+    add_precomputed(x, str(DEFAULT_DIR))
     x.set_defaults(func=_cmd_examples)
 
     ls = sub.add_parser("methods", help="list the attribution methods (the registry)")
@@ -272,9 +316,13 @@ def _attribution_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from abu_explorer.artifacts import ArtifactError
+    from abu_explorer.cli_options import OLD_MODEL_HINT
     from abu_explorer.model.tokenizer import PromptError
 
     args = parser().parse_args(argv)
+    if getattr(args, "old_model", None):
+        print(f"error: {OLD_MODEL_HINT}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (PromptError, ArtifactError, ValueError, FileNotFoundError, FileExistsError) as e:

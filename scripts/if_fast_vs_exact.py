@@ -22,12 +22,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queries", type=int, default=4)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--model", default="precomputed")
+    p.add_argument("--precomputed", default="precomputed")
     p.add_argument("--json", default="")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    exp = Explorer.load(args.model)
+    exp = Explorer.load(args.precomputed)
     n, caps = len(exp.dataset), exp.dataset.captions
     method = influence.InfluenceFunctions.load(exp)
     rows = []

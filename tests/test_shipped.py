@@ -40,7 +40,8 @@ def test_generate_cli_is_byte_identical_and_upscales(tmp_path):
 def test_generate_cli_bad_input_exits_2_without_traceback(tmp_path):
     for args, msg in [(["--prompt", ""], "empty"), (["--prompt", "x", "--seed", "-3"], "seed"),
                       (["--prompt", "x", "--steps", "0"], "steps"),
-                      (["--prompt", "x", "--model", str(tmp_path / "nope")], "train")]:
+                      (["--prompt", "x", "--precomputed", str(tmp_path / "nope")], "train"),
+                      (["--prompt", "x", "--model", str(tmp_path / "nope")], "--precomputed DIR")]:
         r = _cli("generate", *args, "--out", str(tmp_path / "x.png"))
         assert r.returncode == 2, (args, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr

@@ -1,6 +1,7 @@
 """The Gradio page: four tabs (``views/``), each wiring its events to an ``ExplorerApp`` (``service.py``).
 
-``ABU_MODEL_DIR`` and ``ABU_RESULTS_DIR`` point it at another model folder / counterfactual results folder.
+``python app.py --precomputed DIR`` (or ``ABU_PRECOMPUTED``) serves another precomputed folder, a diffusers
+model's included; ``ABU_RESULTS_DIR`` points it at another counterfactual results folder.
 """
 
 import os
@@ -10,11 +11,11 @@ ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets"
 
 
-def default_app():
+def default_app(precomputed: str | Path | None = None):
     from abu_explorer.app.service import ExplorerApp
-    from abu_explorer.model import Explorer
+    from abu_explorer.model import load
 
-    explorer = Explorer.load(os.environ.get("ABU_MODEL_DIR", ROOT / "precomputed"))
+    explorer = load(precomputed or os.environ.get("ABU_PRECOMPUTED", ROOT / "precomputed"))
     return ExplorerApp(explorer, Path(os.environ.get("ABU_RESULTS_DIR", ROOT / "results" / "counterfactual")))
 
 
@@ -26,9 +27,10 @@ def build_demo(app=None):
 
     app = app or default_app()
     with gr.Blocks(title="AbU Explorer") as demo:
-        gr.Markdown("# AbU Explorer\nWhich training images made this picture? Generate an emoji, attribute it "
+        check = ("" if app.explorer.retrain_note else ", and check the answer by removing them and retraining")
+        gr.Markdown("# AbU Explorer\nWhich training images made this picture? Generate an image, attribute it "
                     f"(or a region of it) to the {len(app.explorer.dataset)} training images, compare methods side "
-                    "by side, and check the answer by removing them and retraining.")
+                    f"by side{check}.")
         with gr.Tabs():
             with gr.Tab("Generate & attribute", id="attribute"):
                 q = attribute.build(app)

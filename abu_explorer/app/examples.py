@@ -18,12 +18,13 @@ TOP = 12
 
 
 def build(app, queries_file: Path, out: Path | None = None, methods=None, progress: bool = True) -> Path:
-    from abu_explorer.model.embedded import DEFAULT_GUIDANCE, provenance
+    from abu_explorer.model.backend import provenance
+
     out = Path(out or Path(app.explorer.root) / "examples")
     items = []
     for d in load_queries(queries_file):
         source = {"type": "generated", "prompt": d["prompt"], "seed": int(d.get("seed", 0)),
-                  "steps": int(d.get("steps", 50)), "guidance": float(d.get("guidance", DEFAULT_GUIDANCE))}
+                  "steps": int(d.get("steps", 50)), "guidance": float(d.get("guidance", app.explorer.default_guidance))}
         query = app.query(source, d.get("box"))
         name = slug(d["prompt"]) + f"_s{source['seed']}"
         rankings = {}
@@ -41,7 +42,7 @@ def build(app, queries_file: Path, out: Path | None = None, methods=None, progre
 
 def load(app, folder: Path | None = None) -> list[dict]:
     """The curated examples; [] when none were built; an error when they belong to another model."""
-    from abu_explorer.model.embedded import provenance
+    from abu_explorer.model.backend import provenance
 
     folder = Path(folder or Path(app.explorer.root) / "examples")
     if not (folder / "examples.json").exists():

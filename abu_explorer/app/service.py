@@ -51,7 +51,7 @@ class ExplorerApp:
 
     @property
     def image_size(self) -> int:
-        return self.explorer.dataset.config.image_size
+        return self.explorer.image_size
 
     def generate(self, prompt: str, seed, steps, guidance, progress=None):
         prompt = (prompt or "").strip()
@@ -126,7 +126,7 @@ class ExplorerApp:
         return out
 
     def model_hashes(self) -> dict:
-        from abu_explorer.model.embedded import provenance
+        from abu_explorer.model.backend import provenance
 
         return provenance(self.explorer)
 
@@ -183,6 +183,8 @@ class ExplorerApp:
 
     def submit_counterfactual(self, query: q.Query, method: str, k, draw: int = 0, owner: str = ""):
         """Queue (or find) the job; the random control is the same call with method 'random'."""
+        if self.explorer.retrain_note:
+            raise UIError(self.explorer.retrain_note)
         n = len(self.explorer.dataset)
         k = as_int(k, "K", 1, n - 1)  # a retrain needs at least one image
         if method not in names():
@@ -202,6 +204,8 @@ class ExplorerApp:
         """The tab's request: the method's top-K and K random images (the control), each queued unless its
         result is cached (committed results of any machine count) or its job is already on the server.
         Both jobs pass the admission caps together or neither is queued. Returns the two result keys."""
+        if self.explorer.retrain_note:
+            raise UIError(self.explorer.retrain_note)
         k = as_int(k, "K", 1, len(self.explorer.dataset) - 1)
         if method == "random":
             raise UIError("pick an attribution method: K random images are always removed next to it")

@@ -37,7 +37,7 @@ def make_tools(app) -> list:
     """The tool functions bound to one ``ExplorerApp`` (their names are the MCP tool names)."""
     from abu_explorer.app import exports
     from abu_explorer.attribution import names
-    from abu_explorer.model.embedded import provenance
+    from abu_explorer.model.backend import provenance
 
     size = app.image_size
 

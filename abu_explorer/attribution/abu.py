@@ -99,7 +99,7 @@ class AbU:
         """dtheta = theta_hat - theta_0 (flat), after ``unlearn_steps`` Newton steps."""
         cfg = self.cfg
         inv_f = 1.0 / (self.tables.fisher + cfg.fisher_damping).clamp(min=1e-30)
-        n_train = len(self.cache.text_states)
+        n_train = self.cache.num_images
         delta = torch.zeros_like(self.tables.fisher)
         for _ in range(cfg.unlearn_steps):
             with self.applied(delta):
@@ -114,16 +114,19 @@ class AbU:
     # --- 2. scoring ------------------------------------------------------------------------------
 
     def rescore(self, delta: torch.Tensor, rows: torch.Tensor, progress=None) -> torch.Tensor:
-        """Exact tau for ``rows``: mean over fixed timesteps of the loss change, max over flips."""
-        cfg = self.cfg
+        """Exact tau for image ``rows``: the loss change (mean over fixed timesteps and the image's captions),
+        max over flips."""
+        cfg, cache = self.cfg, self.cache
+        captions = cache.caption_rows(rows)
         with self.applied(delta):
-            after = loss_table(self.unet, self.explorer.scheduler, self.cache.latents, self.cache.text_states,
-                               self.tables.timesteps, cfg.noise_seed, cfg.batch_size, rows, progress)
-        change = (after - self.tables.base_losses[rows]).mean(dim=2)  # (R, F)
+            after = loss_table(self.unet, self.explorer.scheduler, cache.latents, cache.text_states,
+                               self.tables.timesteps, cfg.noise_seed, cfg.batch_size, captions, progress,
+                               cache.caption_image)
+        change = cache.per_image((after - self.tables.base_losses[captions]).mean(dim=2), rows)  # (R, F)
         return change.max(dim=1).values
 
     def screen(self, delta: torch.Tensor) -> torch.Tensor:
-        return value_shift(self.selected, delta, self.cache.text_states, self.cfg.selection)
+        return self.cache.per_image(value_shift(self.selected, delta, self.cache.text_states, self.cfg.selection))
 
     def score(self, query, mode: str = "fast", progress=None) -> Ranking:
         if mode not in ("fast", "exact"):
@@ -133,7 +136,7 @@ class AbU:
         # 1. unlearn the query
         delta = self.unlearn(query)
         phases["unlearn"] = time.perf_counter() - t0
-        n = len(self.cache.text_states)
+        n = self.cache.num_images
         if mode == "exact":
             # 2. re-measure every training image at the fixed timesteps and noise
             t1 = time.perf_counter()

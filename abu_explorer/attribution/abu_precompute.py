@@ -19,7 +19,7 @@ from abu_explorer.attribution import distributed
 from abu_explorer.attribution.ddpm_loss import eval_timesteps, loss_table
 from abu_explorer.attribution.gradients import diagonal_fisher
 from abu_explorer.attribution.params import select
-from abu_explorer.model.embedded import provenance
+from abu_explorer.model.backend import provenance
 
 HINT = "python -m abu_explorer precompute"
 # Settings that change the tables; the others are query-time options and may differ freely.
@@ -86,8 +86,10 @@ def precompute(explorer, cfg: AbUConfig = AbUConfig(), folder: Path | None = Non
     unet, sched = explorer.unet, explorer.scheduler
     timesteps = eval_timesteps(cfg.num_timesteps, sched.config.num_train_timesteps)
     meta = {"settings": cfg.table_settings(), "config": cfg.to_dict(), "timesteps": timesteps,
-            **provenance(explorer), "num_train": len(cache.text_states), "flips": cache.latents.dim() == 5,
+            **provenance(explorer), "num_train": cache.num_images, "flips": cache.latents.dim() == 5,
             "num_params": sum(p.numel() for p in select(unet, cfg.selection).values())}
+    if cache.caption_image is not None:  # caption lists: one base-loss row per caption
+        meta["num_captions"] = len(cache.text_states)
     old = artifacts.load_json(folder / "meta.json") if (folder / "meta.json").exists() else None
     same = old is not None and all(old.get(k) == v for k, v in meta.items() if k != "config")
     done = set(old.get("done", [])) if same else set()
@@ -103,13 +105,13 @@ def precompute(explorer, cfg: AbUConfig = AbUConfig(), folder: Path | None = Non
 
     if "fisher" not in done:
         f = diagonal_fisher(unet, sched, cache.latents, cache.text_states, cfg.selection, cfg.fisher_passes,
-                            cfg.fisher_seed, batch_size=64, progress=bar("fisher"))
+                            cfg.fisher_seed, batch_size=64, progress=bar("fisher"), caption_image=cache.caption_image)
         if rank == 0:
             artifacts.save_safetensors(folder / "fisher.safetensors", {"fisher": f}, meta["settings"])
         finish("fisher")
     if "base_losses" not in done:
         table = loss_table(unet, sched, cache.latents, cache.text_states, timesteps, cfg.noise_seed,
-                           cfg.batch_size, progress=bar("base losses"))
+                           cfg.batch_size, progress=bar("base losses"), caption_image=cache.caption_image)
         if rank == 0:
             artifacts.save_npy(folder / "base_losses.npy", table.numpy())
         finish("base_losses")
@@ -133,7 +135,7 @@ def load_tables(explorer, folder: Path | None = None, cfg: AbUConfig | None = No
                                       f"asked for {cfg.table_settings()}; rebuild with: {HINT}")
     fisher = artifacts.load_safetensors(folder / "fisher.safetensors", HINT)["fisher"]
     base = torch.from_numpy(artifacts.load_npy(folder / "base_losses.npy", HINT))
-    n = meta["num_train"]
+    n = meta.get("num_captions", meta["num_train"])
     if base.shape[0] != n:
         raise artifacts.ArtifactError(f"{folder}: base losses have {base.shape[0]} rows, expected {n}; rebuild: {HINT}")
     if fisher.numel() != meta["num_params"]:

@@ -84,16 +84,21 @@ def features(unet, scheduler, latents, states, rows_keys, cfg: DTrakConfig, mask
 def precompute(explorer, cfg: DTrakConfig = DTrakConfig(), folder: Path | None = None, progress=True) -> Path:
     from tqdm.auto import tqdm
 
-    from abu_explorer.model.embedded import provenance
+    from abu_explorer.model.backend import provenance
 
     folder = Path(folder or Path(explorer.root) / "dtrak")
     cache = explorer.training_cache()
     if cache.latents.dim() == 5:
         raise ValueError("D-TRAK here supports models trained without flips")
+    if cfg.proj_dim >= len(cache.latents) and cfg.lam <= 0:  # refused now, not after the whole scan
+        raise ValueError(f"D-TRAK proj_dim {cfg.proj_dim} >= N {len(cache.latents)} with lambda 0: the kernel is "
+                         "singular; choose a smaller projection (precompute --proj-dim)")
     bar = tqdm(desc="d-trak features", disable=not progress or distributed.rank_world()[0] != 0)
-    phi = features(explorer.unet, explorer.scheduler, cache.latents, cache.text_states,
-                   torch.arange(len(cache.latents)), cfg,
-                   progress=lambda i, n: (setattr(bar, "total", n), bar.update(i - bar.n)))
+    image = torch.arange(cache.num_images) if cache.caption_image is None else cache.caption_image
+    # one feature per caption row (its image's latent and noise key), then each image's mean: the projection is
+    # linear, so that is the projected gradient of the image's caption-averaged output
+    phi = cache.per_image(features(explorer.unet, explorer.scheduler, cache.latents[image], cache.text_states,
+                                   image, cfg, progress=lambda i, n: (setattr(bar, "total", n), bar.update(i - bar.n))))
     if distributed.rank_world()[0] == 0:
         artifacts.save_npy(folder / "features.npy", phi.half().numpy())
         artifacts.save_json(folder / "meta.json", {"config": cfg.to_dict(), **provenance(explorer),
@@ -115,7 +120,7 @@ class DTrak:
 
     @classmethod
     def load(cls, explorer, folder=None, **overrides):
-        from abu_explorer.model.embedded import provenance
+        from abu_explorer.model.backend import provenance
 
         folder = Path(folder or Path(explorer.root) / "dtrak")
         meta = artifacts.load_json(folder / "meta.json", HINT)

@@ -75,16 +75,18 @@ def random_draw(seed: int, sample: int, row: int, shape: tuple[int, ...], num_tr
 
 
 def diagonal_fisher(unet, scheduler, latents: torch.Tensor, states: torch.Tensor, selection: str = "cross-attn",
-                    passes: int = 5, seed: int = 0, batch_size: int = 64, progress=None) -> torch.Tensor:
-    """Mean over (pass, row) of squared per-example gradients; each sample at a random t with fresh noise.
-
-    latents: (N, C, h, w) or (N, F, C, h, w) (flip f drawn with the timestep). Returns (numel,).
+                    passes: int = 5, seed: int = 0, batch_size: int = 64, progress=None,
+                    caption_image: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over (pass, caption row) of squared per-example gradients; each sample at a random t with fresh
+    noise. latents: (N, C, h, w) or (N, F, C, h, w) (flip f drawn with the timestep); ``states`` row r
+    captions image ``caption_image[r]`` (default: image r). Returns (numel,).
     """
     from abu_explorer.attribution.ddpm_loss import ddpm_losses
 
     lat = latents if latents.dim() == 5 else latents[:, None]
+    image = torch.arange(len(states)) if caption_image is None else caption_image
     pex = PerExampleGradients(unet, selection)
-    items = [(p, r) for p in range(passes) for r in range(len(lat))]
+    items = [(p, r) for p in range(passes) for r in range(len(states))]
     shape = tuple(lat.shape[2:])
     T = scheduler.config.num_train_timesteps
 
@@ -93,7 +95,7 @@ def diagonal_fisher(unet, scheduler, latents: torch.Tensor, states: torch.Tensor
         draws = [random_draw(seed, p, r, shape, T) for p, r in chunk]
         flip = [(p + r) % lat.shape[1] for p, r in chunk]
         rows = torch.tensor([r for _, r in chunk])
-        x0 = lat[rows, torch.tensor(flip)]
+        x0 = lat[image[rows], torch.tensor(flip)]
         t = torch.tensor([d[0] for d in draws])
         noise = torch.stack([d[1] for d in draws])
         g = pex(lambda: ddpm_losses(unet, scheduler, x0, t, noise, states[rows]), len(chunk))

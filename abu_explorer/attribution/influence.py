@@ -35,6 +35,7 @@ from abu_explorer.attribution.ddpm_loss import (
     eval_timesteps,
     item_noise,
     loss_table,
+    training_target,
 )
 from abu_explorer.attribution.dtrak import QUERY_ROW
 from abu_explorer.attribution.gradients import random_draw
@@ -90,7 +91,7 @@ def _task(scheduler, modules: list[str]):
                 with torch.no_grad():
                     target = pred + torch.randn_like(pred) * (pred[0].numel() / 2) ** 0.5
             else:
-                target = noise
+                target = training_target(scheduler, x0, noise, t)
             return (pred - target).pow(2).mean(dim=(1, 2, 3)).sum()
 
         def compute_measurement(self, batch, model):
@@ -220,25 +221,28 @@ def directional_derivatives(explorer, cache, v: torch.Tensor, rows: torch.Tensor
     for sign in (1.0, -1.0):
         with _Applied(sel, sign * h * v):
             tables.append(loss_table(explorer.unet, explorer.scheduler, cache.latents, cache.text_states, ts,
-                                     cfg.noise_seed, cfg.batch_size, rows, progress))
-    return ((tables[0] - tables[1]).mean(dim=2) / (2 * h)).max(dim=1).values
+                                     cfg.noise_seed, cfg.batch_size, cache.caption_rows(rows), progress,
+                                     cache.caption_image))
+    return cache.per_image((tables[0] - tables[1]).mean(dim=2) / (2 * h), rows).max(dim=1).values
 
 
 # --- 3. precompute and score ----------------------------------------------------------------------------
 
 
 def precompute(explorer, cfg: IFConfig = IFConfig(), folder: Path | None = None, progress=True) -> Path:
-    from abu_explorer.model.embedded import provenance
+    from abu_explorer.model.backend import provenance
 
     folder = Path(folder or Path(explorer.root) / "if")
     cache = explorer.training_cache()
     lat = cache.latents[:, 0] if cache.latents.dim() == 5 else cache.latents  # factors: unflipped images
+    if cache.caption_image is not None:
+        lat = lat[cache.caption_image]  # one fitting example per (image, caption)
     t0 = time.perf_counter()
     factors = fit_factors(explorer.unet, explorer.scheduler, lat, cache.text_states, cfg, progress=progress)
     if distributed.rank_world()[0] == 0:
         artifacts.save_safetensors(folder / "factors.safetensors", {k: v.float() for k, v in factors.items()})
         artifacts.save_json(folder / "meta.json", {
-            "config": cfg.to_dict(), **provenance(explorer), "num_train": len(lat),
+            "config": cfg.to_dict(), **provenance(explorer), "num_train": cache.num_images,
             "seconds": {"fit_factors": round(time.perf_counter() - t0, 1)}})
     return folder
 
@@ -256,7 +260,7 @@ class InfluenceFunctions:
 
     @classmethod
     def load(cls, explorer, folder=None, **overrides):
-        from abu_explorer.model.embedded import provenance
+        from abu_explorer.model.backend import provenance
 
         folder = Path(folder or Path(explorer.root) / "if")
         meta = artifacts.load_json(folder / "meta.json", HINT)
@@ -287,7 +291,7 @@ class InfluenceFunctions:
         # 1. v = (H + delta)^-1 grad m(q)
         v = inverse_hvp(query_gradient(self.explorer, query, self.cfg), self.factors, self.explorer.unet, self.cfg)
         phases = {"inverse_hvp": time.perf_counter() - t0}
-        n = len(self.cache.text_states)
+        n = self.cache.num_images
         notes = "gradient of the box-masked query loss; " if query.box is not None else ""
         t1 = time.perf_counter()
         if mode == "exact":
@@ -298,7 +302,7 @@ class InfluenceFunctions:
         # 2. screen every row by how far v moves its caption's values; 3. measure the top-M exactly
         from abu_explorer.attribution.abu import fill_below, value_shift
 
-        predicted = value_shift(self.selected, v, self.cache.text_states, self.cfg.selection)
+        predicted = self.cache.per_image(value_shift(self.selected, v, self.cache.text_states, self.cfg.selection))
         rows = torch.sort(-predicted, stable=True).indices[:min(self.cfg.screen_candidates, n)]
         phases["screen"] = time.perf_counter() - t1
         t2 = time.perf_counter()

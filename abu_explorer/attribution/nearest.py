@@ -107,10 +107,11 @@ class ClipNN(_Nearest):
                 x = F.interpolate((x + 1) / 2, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
                 out.append(model.encode_image((x - mean) / std, normalize=True))
             return torch.cat(out)
-        from abu_explorer.training.train import clip_preprocess
-
-        clip = self.explorer.clip
-        return torch.cat([clip.encode_image(clip_preprocess(x), normalize=True) for x in images.split(256)])
+        embed = self.explorer.image_embedder()
+        if embed is None:
+            raise ValueError("this model has no image CLIP of its own; name an open_clip model for the CLIP "
+                             "baseline (--clip-model NAME --clip-pretrained TAG_OR_SAFETENSORS)")
+        return embed(images)
 
 
 def _external_clip(model_name: str, pretrained: str | None):

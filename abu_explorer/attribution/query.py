@@ -71,8 +71,8 @@ def from_image(explorer, image: Image.Image | str, caption: str, box: Box | None
                 image = im.copy()
         except (UnidentifiedImageError, OSError) as e:
             raise QueryError(f"cannot read image {image}: {e}") from None
-    explorer.tokenizer.encode(caption, allow_empty=False)
-    size = explorer.dataset.config.image_size
+    explorer.check_prompt(caption)
+    size = explorer.image_size
     pixels = image_to_tensor(image, size)
     latent = explorer.encode_images(pixels)[0]
     digest = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()[:16]  # two uploads never share a cache key
@@ -85,5 +85,5 @@ def from_training_image(explorer, index: int, box: Box | None = None) -> Query:
         raise QueryError(f"training index {index} out of range [0, {n})")
     x = explorer.dataset.as_tensor()[index:index + 1]
     latent = explorer.encode_images(x)[0]
-    size = explorer.dataset.config.image_size
+    size = explorer.image_size
     return with_box(Query(latent, explorer.dataset.captions[index], {"type": "train", "index": index}, size), box)

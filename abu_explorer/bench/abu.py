@@ -65,7 +65,7 @@ def main(args) -> dict:
     from abu_explorer.machine import cpu_name
     from abu_explorer.model.embedded import Explorer
 
-    exp = Explorer.load(args.model)
+    exp = Explorer.load(args.precomputed)
     engine = AbU.load(exp)
     n = len(exp.dataset)
     report = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "config": engine.cfg.to_dict()}

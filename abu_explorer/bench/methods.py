@@ -36,7 +36,7 @@ def main(args) -> dict:
     from abu_explorer.machine import cpu_name
     from abu_explorer.model.embedded import Explorer
 
-    exp = Explorer.load(args.model)
+    exp = Explorer.load(args.precomputed)
     caps = exp.dataset.captions
     n = len(caps)
     queries = [q.from_generation(exp, caps[(53 + 211 * i) % n], seed=3000 + i) for i in range(args.queries)]
@@ -56,7 +56,7 @@ def main(args) -> dict:
             loaded[name] = spec(name).load(exp)
             row["load_seconds"] = time.perf_counter() - t0
         folder = name if spec(name).tables else None
-        row["storage_mb"] = folder_mb(Path(args.model) / folder) if folder else 0.0
+        row["storage_mb"] = folder_mb(Path(args.precomputed) / folder) if folder else 0.0
         if args.precompute and folder and mode == "fast":
             row["precompute_seconds"] = time_precompute(exp, name)
         count = 1 if mode == "exact" else len(queries)

@@ -159,12 +159,12 @@ def main(args) -> dict:
         out = Path(args.grids) if args.grids else None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-        entries = dict.fromkeys([args.model, *args.compare])  # in order, each once
+        entries = dict.fromkeys([args.precomputed, *args.compare])  # in order, each once
         report = compare({e: load_entry(e) for e in entries}, args.num_captions, out, args.rounds)
         if args.json:
             artifacts.save_json(Path(args.json), report)
         return report
-    exp = Explorer.load(args.model)
+    exp = Explorer.load(args.precomputed)
     report = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_avg_at_start": os.getloadavg()[0],
               "params": {p: exp.meta[p]["params"] for p in ("autoencoder", "clip", "unet")},
@@ -178,7 +178,7 @@ def main(args) -> dict:
         print(f"  generated  top-1 {q['generated']['top1']:.3f}  top-10 {q['generated']['top10']:.3f}")
         print(f"  real       top-1 {q['real']['top1']:.3f}  top-10 {q['real']['top10']:.3f}")
         rows = eval_rows(len(exp.dataset), args.num_captions)[:60]
-        artifacts.save_png(Path(args.model).parent / "assets" / "samples.png",
+        artifacts.save_png(Path(args.precomputed).parent / "assets" / "samples.png",
                            grid(to_pil(q["images"][:60]), [exp.dataset.captions[r] for r in rows], cols=10, scale=3))
         sweep = {}
         for gscale in (1.0, 2.0, 3.0, 5.0, 8.0):

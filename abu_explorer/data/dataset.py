@@ -33,13 +33,21 @@ class DataConfig:
 
 @dataclass
 class Dataset:
-    """Images (N, H, W, 3) uint8 on white and their captions; ``index`` i is row i."""
+    """Images (N, H, W, 3) uint8 on white and their captions; ``index`` i is row i.
+
+    ``captions[i]`` is the caption shown for image i; where a folder gives several per image, ``caption_lists[i]``
+    holds them all (``captions[i]`` is the first) and every loss averages over them.
+    """
 
     images: np.ndarray
     captions: list[str]
     codes: list[str]
     config: DataConfig
     content_hash: str
+    caption_lists: list[list[str]] | None = None
+
+    def all_captions(self) -> list[list[str]]:
+        return self.caption_lists if self.caption_lists is not None else [[c] for c in self.captions]
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -58,17 +66,27 @@ class Dataset:
 
 def model_image(image: Image.Image, size: int) -> Image.Image:
     """The one policy for every image that enters the model (a training folder, an upload, its preview):
-    alpha composited on white (the training glyphs' background), then area-resized to size x size RGB."""
+    alpha composited on white (the training glyphs' background), the shorter side area-resized to ``size``,
+    then the centre ``size`` x ``size`` square cropped (a square image is only resized)."""
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB").resize((size, size), Image.Resampling.BOX)
+    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    w, h = rgb.size
+    if w == h:
+        return rgb.resize((size, size), Image.Resampling.BOX)
+    scale = size / min(w, h)
+    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (rw - size) // 2, (rh - size) // 2
+    return rgb.resize((rw, rh), Image.Resampling.BOX).crop((left, top, left + size, top + size))
 
 
-def content_hash(images: np.ndarray, captions: list[str]) -> str:
+def content_hash(images: np.ndarray, captions: list[str], caption_lists: list[list[str]] | None = None) -> str:
     h = hashlib.sha256()
     h.update(str(images.shape).encode())
     h.update(np.ascontiguousarray(images).tobytes())
     h.update("\n".join(captions).encode("utf-8"))
+    if caption_lists is not None:
+        h.update(("\x1e" + "\n".join("\x1f".join(c) for c in caption_lists)).encode("utf-8"))
     return h.hexdigest()[:16]
 
 

@@ -1,6 +1,16 @@
-"""A researcher's own data: a folder of ``NAME.png`` (or .jpg/.webp/.bmp) with ``NAME.txt`` captions."""
+"""A researcher's own data, in one of two layouts (row order = training index in both):
+
+- the Hugging Face ``imagefolder`` convention: ``metadata.jsonl`` with one ``{"file_name": ..., "text": ...}``
+  line per image, in training order (files may sit in subfolders); ``text`` may be a list of captions (as
+  MSCOCO's five), over which every loss then averages;
+- ``NAME.png`` (or .jpg/.webp/.bmp) beside ``NAME.txt`` holding its caption, rows sorted by file name.
+
+Every image passes through ``model_image`` (alpha on white, shorter side resized, centre crop): the same
+policy as uploads and their previews.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,28 +18,74 @@ from PIL import Image
 
 from .dataset import DataConfig, Dataset, content_hash, model_image
 
+EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
 
 def load_image_folder(folder: str | Path, image_size: int = 32, flip: bool = False) -> Dataset:
-    """A researcher's own data: ``name.png`` (or .jpg/.webp) with ``name.txt`` holding its caption."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in exts)
+    imagefolder = (folder / "metadata.jsonl").exists()
+    rows = _metadata_rows(folder) if imagefolder else _caption_file_rows(folder)
+    arr = np.stack([_read(p, image_size) for p, _ in rows])
+    lists = [c for _, c in rows]
+    captions = [c[0] for c in lists]
+    lists = lists if any(len(c) > 1 for c in lists) else None  # one caption each: the plain layout
+    config = DataConfig(source=f"folder:{folder.name}", image_size=image_size, flip=flip)
+    codes = [p.relative_to(folder.resolve()).as_posix() if imagefolder else p.stem for p, _ in rows]
+    return Dataset(arr, captions, codes, config, content_hash(arr, captions, lists), lists)
+
+
+def _captions(text, where: str) -> list[str]:
+    texts = text if isinstance(text, list) else [text]
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(f'{where}: "text" must be a non-empty caption or a non-empty list of them')
+    return [t.strip().lower() for t in texts]
+
+
+def _metadata_rows(folder: Path) -> list[tuple[Path, list[str]]]:
+    rows, seen = [], set()
+    meta = folder / "metadata.jsonl"
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta}:{n}: not a JSON line ({e.msg})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("file_name"), str) or "text" not in d:
+            raise ValueError(f'{meta}:{n}: each line needs "file_name" (a path) and "text" (its caption)')
+        text = _captions(d["text"], f"{meta}:{n}")
+        path = (folder / d["file_name"]).resolve()
+        if folder.resolve() not in path.parents:
+            raise ValueError(f"{meta}:{n}: {d['file_name']} lies outside the folder")
+        if not path.is_file():
+            raise ValueError(f"{meta}:{n}: image {d['file_name']} not found")
+        if path in seen:
+            raise ValueError(f"{meta}:{n}: {d['file_name']} is listed twice")
+        seen.add(path)
+        rows.append((path, text))
+    if not rows:
+        raise ValueError(f"{meta}: no images listed")
+    return rows
+
+
+def _caption_file_rows(folder: Path) -> list[tuple[Path, list[str]]]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTS)
     if not files:
-        raise ValueError(f"{folder}: no images (.png/.jpg/.webp/.bmp) found")
-    images, captions, codes = [], [], []
+        raise ValueError(f"{folder}: no images (.png/.jpg/.webp/.bmp) and no metadata.jsonl found")
+    rows = []
     for p in files:
         txt = p.with_suffix(".txt")
         if not txt.exists():
             raise ValueError(f"{p}: missing caption file {txt.name}")
-        try:
-            with Image.open(p) as im:
-                images.append(np.asarray(model_image(im, image_size), dtype=np.uint8))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{p}: not a readable image ({e})") from None
-        captions.append(txt.read_text(encoding="utf-8").strip().lower())
-        codes.append(p.stem)
-    arr = np.stack(images)
-    config = DataConfig(source=f"folder:{folder.name}", image_size=image_size, flip=flip)
-    return Dataset(arr, captions, codes, config, content_hash(arr, captions))
+        rows.append((p, _captions(txt.read_text(encoding="utf-8"), str(txt))))
+    return rows
+
+
+def _read(path: Path, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(model_image(im, size), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None

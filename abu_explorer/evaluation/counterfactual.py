@@ -113,6 +113,8 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
     from abu_explorer.attribution import spec
     from abu_explorer.model.embedded import Explorer
 
+    if explorer.retrain_note:
+        raise ValueError(explorer.retrain_note)
     lock = lock or contextlib.nullcontext()
     if method != "random":
         ranker = ranker or spec(method).load(explorer)

@@ -349,7 +349,7 @@ def main(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    exp = Explorer.load(args.model)
+    exp = Explorer.load(args.precomputed)
     queries = load_queries(Path(args.queries))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     ks = parse_ks(args.k, len(exp.dataset))

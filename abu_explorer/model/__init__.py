@@ -1,8 +1,13 @@
 """The model backend: what every method, evaluation and the app ask of a text-to-image model.
 
 ``backend.ModelBackend`` is the interface; ``embedded.Explorer`` implements it for the embedded
-latent-diffusion model built from the JSON configs in ``configs/`` by ``components``.
+latent-diffusion model built from the JSON configs in ``configs/`` by ``components``, and
+``diffusers_backend.PipelineBackend`` for a diffusers model with an image folder. ``load`` is the one
+factory: a precomputed folder with ``backend.json`` holds a diffusers model's tables, any other the
+embedded model.
 """
+from pathlib import Path
+
 from abu_explorer.model.embedded import (
     DEFAULT_GUIDANCE,
     Explorer,
@@ -11,4 +16,14 @@ from abu_explorer.model.embedded import (
     provenance,
 )
 
-__all__ = ["DEFAULT_GUIDANCE", "Explorer", "Generation", "TrainingCache", "provenance"]
+
+def load(precomputed: str | Path = "precomputed", **options):
+    """The backend whose tables live in ``precomputed`` (``options`` go to ``Explorer.load``)."""
+    from abu_explorer.model.diffusers_backend import BACKEND_FILE, PipelineBackend
+
+    if (Path(precomputed) / BACKEND_FILE).exists():
+        return PipelineBackend.from_precomputed(precomputed)
+    return Explorer.load(precomputed, **options)
+
+
+__all__ = ["DEFAULT_GUIDANCE", "Explorer", "Generation", "TrainingCache", "load", "provenance"]

@@ -52,3 +52,29 @@ class ModelBackend(Protocol):
     def generate(self, prompt: str, seed: int = 0, steps: int = 50, guidance: float | None = None,
                  callback=None):
         """A ``Generation``: same prompt + seed + settings -> the same image, byte for byte."""
+
+    @property
+    def image_size(self) -> int:
+        """Pixels per side of the model's images (training rows, uploads and boxes are in these units)."""
+
+    default_guidance: float  # classifier-free guidance scale when none is given
+
+    def check_prompt(self, prompt: str) -> None:
+        """Raise ``PromptError`` (one readable line) for a prompt the text encoder cannot take."""
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words the text encoder reads as unknown (a word-level vocabulary); [] for subword tokenizers."""
+
+    def provenance(self) -> dict:
+        """Every component's weights hash and the data hash: recorded beside (and checked against) every table."""
+
+    def image_embedder(self):
+        """(images in [-1, 1] -> unit embeddings) of the CLIP that the CLIP nearest-neighbour baseline uses,
+        or None when the model has none (the baseline then needs an open_clip model named by the user)."""
+
+    retrain_note: str  # "" when remove-and-regenerate can retrain this model, else one line saying why not
+
+
+def provenance(backend: ModelBackend) -> dict:
+    """What an artifact was computed from (``backend.provenance()``)."""
+    return backend.provenance()

@@ -36,12 +36,51 @@ class Generation:
 
 @dataclass
 class TrainingCache:
+    """Latents of the N training images and the states of their R captions (R = N: one caption each).
+
+    With caption lists (``caption_image`` set), row r of ``text_states`` captions image ``caption_image[r]``,
+    and an image's loss is the mean over its captions: every method measures per caption row and then
+    averages each image's rows (``per_image``), which is exact for losses, gradients and their projections.
+    """
+
     latents: torch.Tensor  # (N, C, h, w), or (N, 2, C, h, w) with flips (slot 1 = flipped image)
-    text_states: torch.Tensor  # (N, L, D)
+    text_states: torch.Tensor  # (R, L, D)
     null_state: torch.Tensor  # (1, L, D): the empty caption, for classifier-free guidance
+    caption_image: torch.Tensor | None = None  # (R,) long, non-decreasing; None: row r captions image r
+
+    @property
+    def num_images(self) -> int:
+        return len(self.latents)
+
+    def _counts(self) -> torch.Tensor:
+        return torch.bincount(self.caption_image, minlength=self.num_images)
+
+    def caption_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """The caption rows of ``images``, image by image in the given order."""
+        if self.caption_image is None:
+            return images
+        counts = self._counts()
+        starts = torch.cumsum(counts, 0) - counts
+        return torch.cat([torch.arange(int(starts[i]), int(starts[i] + counts[i])) for i in images.tolist()])
+
+    def per_image(self, values: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over each image's caption rows: ``values`` (len(caption_rows(images)), ...) ->
+        (len(images), ...); ``images`` defaults to all of them."""
+        if self.caption_image is None:
+            return values
+        images = torch.arange(self.num_images) if images is None else images
+        counts = self._counts()[images]
+        slot = torch.repeat_interleave(torch.arange(len(images)), counts)
+        sums = torch.zeros((len(images), *values.shape[1:]), dtype=values.dtype).index_add_(0, slot, values)
+        return sums / counts.to(values.dtype).view(-1, *[1] * (values.dim() - 1))
 
 
 class Explorer:
+    """The embedded model (``ModelBackend``)."""
+
+    default_guidance = DEFAULT_GUIDANCE
+    retrain_note = ""
+
     def __init__(self, root: Path, vae, clip, tokenizer: WordTokenizer, unet, scheduler_config: dict,
                  dataset: data.Dataset | None, meta: dict):
         self.root, self.vae, self.clip, self.tokenizer, self.unet = root, vae, clip, tokenizer, unet
@@ -57,7 +96,7 @@ class Explorer:
 
     @classmethod
     def load(cls, root: str | Path = "precomputed", require_unet: bool = True,
-             dataset: data.Dataset | None = None) -> "Explorer":
+             dataset: data.Dataset | None = None) -> Explorer:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         root = Path(root)
@@ -109,7 +148,28 @@ class Explorer:
         ds = self.dataset
         return ds.image(index), ds.captions[index]
 
+    @property
+    def image_size(self) -> int:
+        return self.dataset.config.image_size
+
+    def provenance(self) -> dict:
+        return {"unet_hash": self.component_hash("unet"), "autoencoder_hash": self.component_hash("autoencoder"),
+                "clip_hash": self.component_hash("clip"), "data_hash": self.meta["dataset"]["content_hash"]}
+
     # --- text, latents ---------------------------------------------------------------------------
+
+    def check_prompt(self, prompt: str) -> None:
+        self.tokenizer.encode(prompt, allow_empty=False)
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        return self.tokenizer.unknown_words(prompt)
+
+    def image_embedder(self):
+        from abu_explorer.training.train import clip_preprocess
+
+        clip = self.clip
+        return lambda images: torch.cat([clip.encode_image(clip_preprocess(x), normalize=True)
+                                         for x in images.split(256)])
 
     @torch.no_grad()  # not inference_mode: AbU differentiates through these outputs' consumers
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -171,10 +231,9 @@ class Explorer:
                 for im, z, p, s in zip(images, lat, prompts, seeds)]
 
 
-def provenance(explorer: Explorer) -> dict:
+def provenance(explorer) -> dict:
     """What an attribution artifact was computed from: every component's weights hash and the data hash."""
-    return {"unet_hash": explorer.component_hash("unet"), "autoencoder_hash": explorer.component_hash("autoencoder"),
-            "clip_hash": explorer.component_hash("clip"), "data_hash": explorer.meta["dataset"]["content_hash"]}
+    return explorer.provenance()
 
 
 def _chunks(xs: list, n: int):

@@ -22,6 +22,16 @@ class PromptError(ValueError):
     """A prompt the model cannot take (empty, too long, or holding control characters)."""
 
 
+def check_text(text) -> None:
+    """What every backend refuses before tokenizing: not text, too long to read, control characters."""
+    if not isinstance(text, str):
+        raise PromptError(f"the prompt must be text, got {type(text).__name__}")
+    if len(text) > MAX_CHARS:
+        raise PromptError(f"the prompt has {len(text):,} characters; at most {MAX_CHARS} are read")
+    if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n\r" for ch in text):
+        raise PromptError("the prompt holds control characters; type plain words")
+
+
 def normalize(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).lower()
     return text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
@@ -40,7 +50,7 @@ class WordTokenizer:
         self.context_length = context_length
 
     @classmethod
-    def from_captions(cls, captions: list[str], context_length: int) -> "WordTokenizer":
+    def from_captions(cls, captions: list[str], context_length: int) -> WordTokenizer:
         words = sorted({w for c in captions for w in split_words(c)})
         tok = cls(SPECIALS + words, context_length)
         longest = max((len(split_words(c)) for c in captions), default=0)
@@ -59,12 +69,7 @@ class WordTokenizer:
         return [w for w in split_words(text) if w not in self.index]
 
     def encode(self, text: str, allow_empty: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise PromptError(f"the prompt must be text, got {type(text).__name__}")
-        if len(text) > MAX_CHARS:
-            raise PromptError(f"the prompt has {len(text):,} characters; at most {MAX_CHARS} are read")
-        if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n\r" for ch in text):
-            raise PromptError("the prompt holds control characters; type plain words")
+        check_text(text)
         words = split_words(text)
         if not words and not allow_empty:
             raise PromptError("the prompt is empty")
@@ -85,7 +90,7 @@ class WordTokenizer:
         return {"type": "word", "context_length": self.context_length, "vocab": self.vocab}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WordTokenizer":
+    def from_dict(cls, d: dict) -> WordTokenizer:
         if d.get("type") != "word":
             raise ValueError(f"unknown tokenizer type {d.get('type')!r}")
         return cls(d["vocab"], d["context_length"])

@@ -129,6 +129,10 @@ def build(out: Path, run_dir: Path, only: str | None = None, progress: bool = Tr
     check_out(out, only, force)
     if data_folder is not None:
         ds = data.load_image_folder(data_folder)
+        if ds.caption_lists is not None:  # never a silent fallback to the first caption
+            raise ValueError(f"{data_folder}: the embedded recipe trains on one caption per image, and this folder "
+                             "lists several for some images; give one each, or attribute your own diffusers model "
+                             "(precompute --model ... --data ...), which averages over caption lists")
     else:
         ds = data.build_openmoji(data.DataConfig(), progress=progress)
     write_dataset_record(ds, Path(out), data_folder)

@@ -16,7 +16,6 @@ def build(app) -> QueryInputs:
 
     from abu_explorer.app import inputs, service
     from abu_explorer.attribution import METHODS
-    from abu_explorer.model import DEFAULT_GUIDANCE
 
     n_train = len(app.explorer.dataset)
     kind, clicks = gr.State("generated"), gr.State([])
@@ -28,7 +27,7 @@ def build(app) -> QueryInputs:
                 with gr.Row():
                     seed = gr.Number(label="seed", value=0, precision=0, minimum=0)
                     steps = gr.Slider(1, 200, value=50, step=1, label="DDIM steps")
-                guidance = gr.Slider(0, 15, value=DEFAULT_GUIDANCE, step=0.5, label="guidance")
+                guidance = gr.Slider(0, 15, value=app.explorer.default_guidance, step=0.5, label="guidance")
                 gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples([["red apple", 0], ["red heart", 0], ["banana", 0], ["grinning face", 0]],
                             inputs=[prompt, seed], cache_examples=False)

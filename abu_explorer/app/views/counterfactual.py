@@ -16,6 +16,9 @@ def build(app, q: QueryInputs) -> None:
     from abu_explorer.attribution import METHODS
 
     n_train = len(app.explorer.dataset)
+    if app.explorer.retrain_note:  # a user's model: say why, offer nothing that cannot run
+        gr.Markdown(f"Not available for this model: {app.explorer.retrain_note}.")
+        return
     gr.Markdown("Removes the method's top-K training images **and** K random images (the control), "
                 "retrains the UNet from scratch without each set (same recipe and seed; about 20-50 "
                 "minutes each on 2 CPU cores), then regenerates the query with the same noise. Results "

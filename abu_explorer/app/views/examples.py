@@ -17,6 +17,9 @@ def build(app, assets: Path) -> None:
     k = default_k(len(app.explorer.dataset))
     gr.Markdown("Curated queries with every method's ranking and the finished remove-and-regenerate "
                 "checks, all precomputed: the whole story without waiting.")
+    if not items:
+        gr.Markdown(f"No examples were built for this model; build them with: {examples.HINT} "
+                    f"--precomputed {app.explorer.root} --queries YOUR_QUERIES.json")
     choice = gr.Radio([(f"{it['source']['prompt']} (seed {it['source']['seed']})", it["name"]) for it in items],
                       label="example", elem_id="example-choice")
     with gr.Row():
@@ -29,10 +32,11 @@ def build(app, assets: Path) -> None:
             with gr.Column(min_width=150):
                 heads[m.name] = gr.Markdown()
                 gals[m.name] = gr.Gallery(label=m.label, columns=2, height=480, allow_preview=False, format="png")
-    if (assets / "counterfactual_table.md").exists():
+    own = not app.explorer.retrain_note  # the evaluation in assets/ is the embedded model's
+    if own and (assets / "counterfactual_table.md").exists():
         gr.Markdown("#### The evaluation so far (mean ± s.e. over queries; see docs/evaluation.md)\n"
                     + (assets / "counterfactual_table.md").read_text())
-    if (assets / "counterfactual_plot.png").exists():
+    if own and (assets / "counterfactual_plot.png").exists():
         gr.Image(str(assets / "counterfactual_plot.png"), label="counterfactual metrics per method", interactive=False)
 
     @friendly
