@@ -39,7 +39,7 @@ def build_demo(app=None):
             with gr.Tab("Examples", id="examples"):
                 examples.build(app, ASSETS)
             with gr.Tab("About", id="about"):
-                about.build(ASSETS)
+                about.build(ASSETS, app.explorer)
 
         def from_url(request: gr.Request):
             return prefill(dict(request.query_params) if request else {})

