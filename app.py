@@ -6,7 +6,7 @@ tables, ABU_RESULTS_DIR the counterfactual results folder.
 """
 import argparse
 
-from abu_explorer.app.demo import build_demo, default_app
+from abu_explorer.app.demo import LAUNCH, build_demo, default_app
 
 __all__ = ["build_demo"]
 
@@ -15,4 +15,4 @@ if __name__ == "__main__":
     p.add_argument("--precomputed", default=None, help="a precomputed folder (default: the embedded model's)")
     args = p.parse_args()
     # mcp_server: the API tools (generate_image, attribute_image, compare_methods) at /gradio_api/mcp/
-    build_demo(default_app(args.precomputed)).queue(max_size=32, default_concurrency_limit=1).launch(mcp_server=True)
+    build_demo(default_app(args.precomputed)).queue(max_size=32, default_concurrency_limit=1).launch(**LAUNCH)

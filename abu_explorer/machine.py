@@ -60,10 +60,12 @@ def kind(device: str = "cpu") -> str:
     return f"{platform.machine()}-{cpu_vendor()}-{isa}-torch{torch.__version__}"
 
 
-def machine() -> dict:
-    """Where this process computes: device with ISA and threads, machine kind, CPU model, library versions."""
+def machine(threads: int | None = None) -> dict:
+    """Where this process computes: device with ISA and threads, machine kind, CPU model, library versions.
+    ``threads``: the thread count of the child process that did the work, where not this process's."""
     import diffusers
     import torch
 
-    return {"device": f"cpu ({vector_isa()}, {torch.get_num_threads()} threads)", "kind": kind(),
+    threads = threads or torch.get_num_threads()
+    return {"device": f"cpu ({vector_isa()}, {threads} threads)", "kind": kind(),
             "cpu_model": cpu_name(), "torch": torch.__version__, "diffusers": diffusers.__version__}

@@ -190,6 +190,22 @@ def _open_first_tile(page) -> dict:
     return {"image": {"width": detail["w"], "height": detail["h"]}, "text": note.inner_text().strip()}
 
 
+def _tile_hover(page) -> dict:
+    """What hovering the first AbU tile shows: its tooltip (the full caption) and its label, which the gallery
+    cuts to one line with an ellipsis and the page's CSS unfolds on hover."""
+    tile = page.locator("#gallery-abu button:has(img)").first
+    tile.hover()
+    label = tile.locator(".caption-label")
+    _until(page, "the hovered tile's caption to wrap",
+           lambda: label.evaluate("el => getComputedStyle(el).whiteSpace") == "normal", 5)
+    return tile.evaluate(
+        """el => {
+            const label = el.querySelector('.caption-label');
+            return {title: el.title, label: label ? label.textContent.trim() : '',
+                    label_cut: label ? label.scrollWidth > label.clientWidth : true};
+        }""")
+
+
 def drive(url: str, screenshot: str | None = None, prompt: str = "red apple", timeout_s: float = 120.0,
           two_clicks: bool = True, headless: bool = True) -> dict:
     """Run the main flow of the app in Chromium at ``url`` and return what the page showed.
@@ -261,6 +277,7 @@ def drive(url: str, screenshot: str | None = None, prompt: str = "red apple", ti
                 raise BrowserCheckError(f"empty headings: {empty}")
             lap("attributed")
 
+            seen["tile_hover"] = _tile_hover(page)
             seen["tile"] = _soft(page, lambda: _open_first_tile(page))
             lap("tile_selected")
 

@@ -134,7 +134,9 @@ def tiny_server(tiny_app):
     demo = app_module.build_demo(tiny_app)
     demo.queue(max_size=32, default_concurrency_limit=1)
     # show_error stays off, as in production: only gr.Error messages (our readable ones) reach the client
+    from abu_explorer.app.demo import LAUNCH
+
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
-                            mcp_server=True)
+                            **LAUNCH)
     yield url
     demo.close()

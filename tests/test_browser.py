@@ -60,3 +60,11 @@ def test_select_events(seen):
     assert seen["dragged_box"]["ok"], seen["dragged_box"]  # a box dragged on the annotator fills the fields
     assert seen["tile"]["image"]["width"] > 0
     assert "training index" in seen["tile"]["text"] and spec("abu").label in seen["tile"]["text"]
+
+
+def test_a_tile_shows_its_full_caption_on_hover(seen):
+    """A tile's label is cut to one line; hovered, it wraps to show the whole "#rank caption (idx, score)",
+    which is also the tile's tooltip."""
+    hover = seen["tile_hover"]
+    assert hover["title"].startswith("#1 ") and "(idx " in hover["title"], hover
+    assert hover["title"] == hover["label"] and not hover["label_cut"], hover

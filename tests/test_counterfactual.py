@@ -130,3 +130,45 @@ def test_concurrent_jobs_match_their_solo_results(tiny_explorer, tmp_path):
         assert all(torch.equal(alone[k], both[k]) for k in alone)
     assert solo[2] == together[2]
     assert not all(torch.equal(solo[0][k], solo[1][k]) for k in solo[0])  # the two jobs differ
+
+
+def test_a_retrain_in_its_own_process_equals_one_in_this_process(tiny_explorer, tmp_path):
+    """The app's retrains run in a child process with their own thread count: the same weights as a retrain in
+    this process (to float rounding, as any two processes give), a cancel stops the child, the next call resumes
+    from its checkpoint, and the child's error comes back in one line."""
+    import dataclasses
+
+    import pytest
+
+    from abu_explorer.model import components
+    from conftest import THREADS
+
+    recipe = dataclasses.replace(tiny_recipes()[2], epochs=20)  # long enough that the cancel lands mid-run
+    here, log_here = counterfactual.retrain(tiny_explorer, {1, 4}, recipe, tmp_path / "here", progress=False)
+    other, _ = counterfactual.retrain(tiny_explorer, {2, 7}, recipe, tmp_path / "other", progress=False)
+    seen = []
+
+    def stop_after_first(epoch, log):
+        seen.append(epoch)
+        raise KeyboardInterrupt  # what a cancelled job raises from its progress callback
+
+    with pytest.raises(KeyboardInterrupt):
+        counterfactual.retrain(tiny_explorer, {1, 4}, recipe, tmp_path / "child", progress=False,
+                               on_epoch_end=stop_after_first, threads=THREADS)
+    assert seen == [1] and (tmp_path / "child" / "unet-ckpt.safetensors").exists()
+    resumed = []
+    child, log_child = counterfactual.retrain(tiny_explorer, {1, 4}, recipe, tmp_path / "child", progress=False,
+                                              on_epoch_end=lambda e, lg: resumed.append(e), threads=THREADS)
+    assert resumed[0] > 1 and resumed[-1] == recipe.epochs  # resumed, not restarted
+    assert log_child["loss"] == pytest.approx(log_here["loss"], rel=1e-5)
+    with components.seeded_global_rng(recipe.seed):
+        init = components.build_unet(dict(tiny_explorer.unet.config)).state_dict()
+
+    def dist(a, b):
+        return sum((a[k] - b[k]).double().pow(2).sum() for k in a).sqrt().item()
+
+    moved = dist(here.state_dict(), init)
+    assert dist(child.state_dict(), here.state_dict()) < 1e-3 * moved  # seen: 9e-6 of the displacement
+    assert dist(other.state_dict(), here.state_dict()) > 0.05 * moved  # another removal set: far apart
+    with pytest.raises(RuntimeError, match="ValueError: exclude holds indices outside"):
+        counterfactual.retrain(tiny_explorer, {10**6}, recipe, tmp_path / "bad", progress=False, threads=1)

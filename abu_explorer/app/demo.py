@@ -10,6 +10,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets"
 
+# A gallery tile cuts its caption to one line; hovering or focusing the tile shows all of it ...
+PAGE_CSS = """
+.thumbnail-item:hover .caption-label, .thumbnail-item:focus-visible .caption-label {
+  white-space: normal; overflow: visible; opacity: 1; max-width: calc(100% - 2 * var(--block-label-margin));
+}
+"""
+# ... and the tile's tooltip (and accessible name) is the whole caption too.
+PAGE_JS = """() => {
+  const tag = () => document.querySelectorAll('.thumbnail-item').forEach(tile => {
+    const label = tile.querySelector('.caption-label');
+    const text = label ? label.textContent.trim() : '';
+    if (text && tile.title !== text) tile.title = text;
+  });
+  new MutationObserver(tag).observe(document.body, {childList: true, subtree: true, characterData: true});
+  tag();
+}"""
+# what ``launch`` takes besides the server's own settings (Gradio 6 reads page CSS and JS there)
+LAUNCH = dict(css=PAGE_CSS, js=PAGE_JS, mcp_server=True)
+
 
 def default_app(precomputed: str | Path | None = None):
     from abu_explorer.app.service import ExplorerApp

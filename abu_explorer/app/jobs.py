@@ -9,9 +9,9 @@ Admission control: at most ``per_client`` jobs queued or running per client and 
 ``ABU_JOBS_TOTAL``, default 6). A request over a cap is refused in one line; a job already known is
 never counted twice.
 
-A job shares the process's torch thread pool with the requests: torch's thread count is process-wide, so
-changing it for a job would change the arithmetic (and the bytes) of a generation served at the same time.
-Capping a retrain to one core needs it in its own process.
+A retrain runs in a child process with its own torch thread count (``ABU_RETRAIN_THREADS``, default 1:
+``training.isolated``), so it leaves the other cores to the requests; torch's thread count is process-wide,
+and changing it in the server would change the arithmetic (and the bytes) of the generations it serves.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ and the counterfactual measurements take turns; the nearest-neighbour methods ne
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -34,10 +35,14 @@ __all__ = ["ExplorerApp", "MAX_K", "SHOW", "UIError"]
 
 
 class ExplorerApp:
-    def __init__(self, explorer, results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE):
+    def __init__(self, explorer, results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE,
+                 retrain_threads: int | None = None):
         self.explorer = explorer
         self.results_dir = Path(results_dir)
         self.recipe = recipe
+        # a retrain runs in its own process with this many threads (0: in the server's process and pool)
+        self.retrain_threads = int(os.environ.get("ABU_RETRAIN_THREADS", "1")) if retrain_threads is None \
+            else retrain_threads
         self.lock = threading.RLock()  # the shared UNet
         self._load_lock = threading.Lock()
         self._cache_lock = threading.Lock()
@@ -196,7 +201,7 @@ class ExplorerApp:
             ranker = None if method == "random" else self.method(method)  # the app's instance and settings
             return counterfactual.run(self.explorer, query, method, k, self.results_dir, self.recipe, draw=draw,
                                       progress=False, on_epoch=lambda e, total, log: progress(e, total),
-                                      lock=self.lock, ranker=ranker)
+                                      lock=self.lock, ranker=ranker, threads=self.retrain_threads)
 
         return self.jobs.submit(key, label, work, owner)
 

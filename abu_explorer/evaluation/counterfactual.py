@@ -105,11 +105,13 @@ def find_result(results_dir: Path, key: str) -> Path | None:
 
 
 def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE,
-        draw: int = 0, progress: bool = True, on_epoch=None, lock=None, ranker=None) -> dict:
+        draw: int = 0, progress: bool = True, on_epoch=None, lock=None, ranker=None,
+        threads: int | None = None) -> dict:
     """One remove-and-regenerate request on this machine; resumable (epoch checkpoints) and cached by its key.
 
     ``on_epoch(epoch, total, log)`` follows the retraining (it may raise to cancel: the checkpoint stays and
-    a later call resumes); ``lock`` guards every use of the shared UNet (attribution and measuring)."""
+    a later call resumes); ``lock`` guards every use of the shared UNet (attribution and measuring);
+    ``threads``: retrain in a child process with that many torch threads (the app's retrains: one core)."""
     from abu_explorer.attribution import spec
     from abu_explorer.model.embedded import Explorer
 
@@ -128,13 +130,14 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
         removed = removal(explorer, query, method, k, draw, ranker)
     # 2. retrain the UNet from scratch without them (same recipe, same seed)
     unet, log = retrain(explorer, set(removed), recipe, out / "ckpt", progress,
-                        (lambda e, lg: on_epoch(e, recipe.epochs, lg)) if on_epoch else None)
+                        (lambda e, lg: on_epoch(e, recipe.epochs, lg)) if on_epoch else None, threads)
     # 3. regenerate with the same noise, prompt and sampler; measure
     context = explorer.encode_text([query.prompt])
     with lock:
         loss0 = query_loss(explorer.unet, explorer.scheduler, query.latent, context, query.mask)
     loss1 = query_loss(unet, explorer.scheduler, query.latent, context, query.mask)
-    result = record(explorer, key, query, method, k, draw, removed, loss0, loss1, log["seconds"], recipe, machine())
+    result = record(explorer, key, query, method, k, draw, removed, loss0, loss1, log["seconds"], recipe,
+                    machine(threads))
     result["removal_settings"] = settings
     src = query.source
     if src.get("type") == "generated":
@@ -152,9 +155,23 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
 
 
 def retrain(explorer, exclude: set[int], recipe: train.StageConfig, ckpt_dir: Path, progress: bool = True,
-            on_epoch_end=None):
-    """The UNet retrained from scratch without ``exclude`` (same recipe, same seed); (unet, training log)."""
+            on_epoch_end=None, threads: int | None = None):
+    """The UNet retrained from scratch without ``exclude`` (same recipe, same seed); (unet, training log).
+
+    ``threads``: train in a child process with that many torch threads (``training.isolated``); the
+    arithmetic is that of a run in a process with that thread count."""
     cache = explorer.training_cache()
+    if threads:
+        from abu_explorer.training import isolated
+
+        state, log = isolated.train_unet(dict(explorer.unet.config), explorer.scheduler_config, cache.latents,
+                                         cache.text_states, cache.null_state, recipe, exclude, ckpt_dir, threads,
+                                         on_epoch_end)
+        with components.seeded_global_rng(recipe.seed):  # no draw from the server's global generator
+            unet = components.build_unet(dict(explorer.unet.config))
+        unet.load_state_dict(state)
+        unet.eval()
+        return unet, log
     with components.seeded_global_rng(recipe.seed):  # the initial weights, as the shipped UNet's
         unet = components.build_unet(dict(explorer.unet.config))
     log = train.train_unet(unet, explorer.scheduler, cache.latents, cache.text_states, cache.null_state, recipe,
