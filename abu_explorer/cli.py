@@ -132,10 +132,11 @@ def _tables_config(args, method: str):
         from abu_explorer.attribution.influence import IFConfig
 
         return IFConfig(selection=args.selection, num_timesteps=args.timesteps, damping=args.damping)
-    if method == "dtrak":
+    if method in ("dtrak", "trak"):
         from abu_explorer.attribution.dtrak import DTrakConfig
 
-        return DTrakConfig(selection=args.selection, num_timesteps=args.timesteps, proj_dim=args.proj_dim)
+        return DTrakConfig(selection=args.selection, num_timesteps=args.timesteps, proj_dim=args.proj_dim,
+                           output="loss" if method == "trak" else "square")
     from abu_explorer.attribution.abu_precompute import AbUConfig
 
     return AbUConfig(selection=args.selection, fisher_passes=args.fisher_passes, num_timesteps=args.timesteps)
@@ -200,15 +201,21 @@ def _method_options(args) -> dict:
         if any(v is not None for v in (args.alpha, args.unlearn_steps, args.unlearn_samples)):
             raise ValueError("--alpha, --unlearn-steps and --unlearn-samples only apply to --method abu")
         return {k: v for k, v in (("damping", args.damping), ("screen_candidates", args.candidates)) if v is not None}
+    damping = "damping" if args.method == "abuplus" else "fisher_damping"  # AbU+: of the EK-FAC curvature
     options = {k: v for k, v in (("alpha", args.alpha), ("unlearn_steps", args.unlearn_steps),
-                                 ("unlearn_samples", args.unlearn_samples), ("fisher_damping", args.damping),
+                                 ("unlearn_samples", args.unlearn_samples), (damping, args.damping),
                                  ("screen_candidates", args.candidates)) if v is not None}
-    if options and args.method != "abu":
-        raise ValueError(f"{', '.join(options)} only apply to --method abu (and --damping, --candidates to if)")
+    if options and args.method not in ("abu", "abuplus"):
+        raise ValueError(f"{', '.join(options)} only apply to --method abu or abuplus (and --damping, --candidates "
+                         "to if)")
     if args.clip_model:
         if args.method != "clip":
             raise ValueError("--clip-model applies to --method clip")
         options = {"model_name": args.clip_model, "pretrained": args.clip_pretrained or None}
+    if args.dino_model:
+        if args.method != "dino":
+            raise ValueError("--dino-model applies to --method dino")
+        options = {"model": args.dino_model}
     return options
 
 
@@ -273,7 +280,7 @@ def _attribution_commands(sub) -> None:
     pc.add_argument("--fisher-passes", type=int, default=5)
     pc.add_argument("--timesteps", type=int, default=10)
     pc.add_argument("--damping", type=float, default=None, help="if: EK-FAC damping (default 0.1 x mean eigenvalue)")
-    pc.add_argument("--proj-dim", type=int, default=1024, help="dtrak: random projection size (below N)")
+    pc.add_argument("--proj-dim", type=int, default=1024, help="dtrak, trak: random projection size (below N)")
     pc.add_argument("--quiet", action="store_true")
     pc.set_defaults(func=_cmd_precompute)
 
@@ -293,9 +300,10 @@ def _attribution_commands(sub) -> None:
     a.add_argument("--unlearn-steps", type=int, help="AbU Newton steps (default 1)")
     a.add_argument("--unlearn-samples", type=int, help="(noise, timestep) draws per step (default 512)")
     a.add_argument("--damping", type=float, help="abu: added to the Fisher before inverting (default 0: the paper); "
-                   "if: EK-FAC damping (default 0.1 x mean eigenvalue)")
+                   "if, abuplus: EK-FAC damping (default 0.1 x mean eigenvalue)")
     a.add_argument("--candidates", type=int, help="fast mode: rows rescored exactly (default 200)")
     a.add_argument("--clip-model", default="", help="clip: any open_clip model name instead of the project's CLIP")
+    a.add_argument("--dino-model", default="", help="dino: a DINO / DINOv2 folder or Hub id (else ABU_DINO_MODEL)")
     a.add_argument("--clip-pretrained", default="", help="clip: its pretrained tag (open_clip download) or a "
                    "local .safetensors checkpoint")
     a.add_argument("--json", default="")

@@ -110,7 +110,7 @@ def tiny_app(tiny_model_dir, tiny_dataset, tmp_path_factory):
     import shutil
 
     from abu_explorer.app.service import ExplorerApp
-    from abu_explorer.attribution import abu_precompute, dtrak, influence
+    from abu_explorer.attribution import abu_precompute, dtrak, influence, trak
     from abu_explorer.model.embedded import Explorer
 
     root = tmp_path_factory.mktemp("tiny-app") / "precomputed"
@@ -119,6 +119,7 @@ def tiny_app(tiny_model_dir, tiny_dataset, tmp_path_factory):
     abu_precompute.precompute(exp, abu_precompute.AbUConfig(fisher_passes=1, num_timesteps=2, batch_size=16),
                               progress=False)
     dtrak.precompute(exp, dtrak.DTrakConfig(num_timesteps=2, proj_dim=8, batch_size=8), progress=False)
+    trak.precompute(exp, dtrak.DTrakConfig(num_timesteps=2, proj_dim=8, batch_size=8), progress=False)
     influence.precompute(exp, influence.IFConfig(num_timesteps=2, batch_size=8, fit_draws=1), progress=False)
     return ExplorerApp(exp, root.parent / "results", recipe=tiny_recipes()[2])
 

@@ -112,7 +112,7 @@ ROWS = [
     ("API", "guidance 99", "guidance must be in [0, 50]", lambda c: _api_generate(c, guidance=99.0)),
     ("API", "box of zero area", "zero or negative area", lambda c: _api_box(c, (4, 4, 4, 10))),
     ("API", "box outside the image", "outside the 32x32 image", lambda c: _api_box(c, (0, 0, 40, 40))),
-    ("API", "unknown method", "unknown method 'dino'", lambda c: __import__("abu_explorer.attribution", fromlist=["spec"]).spec("dino")),
+    ("API", "unknown method", "unknown method 'dinosaur'", lambda c: __import__("abu_explorer.attribution", fromlist=["spec"]).spec("dinosaur")),
     ("API", "AbU alpha = inf", "alpha must be a finite number > 0", lambda c: c.app.method("abu").load(c.exp, alpha=math.inf)),
     ("API", "IF damping = nan", "damping must be a finite number", lambda c: c.app.method("if").load(c.exp, damping=math.nan)),
     ("API", "leave-K-out with K = N", "needs at least one of the", lambda c: __import__(
@@ -140,7 +140,8 @@ ROWS = [
     ("app", "box with three numbers", "needs all four", lambda c: c.app.query(GEN, (1, 2, 3, None))),
     ("app", "box of zero area", "zero or negative area", lambda c: c.app.query(GEN, (4, 4, 4, 10))),
     ("app", "K = 51 for a ranking", "K must be", lambda c: c.app.attribute(c.app.query(GEN), "clip", 51)),
-    ("app", "unknown method", "unknown method 'dino'", lambda c: c.app.attribute(c.app.query(GEN), "dino", 5)),
+    ("app", "unknown method", "unknown method 'dinosaur'", lambda c: c.app.attribute(c.app.query(GEN), "dinosaur", 5)),
+    ("app", "a method whose checkpoint was not given", "needs ABU_DINO_MODEL", lambda c: c.app.attribute(c.app.query(GEN), "dino", 5)),
     ("app", "mode 'slow'", "mode must be fast or exact", lambda c: c.app.attribute(c.app.query(GEN), "abu", 5, "slow")),
     ("app", "prompt with control characters", "control characters", lambda c: c.app.generate("red\x01apple", 0, 4, 3.0)),
     ("app", "a second retrain request over the per-visitor cap", "per visitor", _retrain_over_cap),

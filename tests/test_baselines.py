@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abu_explorer.attribution import METHODS, get_method, names, query as q
+from abu_explorer.attribution import METHODS, get_method, names, query as q, spec
 from abu_explorer.attribution.nearest import query_pixels
 
 
@@ -52,9 +52,9 @@ def test_registry_lists_every_method():
     assert names() == [m.name for m in METHODS] and {"abu", "if", "dtrak", "pixel", "clip", "random"} <= set(names())
     for m in METHODS:
         assert m.load_class().name == m.name  # each class answers to its registry name
-        assert bool(m.tables) == (m.name in ("abu", "if", "dtrak"))
+        assert bool(m.tables) == (m.name in ("abu", "if", "dtrak", "trak"))
     with pytest.raises(ValueError, match="unknown method"):
-        get_method("dino")
+        get_method("dinosaur")
 
 
 def test_docs_method_table_is_the_registry():
@@ -70,14 +70,17 @@ def test_docs_method_table_is_the_registry():
         "docs/methods.md is stale; paste the output of: python -m abu_explorer methods --markdown"
 
 
-def test_dtrak_matches_a_plain_reference(tiny_explorer, tmp_path):
+@pytest.mark.parametrize("name", ["dtrak", "trak"])
+def test_dtrak_and_trak_match_a_plain_reference(tiny_explorer, tmp_path, name):
+    """D-TRAK's output is ||eps_theta||^2, TRAK's the DDPM loss ||eps - eps_theta||^2; the rest is shared."""
     from abu_explorer.attribution import dtrak
     from abu_explorer.attribution.ddpm_loss import eval_timesteps, item_noise
     from abu_explorer.attribution.params import select
 
     cfg = dtrak.DTrakConfig(num_timesteps=2, proj_dim=8, batch_size=6)
-    dtrak.precompute(tiny_explorer, cfg, tmp_path, progress=False)
-    method = dtrak.DTrak.load(tiny_explorer, tmp_path)
+    spec(name).precompute(tiny_explorer, cfg, tmp_path, progress=False)
+    method = spec(name).load_class().load(tiny_explorer, tmp_path)
+    assert method.cfg.output == ("loss" if name == "trak" else "square")
     query = q.from_generation(tiny_explorer, "red apple", seed=5, steps=3, box=(0, 0, 20, 24))
     ranking = method.score(query)
 
@@ -91,7 +94,8 @@ def test_dtrak_matches_a_plain_reference(tiny_explorer, tmp_path):
         for t in ts:
             noise = item_noise(0, key, 0, t, tuple(latent.shape))
             xt = sched.add_noise(latent[None], noise[None], torch.tensor([t]))
-            out = unet(xt, torch.tensor([t]), state[None]).sample.pow(2)
+            pred = unet(xt, torch.tensor([t]), state[None]).sample
+            out = (pred - noise[None] if name == "trak" else pred).pow(2)
             f = out.mean() if mask is None else (out * mask).sum() / (mask.sum() * out.shape[1])
             total = total + f / len(ts)
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, params)])

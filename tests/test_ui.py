@@ -55,6 +55,8 @@ def test_bad_attribution_input_is_refused_clearly(tiny_app):
     with pytest.raises(ui.UIError, match="K"):
         tiny_app.attribute(query, "clip", 0)
     with pytest.raises(ui.UIError, match="unknown method"):
+        tiny_app.attribute(query, "dinosaur", 5)
+    with pytest.raises(ui.UIError, match="needs ABU_DINO_MODEL"):  # known, but no checkpoint was given
         tiny_app.attribute(query, "dino", 5)
     with pytest.raises(ui.UIError, match="mode"):
         tiny_app.attribute(query, "abu", 5, "slow")

@@ -25,6 +25,7 @@ from abu_explorer.app.inputs import (
 )
 from abu_explorer.app.jobs import JobQueue
 from abu_explorer.attribution import names, spec
+from abu_explorer.attribution.registry import ALL_METHODS
 from abu_explorer.attribution import query as q
 from abu_explorer.data import model_image
 from abu_explorer.evaluation import counterfactual
@@ -107,7 +108,9 @@ class ExplorerApp:
 
     def method(self, name: str):
         if name not in names():
-            raise UIError(f"unknown method {name!r}; choose from {', '.join(names())}")
+            needs = next((m.needs_env for m in ALL_METHODS if m.name == name), "")
+            raise UIError(f"method {name!r} needs {needs} set when the server starts (a checkpoint path or Hub id)"
+                          if needs else f"unknown method {name!r}; choose from {', '.join(names())}")
         with self._load_lock:
             if name not in self._methods:
                 self._methods[name] = spec(name).load(self.explorer)

@@ -72,7 +72,7 @@ def make_tools(app) -> list:
         Args:
             prompt: the caption to generate from.
             seed: the noise seed (>= 0).
-            method: one of abu (Attribution by Unlearning), if, dtrak, clip, pixel, random.
+            method: one of METHOD_NAMES (abu: Attribution by Unlearning; abuplus: its EK-FAC variant).
             k: how many of the top training images to return (1-50).
             mode: "fast" (screen, then re-measure the best candidates) or "exact" (every training image).
             box: "x0,y0,x1,y1" in image pixels to attribute only that region, or "" for the whole image.
@@ -95,7 +95,7 @@ def make_tools(app) -> list:
             prompt: the caption to generate from.
             seed: the noise seed (>= 0).
             k: how many top training images per method (1-50).
-            methods: comma-separated method names ("" for all: abu, if, dtrak, clip, pixel, random).
+            methods: comma-separated method names ("" for all: METHOD_NAMES).
             box: "x0,y0,x1,y1" in image pixels, or "" for the whole image.
             steps: sampling steps of the generation.
             guidance: guidance scale of the generation.
@@ -110,6 +110,8 @@ def make_tools(app) -> list:
         return json.dumps({"image_size": size, "rankings": rankings, "overlap_at_k": overlap,
                            "model": provenance(app.explorer)})
 
+    for fn in (attribute_image, compare_methods):  # the registry's names, not a copy of them
+        fn.__doc__ = fn.__doc__.replace("METHOD_NAMES", ", ".join(names()))
     return [generate_image, attribute_image, compare_methods]
 
 

@@ -142,7 +142,7 @@ class AbU:
             t1 = time.perf_counter()
             scores = self.rescore(delta, torch.arange(n), progress)
             phases["scan"] = time.perf_counter() - t1
-            return Ranking("abu", scores, time.perf_counter() - t0, "exact", phases)
+            return Ranking(self.name, scores, time.perf_counter() - t0, "exact", phases)
         # 2. screen all rows by the value shift of their captions
         t1 = time.perf_counter()
         predicted = self.last_screen = self.screen(delta)
@@ -154,7 +154,7 @@ class AbU:
         exact = self.rescore(delta, rows, progress)
         phases["rescore"] = time.perf_counter() - t2
         scores = fill_below(n, rows, exact, predicted)
-        return Ranking("abu", scores, time.perf_counter() - t0, "fast", phases, exact_rows=rows,
+        return Ranking(self.name, scores, time.perf_counter() - t0, "fast", phases, exact_rows=rows,
                        notes=f"all {n} rows rescored exactly (fewer rows than screen candidates)" if m >= n else
                              f"the {m} of {n} rows with the largest value shift rescored exactly; "
                              f"the others are ranked below them by the screen (their scores are placeholders)")

@@ -20,7 +20,7 @@ import torch
 
 from abu_explorer import artifacts
 from abu_explorer.attribution import Ranking, distributed
-from abu_explorer.attribution.ddpm_loss import eval_timesteps, item_noise
+from abu_explorer.attribution.ddpm_loss import ddpm_losses, eval_timesteps, item_noise
 from abu_explorer.attribution.gradients import PerExampleGradients
 from abu_explorer.attribution.settings import method_settings
 
@@ -37,6 +37,11 @@ class DTrakConfig:
     projection_seed: int = 0
     lam: float = 0.0  # ridge term; must be > 0 when proj_dim >= N
     batch_size: int = 160
+    output: str = "square"  # model output function: "square" (D-TRAK) or "loss" (TRAK as published, trak.py)
+
+    def __post_init__(self):
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {sorted(OUTPUTS)}, got {self.output!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -52,13 +57,16 @@ def project(vectors: torch.Tensor, dim: int, seed: int, chunk: int = 8192) -> to
     return out / dim ** 0.5
 
 
-def _output(unet, scheduler, x0, t, noise, context, mask=None) -> torch.Tensor:
+def _square(unet, scheduler, x0, t, noise, context, mask=None) -> torch.Tensor:
     """Per-item ||eps_theta(x_t, t)||^2 (mean over elements; masked cells only with a box)."""
     pred = unet(scheduler.add_noise(x0, noise, t), t, context).sample.pow(2)
     if mask is None:
         return pred.mean(dim=(1, 2, 3))
     w = mask.to(pred.dtype)[None, None]
     return (pred * w).sum(dim=(1, 2, 3)) / (w.sum() * pred.shape[1])
+
+
+OUTPUTS = {"square": _square, "loss": ddpm_losses}  # D-TRAK's output / the DDPM loss (TRAK)
 
 
 def features(unet, scheduler, latents, states, rows_keys, cfg: DTrakConfig, mask=None, progress=None):
@@ -74,26 +82,28 @@ def features(unet, scheduler, latents, states, rows_keys, cfg: DTrakConfig, mask
         r = torch.tensor([i for i, _ in items])
         t = torch.tensor([t for _, t in items])
         noise = torch.stack([item_noise(cfg.noise_seed, int(rows_keys[i]), 0, t, shape) for i, t in items])
-        g = pex(lambda: _output(unet, scheduler, latents[r], t, noise, states[r], mask), len(items))
+        output = OUTPUTS[cfg.output]
+        g = pex(lambda: output(unet, scheduler, latents[r], t, noise, states[r], mask), len(items))
         return project(g.view(len(idx), len(timesteps), -1).mean(dim=1), cfg.proj_dim, cfg.projection_seed)
 
     num = (len(latents) + per - 1) // per
     return torch.cat(distributed.run_batches(batch, num, progress))
 
 
-def precompute(explorer, cfg: DTrakConfig = DTrakConfig(), folder: Path | None = None, progress=True) -> Path:
+def precompute(explorer, cfg: DTrakConfig = DTrakConfig(), folder: Path | None = None, progress=True,
+               name: str = "dtrak") -> Path:
     from tqdm.auto import tqdm
 
     from abu_explorer.model.backend import provenance
 
-    folder = Path(folder or Path(explorer.root) / "dtrak")
+    folder = Path(folder or Path(explorer.root) / name)
     cache = explorer.training_cache()
     if cache.latents.dim() == 5:
         raise ValueError("D-TRAK here supports models trained without flips")
     if cfg.proj_dim >= len(cache.latents) and cfg.lam <= 0:  # refused now, not after the whole scan
         raise ValueError(f"D-TRAK proj_dim {cfg.proj_dim} >= N {len(cache.latents)} with lambda 0: the kernel is "
                          "singular; choose a smaller projection (precompute --proj-dim)")
-    bar = tqdm(desc="d-trak features", disable=not progress or distributed.rank_world()[0] != 0)
+    bar = tqdm(desc=f"{name} features", disable=not progress or distributed.rank_world()[0] != 0)
     image = torch.arange(cache.num_images) if cache.caption_image is None else cache.caption_image
     # one feature per caption row (its image's latent and noise key), then each image's mean: the projection is
     # linear, so that is the projected gradient of the image's caption-averaged output
@@ -108,6 +118,8 @@ def precompute(explorer, cfg: DTrakConfig = DTrakConfig(), folder: Path | None =
 
 class DTrak:
     name = "dtrak"
+    hint = HINT
+    tables = "dtrak"  # the folder of its training features
 
     def __init__(self, explorer, cfg: DTrakConfig, phi: torch.Tensor):
         self.explorer, self.cfg = explorer, cfg
@@ -122,15 +134,15 @@ class DTrak:
     def load(cls, explorer, folder=None, **overrides):
         from abu_explorer.model.backend import provenance
 
-        folder = Path(folder or Path(explorer.root) / "dtrak")
-        meta = artifacts.load_json(folder / "meta.json", HINT)
+        folder = Path(folder or Path(explorer.root) / cls.tables)
+        meta = artifacts.load_json(folder / "meta.json", cls.hint)
         for key, value in provenance(explorer).items():
             if meta[key] != value:
-                raise artifacts.ArtifactError(f"{folder / 'meta.json'}: {key} does not match the model; rebuild: {HINT}")
+                raise artifacts.ArtifactError(f"{folder / 'meta.json'}: {key} does not match the model; rebuild: {cls.hint}")
         cfg = dataclasses.replace(DTrakConfig(**meta["config"]), **overrides)
-        phi = torch.from_numpy(artifacts.load_npy(folder / "features.npy", HINT))
+        phi = torch.from_numpy(artifacts.load_npy(folder / "features.npy", cls.hint))
         if phi.shape != (meta["num_train"], cfg.proj_dim):
-            raise artifacts.ArtifactError(f"{folder / 'features.npy'} has shape {tuple(phi.shape)}; rebuild: {HINT}")
+            raise artifacts.ArtifactError(f"{folder / 'features.npy'} has shape {tuple(phi.shape)}; rebuild: {cls.hint}")
         method = cls(explorer, cfg, phi)
         method.folder = folder
         return method
@@ -148,5 +160,5 @@ class DTrak:
         weights = torch.cholesky_solve(phi_q.double()[:, None], self.chol)[:, 0].float()
         scores = self.phi @ weights
         notes = "gradient of the box-masked output" if query.box is not None else ""
-        return Ranking("dtrak", scores, time.perf_counter() - t0, "trak",
+        return Ranking(self.name, scores, time.perf_counter() - t0, "trak",
                        {"query_gradient": t1 - t0, "kernel": time.perf_counter() - t1}, notes=notes)

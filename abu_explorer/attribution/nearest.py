@@ -132,3 +132,67 @@ def _external_clip(model_name: str, pretrained: str | None):
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     return model, tuple(size), mean, std
+
+
+class DinoNN(_Nearest):
+    """Cosine similarity of DINO / DINOv2 image embeddings (the strongest feature baseline of the AbU paper's
+    MSCOCO table), from a local folder or a Hub id through transformers; safetensors weights only."""
+
+    name = "dino"
+
+    def __init__(self, explorer, index_type: str = "Flat", model: str | None = None):
+        import os
+
+        self.model_id = model or os.environ.get("ABU_DINO_MODEL", "")
+        if not self.model_id:
+            raise ValueError("DINO NN needs a DINO or DINOv2 checkpoint: set ABU_DINO_MODEL=PATH_OR_HUB_ID "
+                             "(e.g. facebook/dinov2-small) or pass --dino-model")
+        self.model, self.size, self.mean, self.std = _dino(self.model_id)
+        super().__init__(explorer, index_type)
+
+    def embedder_settings(self) -> dict:
+        return {"model": self.model_id, "weights": self.weights_hash}
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for x in images.split(64):  # [-1, 1] -> the checkpoint's input size and normalisation
+            x = F.interpolate((x + 1) / 2, size=self.size, mode="bicubic", align_corners=False).clamp(0, 1)
+            hidden = self.model(pixel_values=(x - self.mean) / self.std)
+            cls = hidden.pooler_output if getattr(hidden, "pooler_output", None) is not None \
+                else hidden.last_hidden_state[:, 0]
+            out.append(F.normalize(cls.float(), dim=1))
+        return torch.cat(out)
+
+    @property
+    def weights_hash(self) -> str:
+        from abu_explorer.artifacts import state_hash
+
+        if not hasattr(self, "_weights_hash"):
+            self._weights_hash = state_hash(self.model.state_dict())
+        return self._weights_hash
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINO's normalisation when no processor is saved
+
+
+def _dino(model_id: str):
+    """(model, (h, w), mean, std): the backbone, and the crop size and normalisation of its image processor
+    (the model config's image size and ImageNet statistics when it has none)."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(model_id, use_safetensors=True).eval()
+    except Exception as e:  # no such folder or id, no network, pickled weights: one readable line
+        raise ValueError(f"cannot load the DINO checkpoint {model_id!r} (safetensors only): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    mean, std, size = *IMAGENET, model.config.image_size
+    try:
+        proc = AutoImageProcessor.from_pretrained(model_id)
+        mean, std = proc.image_mean, proc.image_std
+        crop = getattr(proc, "crop_size", None) or {}
+        size = crop.get("height", size)
+    except (OSError, ValueError):
+        pass  # no preprocessor_config.json: the defaults above
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return model, size, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)

@@ -1,6 +1,8 @@
 """``python -m abu_explorer bench abu``: AbU's figures (docs/methods.md), measured and printed.
 
-1. alpha sweep on a few *tuning* training-image queries (self-rank; fast mode);
+1. alpha sweep on a few *tuning* training-image queries (self-rank and the query's own loss rise; fast mode);
+   with ``--method abuplus`` the same sweep for AbU+ beside AbU's own rise at its alpha, the calibration
+   target of AbU+'s alpha (the same unlearning strength, another direction);
 2. self-rank: a training image used as the query should rank itself near the top (held-out rows);
 3. fast vs exact on generated queries not used for tuning: overlap@10 and Spearman over the rows the
    fast mode rescored, plus timings and the per-phase breakdown;
@@ -8,7 +10,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -22,12 +23,33 @@ from abu_explorer.attribution.abu import AbU
 TUNING_ROWS = (101, 601, 1101, 1601)  # alpha is tuned on these only; evaluation rows avoid them
 
 
-def self_rank(engine: AbU, rows: list[int], mode: str = "fast") -> list[int]:
+def self_rank(engine: AbU, rows: list[int], mode: str = "fast", rises: list | None = None) -> list[int]:
+    """Each row's rank of itself as the query; ``rises`` collects its own loss rise (its score)."""
     ranks = []
     for r in rows:
         ranking = engine.score(q.from_training_image(engine.explorer, r), mode)
         ranks.append(int((ranking.order == r).nonzero()[0, 0]) + 1)
+        if rises is not None:
+            rises.append(float(ranking.scores[r]))
     return ranks
+
+
+def alpha_sweep(exp, method: str, alphas: list[float]) -> dict:
+    """Self-rank and the mean own loss rise on the tuning rows per alpha (and AbU's rise at its alpha)."""
+    from abu_explorer.attribution import spec
+
+    out = {}
+    if method != "abu":
+        rises: list[float] = []
+        self_rank(spec("abu").load(exp), list(TUNING_ROWS), rises=rises)
+        out["abu_reference_rise"] = statistics.mean(rises)
+        print(f"  AbU at its alpha: mean own loss rise {out['abu_reference_rise']:.4g}", flush=True)
+    for alpha in alphas:
+        rises = []
+        ranks = self_rank(spec(method).load(exp, alpha=alpha), list(TUNING_ROWS), rises=rises)
+        out[alpha] = {"ranks": ranks, "mean_own_rise": statistics.mean(rises)}
+        print(f"  alpha {alpha:g}: ranks {ranks}, mean own loss rise {out[alpha]['mean_own_rise']:.4g}", flush=True)
+    return out
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,20 +87,17 @@ def main(args) -> dict:
     from abu_explorer.machine import cpu_name
     from abu_explorer.model.embedded import Explorer
 
+    from abu_explorer.attribution import spec
+
     exp = Explorer.load(args.precomputed)
-    engine = AbU.load(exp)
+    engine = spec(args.method).load(exp)
     n = len(exp.dataset)
-    report = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "config": engine.cfg.to_dict()}
+    report = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "method": args.method,
+              "config": engine.cfg.to_dict()}
     print(f"CPU: {report['cpu']}, torch threads: {report['threads']}, N = {n}")
     if args.alphas:
-        print("alpha sweep (self-rank on tuning rows, fast mode):")
-        sweep = {}
-        for alpha in args.alphas:
-            tuned = AbU(exp, dataclasses.replace(engine.tables, config=dataclasses.replace(engine.cfg, alpha=alpha)),
-                        engine.cache)
-            sweep[alpha] = self_rank(tuned, list(TUNING_ROWS))
-            print(f"  alpha {alpha:g}: ranks {sweep[alpha]}", flush=True)
-        report["alpha_sweep"] = sweep
+        print(f"{args.method} alpha sweep (self-rank on tuning rows, fast mode):")
+        report["alpha_sweep"] = alpha_sweep(exp, args.method, args.alphas)
     if args.self_queries:
         step = max(1, n // args.self_queries)
         eval_rows = [r for r in range(step // 2, n, step) if r not in TUNING_ROWS][: args.self_queries]

@@ -50,8 +50,9 @@ class ModelBackend(Protocol):
         """(PIL image, caption) of training row ``index``."""
 
     def generate(self, prompt: str, seed: int = 0, steps: int = 50, guidance: float | None = None,
-                 callback=None):
-        """A ``Generation``: same prompt + seed + settings -> the same image, byte for byte."""
+                 callback=None, record: list | None = None):
+        """A ``Generation``: same prompt + seed + settings -> the same image, byte for byte. ``record`` receives
+        each sampling step's (timestep, predicted clean latent) (Journey-TRAK attributes along them)."""
 
     @property
     def image_size(self) -> int:

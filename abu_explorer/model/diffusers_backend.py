@@ -206,7 +206,7 @@ class PipelineBackend:
     # --- generation ------------------------------------------------------------------------------
 
     def generate(self, prompt: str, seed: int = 0, steps: int = 50, guidance: float | None = None,
-                 callback=None) -> Generation:
+                 callback=None, record: list | None = None) -> Generation:
         from diffusers import DDIMScheduler
 
         self.check_prompt(prompt)
@@ -215,7 +215,7 @@ class PipelineBackend:
         noise = sampling.initial_noise(seed, (1, c, h, h))
         sampler = DDIMScheduler.from_config(self.scheduler_config)
         lat = sampling.ddim_sample(self.unet, sampler, self.encode_text([prompt]), self.null_state, noise, steps,
-                                   guidance, callback)
+                                   guidance, callback, record)
         return Generation(to_pil(self.decode(lat))[0], lat[0].clone(), prompt, seed, steps, guidance, [])
 
 

@@ -211,11 +211,11 @@ class Explorer:
     # --- generation ------------------------------------------------------------------------------
 
     def generate(self, prompt: str, seed: int = 0, steps: int = 50, guidance: float | None = None,
-                 callback=None) -> Generation:
-        return self.generate_batch([prompt], [seed], steps, guidance, callback)[0]
+                 callback=None, record: list | None = None) -> Generation:
+        return self.generate_batch([prompt], [seed], steps, guidance, callback, record)[0]
 
     def generate_batch(self, prompts: list[str], seeds: list[int], steps: int = 50,
-                       guidance: float | None = None, callback=None) -> list[Generation]:
+                       guidance: float | None = None, callback=None, record: list | None = None) -> list[Generation]:
         if self.unet is None:
             raise artifacts.ArtifactError(f"no UNet loaded from {self.root}; build it with: {_BUILD.format('unet')}")
         guidance = DEFAULT_GUIDANCE if guidance is None else float(guidance)
@@ -225,7 +225,7 @@ class Explorer:
         noise = torch.cat([sampling.initial_noise(s, (1, c, h, h)) for s in seeds])
         scheduler = components.build_scheduler(self.scheduler_config, self.sampler)
         lat = sampling.ddim_sample(self.unet, scheduler, self.encode_text(prompts), self.null_state, noise,
-                                   steps, guidance, callback)
+                                   steps, guidance, callback, record)
         images = to_pil(self.decode(lat))
         return [Generation(im, z.clone(), p, s, steps, guidance, self.tokenizer.unknown_words(p))
                 for im, z, p, s in zip(images, lat, prompts, seeds)]

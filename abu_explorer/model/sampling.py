@@ -19,9 +19,10 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 @torch.inference_mode()
 def ddim_sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
                 steps: int = 50, guidance: float = 3.0,
-                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                callback: Callable[[int, int], None] | None = None, record: list | None = None) -> torch.Tensor:
     """Deterministic sampling with ``scheduler`` (DDIM at eta = 0, or any diffusers multistep solver).
-    cond/uncond: (B, L, D) text states; noise: (B, C, h, w).
+    cond/uncond: (B, L, D) text states; noise: (B, C, h, w). ``record``, when given, receives each step's
+    (timestep, predicted clean latents (B, C, h, w)) as the scheduler computed them (DDIM reports them).
 
     Returns the final latents (B, C, h, w) in the UNet's (scaled) latent space.
     """
@@ -40,7 +41,13 @@ def ddim_sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise
             eps = eps_u + guidance * (eps_c - eps_u)
         else:
             eps = unet(x, t, context).sample
-        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        out = scheduler.step(eps, t, x, **step_kwargs)
+        x = out.prev_sample
+        if record is not None:
+            if getattr(out, "pred_original_sample", None) is None:
+                raise ValueError(f"the {type(scheduler).__name__} sampler does not report its predicted clean "
+                                 "latents; replay the trajectory with DDIM")
+            record.append((int(t), out.pred_original_sample.clone()))
         if callback is not None:
             callback(i + 1, steps)
     return x
