@@ -68,12 +68,17 @@ class Job:
         return f"{self.label}: {self.status}"
 
 
+def caps_from_env() -> tuple[int, int]:
+    """(jobs per client, jobs in all), from ``ABU_JOBS_PER_CLIENT`` and ``ABU_JOBS_TOTAL``."""
+    return int(os.environ.get("ABU_JOBS_PER_CLIENT", "2")), int(os.environ.get("ABU_JOBS_TOTAL", "6"))
+
+
 class JobQueue:
     """``submit(key, label, fn)`` where ``fn(progress)`` returns a dict; ``progress(done, total)``."""
 
     def __init__(self, per_client: int | None = None, total: int | None = None):
-        self.per_client = per_client or int(os.environ.get("ABU_JOBS_PER_CLIENT", 2))
-        self.total = total or int(os.environ.get("ABU_JOBS_TOTAL", 6))
+        env_per_client, env_total = caps_from_env()
+        self.per_client, self.total = per_client or env_per_client, total or env_total
         self.jobs: dict[str, Job] = {}
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()

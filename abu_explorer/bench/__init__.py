@@ -3,7 +3,8 @@ machine it ran on) and can save them as JSON; the docs quote them beside the com
 
 - ``model``: the embedded model's quality (CLIP caption retrieval) and speed (sampling, loss scan, training);
 - ``abu``: AbU's alpha sweep, self-rank, fast vs exact;
-- ``methods``: every registered method's precompute time, storage and per-query latency.
+- ``methods``: every registered method's precompute time, storage and per-query latency;
+- ``load``: the web app under load (browsers, API clients, a real retrain, the admission caps).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from abu_explorer.cli_options import add_precomputed
 
 
 def add_commands(sub, default_model: str) -> None:
-    b = sub.add_parser("bench", help="measure and print: bench model | abu | methods")
+    b = sub.add_parser("bench", help="measure and print: bench model | abu | methods | load")
     group = b.add_subparsers(dest="bench", required=True)
 
     m = group.add_parser("model", help="the embedded model's quality and speed")
@@ -28,14 +29,27 @@ def add_commands(sub, default_model: str) -> None:
     m.add_argument("--json", default="", help="also write the figures here")
     m.set_defaults(func=lambda args: _run("model", args))
 
-    a = group.add_parser("abu", help="AbU: alpha sweep, self-rank, fast vs exact")
+    a = group.add_parser("abu", help="AbU (or AbU+): alpha sweep, self-rank, fast vs exact")
     add_precomputed(a, default_model)
+    a.add_argument("--method", default="abu", choices=["abu", "abuplus"])
     a.add_argument("--alphas", type=float, nargs="*", default=[])
     a.add_argument("--self-queries", type=int, default=30)
     a.add_argument("--fast-exact-queries", type=int, default=20)
     a.add_argument("--fast-exact-start", type=int, default=0, help="index of the first generated query")
     a.add_argument("--json", default="")
     a.set_defaults(func=lambda args: _run("abu", args))
+
+    ld = group.add_parser("load", help="the web app under load: browsers + API clients, a real retrain, the caps")
+    add_precomputed(ld, default_model)
+    ld.add_argument("--browsers", type=int, default=8, help="headless Chromium clients (0: none)")
+    ld.add_argument("--api-clients", type=int, default=32, help="gradio_client clients")
+    ld.add_argument("--seconds", type=int, default=300, help="length of the mixed-load phase")
+    ld.add_argument("--grace", type=int, default=300, help="seconds the clients may take to finish after it")
+    ld.add_argument("--probe", type=int, default=12, help="AbU fast attributions per probe (idle, retrain running)")
+    ld.add_argument("--methods", default="abu,clip,pixel", help="methods the clients attribute with")
+    ld.add_argument("--target-ratio", type=float, default=2.5, help="AbU p95 with a retrain / idle must stay below")
+    ld.add_argument("--json", default="")
+    ld.set_defaults(func=lambda args: _run("load", args))
 
     t = group.add_parser("methods", help="every method's cost: precompute, storage, latency")
     add_precomputed(t, default_model)

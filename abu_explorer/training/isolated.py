@@ -14,6 +14,7 @@ A callback that raises (a cancelled job) stops the child at once; the last epoch
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import traceback
 from pathlib import Path
@@ -87,9 +88,16 @@ def _child(run_dir: str, messages) -> None:
         with components.seeded_global_rng(recipe.seed):  # the initial weights, as the shipped UNet's
             unet = components.build_unet(doc["unet"])
         scheduler = components.build_scheduler(doc["scheduler"], "ddpm")
+        parent = os.getppid()
+
+        def report(epoch, log):
+            if os.getppid() != parent:  # the server is gone: stop (the checkpoint of this epoch is written)
+                raise SystemExit(f"the parent process ended; stopped after epoch {epoch}")
+            messages.put(("epoch", epoch, log))
+
         log = train.train_unet(unet, scheduler, t["latents"], t["text_states"], t["null_state"], recipe,
                                exclude=set(t["exclude"].tolist()), run_dir=run, progress=False,
-                               on_epoch_end=lambda e, lg: messages.put(("epoch", e, lg)))
+                               on_epoch_end=report)
         artifacts.save_safetensors(run / WEIGHTS, {k: v.contiguous() for k, v in unet.state_dict().items()})
         messages.put(("done", log))
     except BaseException:  # the parent shows the child's error in one line
