@@ -29,7 +29,6 @@ QUERIES = [  # name, prompt, seed, box (model pixels)
     ("banana", "banana", 0, None),
     ("red_heart_box", "red heart", 0, (4.0, 4.0, 20.0, 20.0)),
 ]
-MODED = ("abu", "if")  # methods with a fast and an exact mode; the others have one
 
 
 def machine_kind() -> dict:
@@ -48,7 +47,7 @@ def kind_key(kind: dict) -> str:
 
 def compute(modes=("fast",), progress=print) -> dict:
     """The record for ``modes``: per query the generated pixels' hash and per (method, mode) the top-20."""
-    from abu_explorer.attribution import spec
+    from abu_explorer.attribution import METHODS, spec
     from abu_explorer.attribution import query as q
     from abu_explorer.model.embedded import Explorer
 
@@ -56,8 +55,8 @@ def compute(modes=("fast",), progress=print) -> dict:
     torch.set_num_threads(1)
     try:
         exp = Explorer.load(ROOT / "precomputed")
-        names = ("abu", "if", "dtrak", "clip", "pixel", "random")
-        methods = {m: spec(m).load(exp) for m in names}
+        methods = {m.name: spec(m.name).load(exp) for m in METHODS}  # every method offered (the registry's)
+        moded = {m.name for m in METHODS if "exact" in m.modes}  # a fast and an exact mode; the others have one
         out = {}
         for name, prompt, seed, box in QUERIES:
             g = exp.generate(prompt, seed=seed)
@@ -67,8 +66,8 @@ def compute(modes=("fast",), progress=print) -> dict:
             rec = {"prompt": prompt, "seed": seed, "box": list(box) if box else None,
                    "pixels_sha256": hashlib.sha256(pixels.tobytes()).hexdigest(), "pixels": pixels, "rankings": {}}
             for m, method in methods.items():
-                for mode in (modes if m in MODED else ("fast",)):
-                    if m not in MODED and "fast" not in modes:
+                for mode in (modes if m in moded else ("fast",)):
+                    if m not in moded and "fast" not in modes:
                         continue
                     r = method.score(query, mode)
                     rec["rankings"][f"{m}/{mode}"] = [[i, s] for i, s in r.top(TOP)]

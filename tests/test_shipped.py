@@ -16,6 +16,14 @@ def test_shipped_model_generates_deterministically(shipped_explorer):
     assert px.std() > 10  # not a flat image
 
 
+def test_shipped_weights_come_from_the_code_recipes(shipped_explorer):
+    """Leave-K-out retrains re-run ``UNET_RECIPE``: it must be the recipe that made the shipped weights."""
+    from abu_explorer.training import train
+
+    for part, recipe in (("autoencoder", train.AE_RECIPE), ("clip", train.CLIP_RECIPE), ("unet", train.UNET_RECIPE)):
+        assert train.StageConfig(**shipped_explorer.meta[part]["recipe"]) == recipe, part
+
+
 def test_shipped_dataset_matches(shipped_explorer):
     assert shipped_explorer.dataset.content_hash == shipped_explorer.meta["dataset"]["content_hash"]
 

@@ -26,9 +26,10 @@ from abu_explorer.attribution.abu import AbU
 from abu_explorer.attribution.abu_precompute import TABLE_FIELDS, AbUConfig, default_folder, load_tables
 from abu_explorer.attribution.settings import method_settings
 
-# alpha of AbU+: the step that raises the query's own DDPM loss about as much as AbU's step does, measured on
-# the shipped model's 20 benchmark queries (python -m abu_explorer bench abu --plus); see docs/methods.md
-DEFAULT_ALPHA = 0.01
+# alpha of AbU+: the step that raises the query's own loss as much as AbU's step at its alpha (the same unlearning
+# strength, another direction), on AbU's 4 tuning rows of the shipped model: 0.0568 at 15 against AbU's 0.0577
+# (python -m abu_explorer bench abu --method abuplus --alphas 1 5 10 15 20 30; docs/methods.md)
+DEFAULT_ALPHA = 15.0
 
 
 @dataclass(frozen=True)

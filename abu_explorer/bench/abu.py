@@ -47,8 +47,8 @@ def alpha_sweep(exp, method: str, alphas: list[float]) -> dict:
     for alpha in alphas:
         rises = []
         ranks = self_rank(spec(method).load(exp, alpha=alpha), list(TUNING_ROWS), rises=rises)
-        out[alpha] = {"ranks": ranks, "mean_own_rise": statistics.mean(rises)}
-        print(f"  alpha {alpha:g}: ranks {ranks}, mean own loss rise {out[alpha]['mean_own_rise']:.4g}", flush=True)
+        out[f"{alpha:g}"] = row = {"ranks": ranks, "mean_own_rise": statistics.mean(rises)}
+        print(f"  alpha {alpha:g}: ranks {ranks}, mean own loss rise {row['mean_own_rise']:.4g}", flush=True)
     return out
 
 

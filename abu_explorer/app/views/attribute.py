@@ -10,6 +10,8 @@ from abu_explorer.app.views.common import (
     source_of,
 )
 
+PER_ROW = 5  # method galleries side by side
+
 
 def build(app) -> QueryInputs:
     import gradio as gr
@@ -62,13 +64,14 @@ def build(app) -> QueryInputs:
                             info="exact measures every training image (about 30-120 s)")
             attr_btn = gr.Button("Attribute", variant="primary", elem_id="attribute")
     columns, heads, galleries, states = {}, {}, {}, {}
-    with gr.Row(equal_height=False):
-        for m in METHODS:
-            with gr.Column(min_width=150, visible=False) as columns[m.name]:
-                heads[m.name] = gr.Markdown(elem_id=f"head-{m.name}")
-                galleries[m.name] = gr.Gallery(label=m.label, columns=2, height=560, allow_preview=False,
-                                               object_fit="contain", format="png", elem_id=f"gallery-{m.name}")
-                states[m.name] = gr.State(None)
+    for start in range(0, len(METHODS), PER_ROW):  # rows of a few methods: a lone wrapped column would be huge
+        with gr.Row(equal_height=False):
+            for m in METHODS[start:start + PER_ROW]:
+                with gr.Column(min_width=150, visible=False) as columns[m.name]:
+                    heads[m.name] = gr.Markdown(elem_id=f"head-{m.name}")
+                    galleries[m.name] = gr.Gallery(label=m.label, columns=2, height=560, allow_preview=False,
+                                                   object_fit="contain", format="png", elem_id=f"gallery-{m.name}")
+                    states[m.name] = gr.State(None)
     with gr.Row():
         detail_img = gr.Image(label="selected training image", interactive=False, height=296, type="pil", format="png")
         detail_md = gr.Markdown("Click a tile to see it large.")

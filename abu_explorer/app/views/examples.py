@@ -4,6 +4,7 @@ precomputed, plus the evaluation table and plot."""
 from pathlib import Path
 
 from abu_explorer.app.views.common import LIGHT, friendly
+from abu_explorer.app.views.attribute import PER_ROW
 from abu_explorer.app.views.counterfactual import default_k
 
 
@@ -27,11 +28,12 @@ def build(app, assets: Path) -> None:
         cf = gr.Gallery(label=f"remove K={k} and regenerate (finished retrains)", columns=4,
                         height=inputs.SHOW + 120, allow_preview=False, format="png")
     heads, gals = {}, {}
-    with gr.Row(equal_height=False):
-        for m in METHODS:
-            with gr.Column(min_width=150):
-                heads[m.name] = gr.Markdown()
-                gals[m.name] = gr.Gallery(label=m.label, columns=2, height=480, allow_preview=False, format="png")
+    for start in range(0, len(METHODS), PER_ROW):
+        with gr.Row(equal_height=False):
+            for m in METHODS[start:start + PER_ROW]:
+                with gr.Column(min_width=150):
+                    heads[m.name] = gr.Markdown()
+                    gals[m.name] = gr.Gallery(label=m.label, columns=2, height=480, allow_preview=False, format="png")
     own = not app.explorer.retrain_note  # the evaluation in assets/ is the embedded model's
     if own and (assets / "counterfactual_table.md").exists():
         gr.Markdown("#### The evaluation so far (mean ± s.e. over queries; see docs/evaluation.md)\n"
