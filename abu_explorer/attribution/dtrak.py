@@ -75,6 +75,7 @@ def features(unet, scheduler, latents, states, rows_keys, cfg: DTrakConfig, mask
     pex = PerExampleGradients(unet, cfg.selection)
     per = max(1, cfg.batch_size // len(timesteps))
     shape = tuple(latents.shape[1:])
+    output = OUTPUTS[cfg.output]
 
     def batch(b: int) -> torch.Tensor:
         idx = list(range(b * per, min((b + 1) * per, len(latents))))
@@ -82,7 +83,6 @@ def features(unet, scheduler, latents, states, rows_keys, cfg: DTrakConfig, mask
         r = torch.tensor([i for i, _ in items])
         t = torch.tensor([t for _, t in items])
         noise = torch.stack([item_noise(cfg.noise_seed, int(rows_keys[i]), 0, t, shape) for i, t in items])
-        output = OUTPUTS[cfg.output]
         g = pex(lambda: output(unet, scheduler, latents[r], t, noise, states[r], mask), len(items))
         return project(g.view(len(idx), len(timesteps), -1).mean(dim=1), cfg.proj_dim, cfg.projection_seed)
 
@@ -151,14 +151,20 @@ class DTrak:
         """What changes this method's ranking: its settings and a hash of its precomputed tables."""
         return method_settings(self.cfg, self.folder)
 
+    box_note = "gradient of the box-masked output"
+
+    def query_feature(self, query) -> torch.Tensor:
+        """phi(query): the projected gradient of the output at fresh noise on the query's latent."""
+        ctx = self.explorer.encode_text([query.prompt])
+        return features(self.explorer.unet, self.explorer.scheduler, query.latent[None], ctx,
+                        torch.tensor([QUERY_ROW]), self.cfg, query.mask)[0]
+
     def score(self, query, mode: str = "", progress=None) -> Ranking:
         t0 = time.perf_counter()
-        ctx = self.explorer.encode_text([query.prompt])
-        phi_q = features(self.explorer.unet, self.explorer.scheduler, query.latent[None], ctx,
-                         torch.tensor([QUERY_ROW]), self.cfg, query.mask)[0]
+        phi_q = self.query_feature(query)
         t1 = time.perf_counter()
         weights = torch.cholesky_solve(phi_q.double()[:, None], self.chol)[:, 0].float()
         scores = self.phi @ weights
-        notes = "gradient of the box-masked output" if query.box is not None else ""
+        notes = self.box_note if query.box is not None else ""
         return Ranking(self.name, scores, time.perf_counter() - t0, "trak",
                        {"query_gradient": t1 - t0, "kernel": time.perf_counter() - t1}, notes=notes)

@@ -16,18 +16,19 @@ has no tables of its own.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from abu_explorer.attribution import Ranking, params
+from abu_explorer.attribution import params
 from abu_explorer.attribution.ddpm_loss import ddpm_losses, item_noise
 from abu_explorer.attribution.dtrak import QUERY_ROW, project
 from abu_explorer.attribution.trak import Trak
 
 
 class JourneyTrak(Trak):
+    """TRAK's features and kernel (``DTrak.score``); only the query's feature differs."""
+
     name = "journey"
+    box_note = "box-masked loss along the trajectory"
 
     def trajectory(self, query) -> list[tuple[int, torch.Tensor]]:
         """The query's sampling steps (timestep, x0_hat), replayed: sampling is deterministic, and the replay
@@ -55,12 +56,3 @@ class JourneyTrak(Trak):
             loss = ddpm_losses(unet, sched, x0, ts, noise, ctx, query.mask).mean()
             grads = torch.autograd.grad(loss, list(sel.values()))
         return project(torch.cat([g.reshape(-1) for g in grads])[None], cfg.proj_dim, cfg.projection_seed)[0]
-
-    def score(self, query, mode: str = "", progress=None) -> Ranking:
-        t0 = time.perf_counter()
-        phi_q = self.query_feature(query)
-        t1 = time.perf_counter()
-        weights = torch.cholesky_solve(phi_q.double()[:, None], self.chol)[:, 0].float()
-        notes = "box-masked loss along the trajectory" if query.box is not None else ""
-        return Ranking(self.name, self.phi @ weights, time.perf_counter() - t0, "trak",
-                       {"trajectory_gradient": t1 - t0, "kernel": time.perf_counter() - t1}, notes=notes)
