@@ -55,6 +55,12 @@ def _cmd_examples(args) -> int:
     app = ExplorerApp(load(args.precomputed), Path(args.results))
     out = examples.build(app, Path(args.queries), progress=not args.quiet)
     print(f"wrote {out / 'examples.json'}")
+    if args.figure:
+        from abu_explorer.app.figures import about_figure
+
+        ds = app.explorer.dataset
+        about_figure(out, Path(args.figure), [ds.image(i) for i in range(len(ds))])
+        print(f"wrote {args.figure}")
     return 0
 
 
@@ -313,6 +319,8 @@ def _attribution_commands(sub) -> None:
     x = sub.add_parser("examples", help="precompute the app's curated examples (every method's ranking)")
     x.add_argument("--queries", default="evaluation/counterfactual_queries.json")
     x.add_argument("--results", default="results/counterfactual")
+    x.add_argument("--figure", default=None, help="also draw the About tab's figure from the first example "
+                   "(assets/about_abu.png)")
     x.add_argument("--quiet", action="store_true")
     add_precomputed(x, str(DEFAULT_DIR))
     x.set_defaults(func=_cmd_examples)

@@ -2,8 +2,11 @@
 
     python scripts/model_experiment.py autoencoder ae16_e150 --latent-channels 16 --epochs 150
     python scripts/model_experiment.py unet ema999_ae16 --autoencoder runs/exp/ae16_e150/autoencoder --ema 0.999
+    python scripts/model_experiment.py decoder dec_lr3e4 --autoencoder precomputed/autoencoder --lr 3e-4
 
-An autoencoder candidate is the shipped AE recipe with other latent channels / epochs / widths; a UNet
+An autoencoder candidate is the shipped AE recipe with other latent channels / epochs / widths (and its decoder
+phase, unless ``--decoder-epochs 0``); a decoder candidate runs only the decoder phase on a given autoencoder
+(the encoder, and so every latent, unchanged); a UNet
 candidate is the shipped UNet recipe (plus the given extras) on a candidate autoencoder and the shipped CLIP.
 Both are resumable (checkpoints under the candidate's folder) and write ``runs/exp/NAME/``; a UNet candidate's
 ``model/`` is a complete model folder for ``python -m abu_explorer bench model --compare``.
@@ -38,8 +41,29 @@ def autoencoder(args) -> None:
     recipe = dataclasses.replace(train.AE_RECIPE, epochs=args.epochs, extra=extra)
     t0 = time.time()
     build.write_dataset_record(ds, out)
-    build.build_autoencoder(ds, out, out / "runs", recipe, progress=True, config=cfg)
+    decoder = dataclasses.replace(train.AE_DECODER_RECIPE, epochs=args.decoder_epochs) if args.decoder_epochs else None
+    build.build_autoencoder(ds, out, out / "runs", recipe, progress=True, config=cfg, decoder_recipe=decoder)
     log = json.loads((out / "autoencoder" / "train_meta.json").read_text())["log"]
+    print(f"{args.name}: {time.time() - t0:.0f} s, held-out PSNR {log['heldout_psnr_db']:.2f} dB, "
+          f"train {log['train_psnr_db']:.2f} dB")
+
+
+def decoder(args) -> None:
+    from diffusers import AutoencoderKL
+
+    from abu_explorer import artifacts
+
+    out = Path(args.runs) / args.name
+    ds = data.build_openmoji(data.DataConfig(), progress=False)
+    vae = AutoencoderKL.from_pretrained(args.autoencoder)
+    meta = json.loads((Path(args.autoencoder) / "train_meta.json").read_text())
+    recipe = dataclasses.replace(train.AE_DECODER_RECIPE, epochs=args.epochs, lr=args.lr)
+    t0 = time.time()
+    log = train.finetune_decoder(vae, ds.as_tensor(), recipe, out / "runs", progress=True)
+    meta.update(weights_hash=artifacts.state_hash(vae.state_dict()), encoder_hash=components.encoder_hash(vae),
+                decoder_recipe=recipe.to_dict(), decoder_log=log)
+    vae.save_pretrained(out / "autoencoder", safe_serialization=True)
+    artifacts.save_json(out / "autoencoder" / "train_meta.json", meta)
     print(f"{args.name}: {time.time() - t0:.0f} s, held-out PSNR {log['heldout_psnr_db']:.2f} dB, "
           f"train {log['train_psnr_db']:.2f} dB")
 
@@ -81,6 +105,12 @@ def main() -> None:
     a.add_argument("--epochs", type=int, default=train.AE_RECIPE.epochs)
     a.add_argument("--widths", type=int, nargs=3, default=None)
     a.add_argument("--kl-weight", type=float, default=None, help="default: the shipped recipe's (1e-6)")
+    a.add_argument("--decoder-epochs", type=int, default=train.AE_DECODER_RECIPE.epochs, help="0: no decoder phase")
+    d = sub.add_parser("decoder")
+    d.add_argument("name")
+    d.add_argument("--autoencoder", default=str(ROOT / "precomputed" / "autoencoder"))
+    d.add_argument("--epochs", type=int, default=train.AE_DECODER_RECIPE.epochs)
+    d.add_argument("--lr", type=float, default=train.AE_DECODER_RECIPE.lr)
     u = sub.add_parser("unet")
     u.add_argument("name")
     u.add_argument("--autoencoder", default=str(ROOT / "precomputed" / "autoencoder"))
@@ -92,7 +122,7 @@ def main() -> None:
     u.add_argument("--min-snr", type=float, default=None, help="min-SNR gamma (0: unweighted)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    (autoencoder if args.what == "autoencoder" else unet)(args)
+    {"autoencoder": autoencoder, "decoder": decoder, "unet": unet}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -76,13 +76,15 @@ def tiny_recipes():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_dataset):
-    from abu_explorer.training import build
+    from abu_explorer.training import build, train
 
     out = tmp_path_factory.mktemp("tiny") / "precomputed"
     runs = out.parent / "runs"
     ae, clip, unet = tiny_recipes()
     build.write_dataset_record(tiny_dataset, out)
-    build.build_autoencoder(tiny_dataset, out, runs, ae, progress=False, config=TINY_AE)
+    decoder = train.StageConfig(epochs=1, batch_size=8, lr=1e-3, warmup_steps=2, max_grad_norm=0.0, seed=1,
+                                extra={**train.AE_DECODER_RECIPE.extra, "bf16_autocast": "off", "holdout_every": 6})
+    build.build_autoencoder(tiny_dataset, out, runs, ae, progress=False, config=TINY_AE, decoder_recipe=decoder)
     build.build_clip(tiny_dataset, out, runs, clip, progress=False, config=TINY_CLIP)
     build.build_unet(tiny_dataset, out, runs, unet, progress=False, config=TINY_UNET)
     return out

@@ -22,6 +22,9 @@ def test_shipped_weights_come_from_the_code_recipes(shipped_explorer):
 
     for part, recipe in (("autoencoder", train.AE_RECIPE), ("clip", train.CLIP_RECIPE), ("unet", train.UNET_RECIPE)):
         assert train.StageConfig(**shipped_explorer.meta[part]["recipe"]) == recipe, part
+    ae = shipped_explorer.meta["autoencoder"]
+    assert train.StageConfig(**ae["decoder_recipe"]) == train.AE_DECODER_RECIPE
+    assert ae["decoder_log"]["heldout_psnr_db"] >= 28.0  # the shipped autoencoder's held-out PSNR
 
 
 def test_shipped_dataset_matches(shipped_explorer):

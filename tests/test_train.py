@@ -128,3 +128,40 @@ def test_resume_with_ema_equals_uninterrupted_run(tmp_path):
     train.train_unet(resumed, sched, lat, states, null, cfg, run_dir=tmp_path, progress=False)
     for (k, va), vb in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_the_decoder_phase_leaves_the_encoder_and_so_the_unet_valid(tiny_model_dir, tmp_path):
+    """Phase 2 trains the decoder alone: every latent (and the UNet trained on them) stays valid; a changed
+    encoder is refused at load with the command that rebuilds the UNet."""
+    import json
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from abu_explorer import artifacts
+    from abu_explorer.model.embedded import Explorer
+
+    meta = json.loads((tiny_model_dir / "autoencoder" / "train_meta.json").read_text())
+    assert meta["decoder_recipe"]["epochs"] >= 1 and "heldout_psnr_db" in meta["decoder_log"]
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir / "autoencoder")
+    assert models.encoder_hash(vae) == meta["encoder_hash"]
+    unet_meta = json.loads((tiny_model_dir / "unet" / "train_meta.json").read_text())
+    assert unet_meta["encoder_hash"] == meta["encoder_hash"]
+
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    images = torch.rand(12, 3, 32, 32) * 2 - 1
+    cfg = train.StageConfig(epochs=1, batch_size=4, lr=1e-3, warmup_steps=1, max_grad_norm=0.0,
+                            extra={"l1_weight": 0.1, "holdout_every": 6, "bf16_autocast": "off"})
+    train.finetune_decoder(vae, images, cfg, progress=False)
+    after = vae.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert all(p.requires_grad for p in vae.parameters())  # the frozen encoder is handed back trainable
+
+    other = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, other)
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    state["encoder.conv_in.bias"] += 0.01
+    artifacts.save_safetensors(other / "autoencoder" / "diffusion_pytorch_model.safetensors", state)
+    with pytest.raises(artifacts.ArtifactError, match="trained on another encoder.*--only unet"):
+        Explorer.load(other)

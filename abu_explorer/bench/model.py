@@ -23,6 +23,16 @@ from abu_explorer.training import train
 
 
 @torch.inference_mode()
+
+def ae_heldout_psnr(exp) -> float:
+    """The autoencoder's reconstruction PSNR (dB) on the images its training held out, measured now."""
+    from abu_explorer.training import train
+
+    images = exp.dataset.as_tensor()
+    _, held = train.holdout_rows(len(images), exp.meta["autoencoder"]["recipe"]["extra"]["holdout_every"])
+    with torch.no_grad():
+        return train.reconstruction_psnr(exp.vae, images[held])
+
 def clip_embed_images(exp: Explorer, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([exp.clip.encode_image(train.clip_preprocess(x), normalize=True) for x in images.split(256)])
 
@@ -168,7 +178,7 @@ def main(args) -> dict:
     report = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_avg_at_start": os.getloadavg()[0],
               "params": {p: exp.meta[p]["params"] for p in ("autoencoder", "clip", "unet")},
-              "autoencoder_heldout_psnr_db": exp.meta["autoencoder"]["log"].get("heldout_psnr_db"),
+              "autoencoder_heldout_psnr_db": ae_heldout_psnr(exp),
               "unet_train_minutes": exp.meta["unet"]["log"]["seconds"] / 60}
     print(f"CPU: {report['cpu']}, torch threads: {report['threads']}, load at start {report['load_avg_at_start']:.2f}")
     if not args.skip_quality:
@@ -216,13 +226,14 @@ def compare(entries: dict, count: int, out: Path | None, rounds: int = 2) -> dic
         report["models"][name] = {
             "clip_top1": q["generated"]["top1"], "clip_top10": q["generated"]["top10"],
             "pixel_nn_top1": q["pixel_nn"]["top1"], "pixel_nn_top5": q["pixel_nn"]["top5"],
-            "ae_heldout_psnr_db": meta["autoencoder"]["log"].get("heldout_psnr_db"),
+            "ae_heldout_psnr_db": ae_heldout_psnr(exp),
             "recipe": meta["unet"]["recipe"], "sampler": exp.sampler, "steps": steps, "guidance": guidance, "speed_rounds": [],
             "clip_ranks": q["generated"]["ranks"], "pixel_nn_ranks": q["pixel_nn"]["ranks"]}
         if out is not None:
             rows = eval_rows(len(exp.dataset), count)[:60]
             artifacts.save_png(
-                out / f"samples_{_label(Path(name.partition('@')[0]))}{name.partition('@')[2].replace(':', '-')}.png",
+                out / f"samples_{list(entries).index(name)}_{_label(Path(name.partition('@')[0]))}"
+                      f"{name.partition('@')[2].replace(':', '-')}.png",  # numbered: two folders may share a name
                 grid(to_pil(q["images"][:60]), [exp.dataset.captions[r] for r in rows], cols=10, scale=3))
         print(f"{name}: CLIP top-1/10 {q['generated']['top1']:.3f}/{q['generated']['top10']:.3f}  pixel-NN "
               f"top-1/5 {q['pixel_nn']['top1']:.3f}/{q['pixel_nn']['top5']:.3f}", flush=True)

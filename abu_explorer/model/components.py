@@ -30,6 +30,15 @@ def model_config(name: str) -> dict:
     return json.loads(text)
 
 
+def encoder_hash(vae) -> str:
+    """Hash of what the latents depend on: the encoder's weights (with quant_conv), shift and scale."""
+    from abu_explorer import artifacts
+
+    state = {k: v for k, v in vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    state["latent_stats"] = torch.tensor([vae.config.shift_factor, vae.config.scaling_factor], dtype=torch.float64)
+    return artifacts.state_hash(state)
+
+
 def build_autoencoder(config: dict):
     from diffusers import AutoencoderKL
 

@@ -110,11 +110,17 @@ class Explorer:
         unet = None
         if require_unet:
             unet = UNet2DConditionModel.from_pretrained(root / "unet").eval()
-            for part in ("autoencoder", "clip"):
-                if meta["unet"][f"{part}_hash"] != meta[part]["weights_hash"]:
+            # what the UNet was trained on: the encoder's latents (older folders: the whole autoencoder), CLIP
+            trained_on = [("clip", meta["unet"]["clip_hash"], meta["clip"]["weights_hash"])]
+            if "encoder_hash" in meta["unet"]:
+                trained_on.append(("encoder", meta["unet"]["encoder_hash"], components.encoder_hash(vae)))
+            else:
+                trained_on.append(("autoencoder", meta["unet"]["autoencoder_hash"], meta["autoencoder"]["weights_hash"]))
+            for part, recorded, loaded in trained_on:
+                if recorded != loaded:
                     raise artifacts.ArtifactError(
-                        f"{root / 'unet'} was trained on another {part} ({meta['unet'][f'{part}_hash']} != "
-                        f"{meta[part]['weights_hash']}); rebuild it with: {_BUILD.format('unet')}")
+                        f"{root / 'unet'} was trained on another {part} ({recorded} != {loaded}); rebuild it "
+                        f"with: {_BUILD.format('unet')}")
         for part in ("autoencoder", "clip") + (("unet",) if require_unet else ()):
             if meta[part]["data_hash"] != meta["dataset"]["content_hash"]:
                 raise artifacts.ArtifactError(

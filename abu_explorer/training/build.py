@@ -50,17 +50,25 @@ def _write_meta(folder: Path, recipe, ds: data.Dataset, model, log: dict, **extr
 
 
 def build_autoencoder(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.AE_RECIPE, progress=True,
-                      config: dict | None = None) -> None:
+                      config: dict | None = None, decoder_recipe=train.AE_DECODER_RECIPE) -> None:
+    """Phase 1 trains the whole autoencoder; phase 2 (``decoder_recipe``; None skips it) the decoder alone."""
     torch.manual_seed(recipe.seed)
     vae = components.build_autoencoder(config or components.model_config("autoencoder"))
     images = ds.as_tensor()
     log = train.train_autoencoder(vae, images, recipe, run_dir, progress)
-    shift, scale = train.latent_stats(vae, images)
+    shift, scale = train.latent_stats(vae, images)  # of the encoder, which phase 2 leaves as it is
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    extra = {}
+    if decoder_recipe is not None:
+        extra = {"encoder_hash": components.encoder_hash(vae), "decoder_recipe": decoder_recipe.to_dict(),
+                 "decoder_log": train.finetune_decoder(vae, images, decoder_recipe, run_dir, progress)}
+        if components.encoder_hash(vae) != extra["encoder_hash"]:
+            raise RuntimeError("the decoder phase changed the encoder")
     tmp = _staging(out, "autoencoder")
     vae.save_pretrained(tmp, safe_serialization=True)
-    _write_meta(tmp, recipe, ds, vae, log)
+    _write_meta(tmp, recipe, ds, vae, log, **extra)
     _commit_dir(tmp, out / "autoencoder")
+
 
 
 def build_clip(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.CLIP_RECIPE, progress=True,
@@ -98,7 +106,8 @@ def build_unet(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.UNET_REC
                            run_dir=run_dir, progress=progress, on_epoch_end=on_epoch_end)
     tmp = _staging(out, "unet")
     unet.save_pretrained(tmp, safe_serialization=True)
-    _write_meta(tmp, recipe, ds, unet, log, autoencoder_hash=exp.component_hash("autoencoder"),
+    # the UNet depends on the autoencoder's encoder alone (its latents), not on the decoder
+    _write_meta(tmp, recipe, ds, unet, log, encoder_hash=components.encoder_hash(exp.vae),
                 clip_hash=exp.component_hash("clip"))
     _commit_dir(tmp, out / "unet")
 

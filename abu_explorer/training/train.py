@@ -43,6 +43,10 @@ class StageConfig:
 # sharper model; the UNet recipe is also what every leave-K-out and LDS retrain re-runs).
 AE_RECIPE = StageConfig(epochs=150, batch_size=32, lr=1e-3, warmup_steps=200, max_grad_norm=0.0, seed=0,
                         extra={"kl_weight": 1e-6, "l1_weight": 0.1, "holdout_every": 20, "bf16_autocast": "auto"})
+# Phase 2 of the autoencoder stage: the encoder frozen (every latent, and so the UNet and every latent-space
+# table, stays as it was), the decoder trained further on the encoder's mode latents.
+AE_DECODER_RECIPE = StageConfig(epochs=40, batch_size=32, lr=3e-4, warmup_steps=100, max_grad_norm=0.0, seed=1,
+                                extra={"l1_weight": 0.1, "holdout_every": 20, "bf16_autocast": "auto"})
 CLIP_RECIPE = StageConfig(epochs=80, batch_size=256, lr=1e-3, warmup_steps=100, weight_decay=0.1, seed=0)
 UNET_RECIPE = StageConfig(epochs=150, batch_size=128, lr=3e-3, warmup_steps=200, seed=0,
                           snapshot_every_epochs=25, extra={"cfg_dropout": 0.1, "min_snr_gamma": 5.0})
@@ -162,6 +166,41 @@ def train_autoencoder(vae, images: torch.Tensor, cfg: StageConfig = AE_RECIPE, r
         return F.mse_loss(rec, x) + cfg.extra["l1_weight"] * F.l1_loss(rec, x) + cfg.extra["kl_weight"] * kl
 
     log = _loop("autoencoder", vae, train_rows, cfg, step_fn, run_dir, progress)
+    log["bf16_autocast"] = use_bf16
+    log["heldout_psnr_db"] = reconstruction_psnr(vae, images[held])
+    log["train_psnr_db"] = reconstruction_psnr(vae, images[train_rows[:256]])
+    return log
+
+
+def finetune_decoder(vae, images: torch.Tensor, cfg: StageConfig = AE_DECODER_RECIPE, run_dir: Path | None = None,
+                     progress: bool = True) -> dict:
+    """Train the decoder alone on the frozen encoder's mode latents (what the UNet learns to produce and the
+    held-out PSNR decodes). The same rows are held out as in phase 1; the encoder's weights are untouched."""
+    from abu_explorer.model.components import cpu_supports_bf16
+
+    torch.manual_seed(cfg.seed)
+    train_rows, held = holdout_rows(len(images), cfg.extra["holdout_every"])
+    use_bf16 = cfg.extra.get("bf16_autocast") == "auto" and cpu_supports_bf16()
+    frozen = [p for name, p in vae.named_parameters() if not name.startswith(("decoder.", "post_quant_conv."))]
+    for p in frozen:
+        p.requires_grad_(False)
+
+    def step_fn(batch, step):
+        g = _gen(cfg.seed, 5, step)
+        x = _shift_augment(images[batch], g)
+        flip = torch.rand(len(x), generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            rec = vae.decode(z).sample.float()
+        return F.mse_loss(rec, x) + cfg.extra["l1_weight"] * F.l1_loss(rec, x)
+
+    try:
+        log = _loop("autoencoder-decoder", vae, train_rows, cfg, step_fn, run_dir, progress)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     log["bf16_autocast"] = use_bf16
     log["heldout_psnr_db"] = reconstruction_psnr(vae, images[held])
     log["train_psnr_db"] = reconstruction_psnr(vae, images[train_rows[:256]])
