@@ -161,6 +161,15 @@ def _dragged_box(page, timeout_s: float) -> dict:
     return {"values": values, "dragged": list(target)}
 
 
+def _new_query_clears(page, timeout_s: float) -> dict:
+    """Another seed, generated: the previous query's rankings leave the page."""
+    page.get_by_label("seed", exact=True).fill("7")
+    page.locator("#generate").click()
+    _until(page, "the galleries to clear after a new query",
+           lambda: all(_gallery_state(page, n)["tiles"] == 0 for n in METHODS), timeout_s)
+    return {"tiles_left": {n: _gallery_state(page, n)["tiles"] for n in METHODS}}
+
+
 def _gallery_tiles(page, name: str) -> int:
     """How many tiles of the gallery show a loaded image."""
     return _gallery_state(page, name)["loaded"]
@@ -284,6 +293,7 @@ def drive(url: str, screenshot: str | None = None, prompt: str = "red apple", ti
             if screenshot:
                 page.screenshot(path=str(screenshot), full_page=True)
                 seen["screenshot"] = str(screenshot)
+            seen["new_query_clears"] = _soft(page, lambda: _new_query_clears(page, timeout_s))
         finally:
             browser.close()
     lap("total")

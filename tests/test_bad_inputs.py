@@ -95,6 +95,33 @@ def _retrain_over_cap(ctx):
     app.request_counterfactual(app.query(GEN), "pixel", 2, owner="visitor")
 
 
+def _model_busy(ctx):
+    """One request holds the UNet and one waits: a third finds the waiting room (of one) full."""
+    import threading
+
+    from abu_explorer.app.service import ExplorerApp
+
+    app = ExplorerApp(ctx.exp, ctx.tmp / "results", recipe=ctx.app.recipe, max_waiting=1)
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with app.lock.request():
+            held.set()
+            release.wait(30)
+    threads = [threading.Thread(target=holder), threading.Thread(target=lambda: app.generate("cat", 1, 2, 3.0))]
+    threads[0].start()
+    held.wait(30)
+    threads[1].start()
+    while app.lock.waiting < 1:
+        threading.Event().wait(0.01)
+    try:
+        app.generate("red apple", 0, 2, 3.0)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(60)
+
+
 def _giant_image():
     from PIL import Image
 
@@ -145,6 +172,7 @@ ROWS = [
     ("app", "mode 'slow'", "mode must be fast or exact", lambda c: c.app.attribute(c.app.query(GEN), "abu", 5, "slow")),
     ("app", "prompt with control characters", "control characters", lambda c: c.app.generate("red\x01apple", 0, 4, 3.0)),
     ("app", "a second retrain request over the per-visitor cap", "per visitor", _retrain_over_cap),
+    ("app", "a request while the model's waiting room is full", "the server is busy", _model_busy),
 ]
 
 

@@ -59,6 +59,7 @@ def test_select_events(seen):
     assert seen["tile"]["ok"], seen["tile"]
     assert seen["dragged_box"]["ok"], seen["dragged_box"]  # a box dragged on the annotator fills the fields
     assert seen["tile"]["image"]["width"] > 0
+    assert seen["new_query_clears"]["ok"], seen["new_query_clears"]  # old rankings leave with their query
     assert "training index" in seen["tile"]["text"] and spec("abu").label in seen["tile"]["text"]
 
 

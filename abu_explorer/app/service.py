@@ -1,8 +1,9 @@
 """What the web app does, without Gradio: queries, attribution per method, tiles, remove-and-regenerate.
 
-The Gradio views (``views/``) only wire events to an ``ExplorerApp``; everything here is tested directly. One lock
-guards the shared UNet: AbU and IF move its weights while they score, so generation, the gradient methods
-and the counterfactual measurements take turns; the nearest-neighbour methods never touch it.
+The Gradio views (``views/``) only wire events to an ``ExplorerApp``; everything here is tested directly. The shared
+UNet is taken in turns (``turns.py``): AbU and IF move its weights while they score, so generation, the
+gradient methods and the counterfactual measurements take turns, first come first served, and a visitor's
+request that finds the waiting room full is refused in one line; the nearest-neighbour methods never touch it.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from abu_explorer.app.inputs import (
     parse_box,
 )
 from abu_explorer.app.jobs import JobQueue
+from abu_explorer.app.turns import Turns, waiting_room_from_env
 from abu_explorer.attribution import names, spec
 from abu_explorer.attribution.registry import ALL_METHODS
 from abu_explorer.attribution import query as q
@@ -37,14 +39,14 @@ __all__ = ["ExplorerApp", "MAX_K", "SHOW", "UIError"]
 
 class ExplorerApp:
     def __init__(self, explorer, results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE,
-                 retrain_threads: int | None = None):
+                 retrain_threads: int | None = None, max_waiting: int | None = None):
         self.explorer = explorer
         self.results_dir = Path(results_dir)
         self.recipe = recipe
         # a retrain runs in its own process with this many threads (0: in the server's process and pool)
         self.retrain_threads = int(os.environ.get("ABU_RETRAIN_THREADS", "1")) if retrain_threads is None \
             else retrain_threads
-        self.lock = threading.RLock()  # the shared UNet
+        self.lock = Turns(waiting_room_from_env() if max_waiting is None else max_waiting)  # the shared UNet
         self._load_lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._methods: dict = {}
@@ -70,7 +72,7 @@ class ExplorerApp:
             if key in self._queries:
                 self._queries.move_to_end(key)
                 return self._queries[key]
-        with self.lock:
+        with self.lock.request():
             g = self.explorer.generate(prompt, seed, steps, guidance, callback=progress)
         with self._cache_lock:
             self._queries[key] = g
@@ -124,7 +126,7 @@ class ExplorerApp:
         method = self.method(name)
         t0 = time.perf_counter()
         if spec(name).uses_unet:
-            with self.lock:
+            with self.lock.request():
                 ranking = method.score(query, mode, progress=progress)
         else:
             ranking = method.score(query, mode)

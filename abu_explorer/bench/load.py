@@ -41,6 +41,7 @@ PROMPTS = ["red apple", "red heart", "banana", "grinning face", "sun", "pizza", 
            "ghost", "green apple", "blue heart", "cat face", "crescent moon", "hot pepper", "watermelon"]
 CHROMIUM = os.environ.get("ABU_CHROMIUM", "/usr/bin/chromium")
 BOX = (4, 4, 24, 24)
+BUSY = "the server is busy"  # the waiting room's one-line refusal (app/turns.py)
 
 
 class Tally:
@@ -50,6 +51,7 @@ class Tally:
         self.lock = threading.Lock()
         self.seconds: dict[tuple[str, str], list[float]] = {}
         self.errors: list[str] = []
+        self.busy: dict[str, int] = {}  # refusals by the full waiting room, per endpoint: not errors
 
     def add(self, phase: str, endpoint: str, seconds: float) -> None:
         with self.lock:
@@ -58,6 +60,10 @@ class Tally:
     def error(self, where: str, e: BaseException | str) -> None:
         with self.lock:
             self.errors.append(f"{where}: {e if isinstance(e, str) else f'{type(e).__name__}: {e}'}"[:300])
+
+    def refused(self, endpoint: str) -> None:
+        with self.lock:
+            self.busy[endpoint] = self.busy.get(endpoint, 0) + 1
 
     def summary(self) -> dict:
         out: dict = {}
@@ -160,16 +166,63 @@ def api_worker(url: str, i: int, until: float, tally: Tally, methods: list[str])
         prompt, seed = rng.choice(PROMPTS), rng.randrange(100)
         op = rng.choice(("generate", "attribute", "box"))
         method = rng.choice(methods)
+        endpoint = "generate" if op == "generate" else f"{method}{' box' if op == 'box' else ''}"
         t0 = time.perf_counter()
         try:
             if op == "generate":
                 c.predict(prompt, seed, 50, 3.0, api_name="/generate")
-                tally.add("load", "generate", time.perf_counter() - t0)
             else:
                 attribute(c, prompt, seed, method, BOX if op == "box" else (None,) * 4)
-                tally.add("load", f"{method}{' box' if op == 'box' else ''}", time.perf_counter() - t0)
+            tally.add("load", endpoint, time.perf_counter() - t0)
         except Exception as e:
-            tally.error(f"api client {i} {op} {method}", e)
+            if BUSY not in str(e):
+                tally.error(f"api client {i} {op} {method}", e)
+                continue
+            tally.refused(endpoint)  # as a visitor would: wait a little, then ask again
+            tally.add("load", f"{endpoint} (refused: busy)", time.perf_counter() - t0)
+            time.sleep(rng.uniform(2.0, 8.0))
+
+
+_TOAST = "document.querySelector('.toast-body.error')"
+# a new query image is shown and the previous query's galleries are cleared
+_NEW_QUERY = ("old => { const i = document.querySelector('#query img');"
+              " return i && i.complete && i.naturalWidth > 0 && i.src !== old"
+              " && !document.querySelector('[id^=gallery-] button img'); }")
+_GALLERIES = ("sels => sels.every(sel => [...document.querySelectorAll(sel + ' button img')]"
+              ".some(i => i.complete && i.naturalWidth > 0))")
+
+
+def _step(page, tally: Tally, i: int, rng, what: str, click: str, done_js: str, arg) -> bool:
+    """Click, then wait until ``done_js`` holds or an error toast shows. A busy refusal is counted (the visitor
+    reloads and tries again a little later); any other toast is an error. True when the step completed."""
+    t0 = time.perf_counter()
+    page.locator(click).click()
+    page.wait_for_function(f"arg => {_TOAST} || ({done_js})(arg)", arg=arg)
+    toasts = [t.inner_text().strip() for t in page.locator(".toast-body.error").all()]
+    if not toasts:
+        tally.add("load", f"browser: {what}", time.perf_counter() - t0)
+        return True
+    for text in toasts:
+        if BUSY in text:
+            tally.refused(f"browser: {what}")
+        else:
+            tally.error(f"browser {i} {what}", text)
+    _close_toasts(page)  # as a visitor would: close the message, wait a little, click again
+    time.sleep(rng.uniform(2.0, 8.0))
+    return False
+
+
+def _close_toasts(page, timeout_s: float = 10.0) -> None:
+    deadline = time.time() + timeout_s
+    while page.locator(".toast-body.error").count() and time.time() < deadline:
+        for button in page.locator(".toast-body.error .toast-close").all():
+            try:
+                button.click(timeout=1000)
+            except Exception:  # noqa: BLE001 - a toast may close on its own meanwhile
+                pass
+        time.sleep(0.25)
+    if page.locator(".toast-body.error").count():
+        page.reload()  # the toasts would not close: start the page afresh
 
 
 def browser_worker(url: str, i: int, until: float, tally: Tally, methods: list[str]) -> None:
@@ -186,23 +239,12 @@ def browser_worker(url: str, i: int, until: float, tally: Tally, methods: list[s
                 page.set_default_timeout(600_000)
                 page.goto(url, wait_until="domcontentloaded")
                 while time.time() < until:
-                    box = page.locator("#prompt textarea, #prompt input").first
-                    box.fill(rng.choice(PROMPTS))
-                    t0 = time.perf_counter()
-                    old = page.locator("#query img").first.get_attribute("src") if page.locator("#query img").count() else None
-                    page.locator("#generate").click()
-                    page.wait_for_function("old => { const i = document.querySelector('#query img');"
-                                           " return i && i.complete && i.naturalWidth > 0 && i.src !== old; }", arg=old)
-                    tally.add("load", "browser: generate", time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    page.locator("#attribute").click()
-                    for m in methods:
-                        page.wait_for_function("sel => [...document.querySelectorAll(sel + ' button img')]"
-                                               ".some(i => i.complete && i.naturalWidth > 0)", arg=f"#gallery-{m}")
-                    tally.add("load", "browser: attribute (all galleries)", time.perf_counter() - t0)
-                    if page.locator(".toast-body.error").count():
-                        tally.error(f"browser {i}", page.locator(".toast-body.error").first.inner_text().strip())
-                        page.reload()
+                    page.locator("#prompt textarea, #prompt input").first.fill(rng.choice(PROMPTS))
+                    query = page.locator("#query img")
+                    old = query.first.get_attribute("src") if query.count() else None
+                    if _step(page, tally, i, rng, "generate", "#generate", _NEW_QUERY, old):
+                        _step(page, tally, i, rng, "attribute (all galleries)", "#attribute", _GALLERIES,
+                              [f"#gallery-{m}" for m in methods])
             finally:
                 browser.close()
     except Exception as e:
@@ -304,6 +346,7 @@ def main(args) -> None:
             stop_server(server)
     report["latency"] = tally.summary()
     report["errors"] = tally.errors + watch.get("errors", [])
+    report["refused_busy"] = dict(sorted(tally.busy.items()))
     lat = report["latency"]
     ratio = lat["retrain running"]["abu fast (probe)"]["p95"] / lat["idle"]["abu fast (probe)"]["p95"]
     report["abu_p95_ratio"] = ratio
@@ -331,5 +374,8 @@ def _print(report: dict, target: float) -> None:
     print(f"peak RSS: server {jobs.get('server_peak_rss_mb', 0):.0f} MB, retrain process "
           f"{jobs.get('retrain_peak_rss_mb', 0):.0f} MB; {len(report['errors'])} errors, "
           f"{report['stragglers']} clients still waiting at the end")
+    served = sum(v["n"] for k, v in report["latency"].get("load", {}).items() if "refused" not in k)
+    print(f"served {served} requests under load; refused (waiting room full, one line each): "
+          f"{sum(report['refused_busy'].values())} {report['refused_busy']}")
     for e in report["errors"][:20]:
         print("  error:", e)

@@ -139,9 +139,17 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
 
     query_out = [q.kind, c["query_img"], c["note"], *q.box, c["clicks"], c["drag"]]
     gen_in = [q.prompt, q.seed, q.steps, q.guidance]
-    c["gen_btn"].click(generate, gen_in, query_out, **HEAVY, api_name="generate", api_visibility="undocumented")
-    q.prompt.submit(generate, gen_in, query_out, **HEAVY, api_name=False)
-    c["up_btn"].click(use_upload, [q.upload, q.caption], query_out, **HEAVY, api_name="upload", api_visibility="undocumented")
+    # a new query image clears the rankings of the previous one: they would no longer belong to what is shown
+    shown = [x for m in METHODS for x in (c["heads"][m.name], c["galleries"][m.name], c["states"][m.name])]
+
+    def clear_results():
+        return [v for _ in METHODS for v in ("", [], None)]
+    for event in (c["gen_btn"].click(generate, gen_in, query_out, **HEAVY, api_name="generate",
+                                     api_visibility="undocumented"),
+                  q.prompt.submit(generate, gen_in, query_out, **HEAVY, api_name=False),
+                  c["up_btn"].click(use_upload, [q.upload, q.caption], query_out, **HEAVY, api_name="upload",
+                                    api_visibility="undocumented")):
+        event.success(clear_results, None, shown, concurrency_limit=None, api_name=False)  # instant: never queued
     c["query_img"].select(click_box, [*q.source, c["clicks"]], [c["clicks"], *q.box, c["query_img"], c["note"]],
                           **LIGHT, api_name=False)
     c["drag"].change(dragged, [*q.source, c["drag"]], [*q.box, c["query_img"], c["note"]], **LIGHT, api_name=False)

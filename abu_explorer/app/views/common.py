@@ -3,7 +3,11 @@
 import functools
 from dataclasses import dataclass
 
-HEAVY = dict(concurrency_id="model", concurrency_limit=1)  # everything that runs the UNet, one at a time
+# Everything that runs the UNet: one at a time in Gradio's queue (which shows a visitor its place), and then
+# in the UNet's turns (``turns.py``), which a retrain's measurements and light events that need a generation
+# share. Letting every request through to the turns' bounded waiting room instead (refusing the rest in one
+# line) was measured by ``bench load`` and was worse on 2 cores: docs/app.md, "Load test".
+HEAVY = dict(concurrency_id="model", concurrency_limit=1)
 LIGHT = dict(concurrency_id="light", concurrency_limit=4)  # NN lookups, cached results, box drawing
 
 
