@@ -249,7 +249,7 @@ def compare(entries: dict, count: int, out: Path | None, rounds: int = 2) -> dic
     print(compare_table(report))
     for row in report["paired"]:
         print(f"  {row['model']} vs {row['baseline']}, {row['figure']}: {row['difference']:+.3f} "
-              f"({row['wins']} captions gained, {row['losses']} lost; McNemar exact p = {row['p']:.3f})")
+              f"({row['wins']} captions gained, {row['losses']} lost; McNemar exact p {_p(row['p'])})")
     return report
 
 
@@ -298,6 +298,11 @@ def load_entry(entry: str) -> tuple[Explorer, int, float | None]:
     exp = Explorer.load(folder)
     exp.sampler = sampler
     return exp, steps, guidance
+
+
+def _p(p: float) -> str:
+    """A p-value as a reader wants it: '< 0.001' rather than '= 0.000'."""
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
 
 
 def _label(folder: Path) -> str:
