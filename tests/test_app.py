@@ -61,8 +61,8 @@ def test_upload(client, tiny_app, tmp_path):
 
 def test_show_box(client):
     client.predict("red apple", 2, 4, 3.0, api_name="/generate")  # the query source is per session: back to generated
-    preview = client.predict("red apple", 2, 4, 3.0, None, "", 0, 0, 16, 16, api_name="/show_box")
-    assert preview.endswith(".png")
+    preview, note = client.predict("red apple", 2, 4, 3.0, None, "", 0, 0, 16, 16, api_name="/show_box")
+    assert preview.endswith(".png") and note == "Box (0, 0, 16, 16)."  # the note follows the fields
 
 
 def test_remove_and_regenerate_runs_in_the_background_and_caches(client):

@@ -126,7 +126,9 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
 
     @friendly
     def show_box(kind, prompt, seed, steps, guidance, upload, caption, x0, y0, x1, y1):
-        return app.preview(source_of(kind, prompt, seed, steps, guidance, upload, caption), (x0, y0, x1, y1))
+        box = inputs.parse_box((x0, y0, x1, y1), app.image_size)
+        note = "Whole image." if box is None else f"Box {tuple(int(v) if float(v).is_integer() else v for v in box)}."
+        return app.preview(source_of(kind, prompt, seed, steps, guidance, upload, caption), box), note
 
     @friendly
     def show_tile(result, evt: gr.SelectData):
@@ -153,10 +155,13 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
     c["query_img"].select(click_box, [*q.source, c["clicks"]], [c["clicks"], *q.box, c["query_img"], c["note"]],
                           **LIGHT, api_name=False)
     c["drag"].change(dragged, [*q.source, c["drag"]], [*q.box, c["query_img"], c["note"]], **LIGHT, api_name=False)
-    c["box_btn"].click(show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name="show_box", api_visibility="undocumented")
+    c["box_btn"].click(show_box, [*q.source, *q.box], [c["query_img"], c["note"]], **LIGHT, api_name="show_box",
+                       api_visibility="undocumented")
     c["clear_btn"].click(lambda: (None, None, None, None, []), None, [*q.box, c["clicks"]], api_name=False).then(
-        show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name=False)
-    checked = c["attr_btn"].click(show_box, [*q.source, *q.box], [c["query_img"]], **LIGHT, api_name=False)
+        show_box, [*q.source, *q.box], [c["query_img"], c["note"]], **LIGHT, api_name=False)
+    # attributing redraws the box but keeps the note (it may name words the model did not know)
+    checked = c["attr_btn"].click(lambda *a: show_box(*a)[0], [*q.source, *q.box], [c["query_img"]], **LIGHT,
+                                  api_name=False)
     for m in METHODS:
         checked.success(_attribute_fn(app, m), [*q.source, *q.box, c["k"], c["chosen"], c["mode"]],
                         [c["columns"][m.name], c["heads"][m.name], c["galleries"][m.name], c["states"][m.name]],
