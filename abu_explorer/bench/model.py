@@ -22,17 +22,14 @@ from abu_explorer.model.embedded import Explorer
 from abu_explorer.training import train
 
 
-@torch.inference_mode()
-
 def ae_heldout_psnr(exp) -> float:
     """The autoencoder's reconstruction PSNR (dB) on the images its training held out, measured now."""
-    from abu_explorer.training import train
-
     images = exp.dataset.as_tensor()
     _, held = train.holdout_rows(len(images), exp.meta["autoencoder"]["recipe"]["extra"]["holdout_every"])
-    with torch.no_grad():
-        return train.reconstruction_psnr(exp.vae, images[held])
+    return train.reconstruction_psnr(exp.vae, images[held])
 
+
+@torch.inference_mode()
 def clip_embed_images(exp: Explorer, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([exp.clip.encode_image(train.clip_preprocess(x), normalize=True) for x in images.split(256)])
 

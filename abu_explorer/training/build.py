@@ -70,7 +70,6 @@ def build_autoencoder(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.A
     _commit_dir(tmp, out / "autoencoder")
 
 
-
 def build_clip(ds: data.Dataset, out: Path, run_dir: Path, recipe=train.CLIP_RECIPE, progress=True,
                config: dict | None = None) -> None:
     base = config or components.model_config("emoji-clip")

@@ -137,6 +137,13 @@ def _shift_augment(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> t
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
+def _shift_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The autoencoder's augmentation: a random shift, then a mirror image for half the rows."""
+    x = _shift_augment(x, g)
+    flip = torch.rand(len(x), generator=g) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1], mapped to [0, 1]."""
     mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
@@ -155,9 +162,7 @@ def train_autoencoder(vae, images: torch.Tensor, cfg: StageConfig = AE_RECIPE, r
 
     def step_fn(batch, step):
         g = _gen(cfg.seed, 2, step)
-        x = _shift_augment(images[batch], g)
-        flip = torch.rand(len(x), generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = _shift_flip(images[batch], g)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
@@ -186,10 +191,7 @@ def finetune_decoder(vae, images: torch.Tensor, cfg: StageConfig = AE_DECODER_RE
         p.requires_grad_(False)
 
     def step_fn(batch, step):
-        g = _gen(cfg.seed, 5, step)
-        x = _shift_augment(images[batch], g)
-        flip = torch.rand(len(x), generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = _shift_flip(images[batch], _gen(cfg.seed, 5, step))
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
