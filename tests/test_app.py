@@ -99,3 +99,24 @@ def test_upload_preview_is_what_attribution_sees(tiny_app):
     small = model_image(rgba, tiny_app.image_size)
     assert np.asarray(small)[0, 0].tolist() == [255, 255, 255]
     assert shown.resize(small.size, Image.Resampling.BOX).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_full_waiting_room_refuses_at_once_in_one_line_and_admitted_requests_are_served(client, tiny_app):
+    import time
+    turns = tiny_app.lock
+    turns.acquire()  # something already holds the UNet (a retrain's measurement, say)
+    try:
+        jobs = [client.submit(f"room {i}", 100 + i, 4, 3.0, api_name="/generate") for i in range(turns.max_waiting)]
+        t0 = time.time()
+        while turns.waiting < turns.max_waiting:
+            assert time.time() - t0 < 60, f"only {turns.waiting} requests reached the waiting room"
+            time.sleep(0.05)
+        t0 = time.time()
+        with pytest.raises(Exception, match=f"server is busy: {turns.max_waiting} requests are waiting"):
+            client.predict("one too many", 7, 4, 3.0, api_name="/generate")
+        assert time.time() - t0 < 10, "the refusal waited instead of answering at once"
+        assert attribute(client, "abu", methods=["clip"]) == ("", [])  # unchecked: no turn needed, not refused
+    finally:
+        turns.release()
+    assert all(job.result(timeout=120)[0].endswith(".png") for job in jobs)
+    assert turns.waiting == 0

@@ -131,7 +131,10 @@ def memory_mb(pid: int) -> dict:
 def client(url: str, visitor: str):
     from gradio_client import Client
 
-    return Client(url, verbose=False, download_files=False, headers={"X-Forwarded-For": visitor})
+    # HTTP timeout 60 s: on the 2-core host the server shares the CPUs with 8 Chromiums and a retrain, and an
+    # answer may take longer than httpx's 5 s default (a browser waits; these clients should too)
+    return Client(url, verbose=False, download_files=False, headers={"X-Forwarded-For": visitor},
+                  httpx_kwargs={"timeout": 60})
 
 
 def attribute(c, prompt: str, seed: int, method: str, box=(None,) * 4, k: int = 10) -> list[str]:

@@ -5,6 +5,7 @@ from abu_explorer.app.views.common import (
     HEAVY,
     LIGHT,
     QueryInputs,
+    admitted,
     friendly,
     gpu,
     source_of,
@@ -146,11 +147,11 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
 
     def clear_results():
         return [v for _ in METHODS for v in ("", [], None)]
-    for event in (c["gen_btn"].click(generate, gen_in, query_out, **HEAVY, api_name="generate",
+    for event in (c["gen_btn"].click(admitted(app, generate), gen_in, query_out, **HEAVY, api_name="generate",
                                      api_visibility="undocumented"),
-                  q.prompt.submit(generate, gen_in, query_out, **HEAVY, api_name=False),
-                  c["up_btn"].click(use_upload, [q.upload, q.caption], query_out, **HEAVY, api_name="upload",
-                                    api_visibility="undocumented")):
+                  q.prompt.submit(admitted(app, generate), gen_in, query_out, **HEAVY, api_name=False),
+                  c["up_btn"].click(admitted(app, use_upload), [q.upload, q.caption], query_out, **HEAVY,
+                                    api_name="upload", api_visibility="undocumented")):
         event.success(clear_results, None, shown, concurrency_limit=None, api_name=False)  # instant: never queued
     c["query_img"].select(click_box, [*q.source, c["clicks"]], [c["clicks"], *q.box, c["query_img"], c["note"]],
                           **LIGHT, api_name=False)
@@ -163,7 +164,10 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
     checked = c["attr_btn"].click(lambda *a: show_box(*a)[0], [*q.source, *q.box], [c["query_img"]], **LIGHT,
                                   api_name=False)
     for m in METHODS:
-        checked.success(_attribute_fn(app, m), [*q.source, *q.box, c["k"], c["chosen"], c["mode"]],
+        fn = _attribute_fn(app, m)
+        if m.uses_unet:  # a[12]: the methods checked on the page
+            fn = admitted(app, fn, needs_turn=lambda *a, name=m.name: name in (a[12] or []))
+        checked.success(fn, [*q.source, *q.box, c["k"], c["chosen"], c["mode"]],
                         [c["columns"][m.name], c["heads"][m.name], c["galleries"][m.name], c["states"][m.name]],
                         **(HEAVY if m.uses_unet else LIGHT), api_name=f"attribute_{m.name}", api_visibility="undocumented")
         c["galleries"][m.name].select(show_tile, [c["states"][m.name]], [c["detail_img"], c["detail_md"]],

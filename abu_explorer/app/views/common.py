@@ -3,12 +3,38 @@
 import functools
 from dataclasses import dataclass
 
-# Everything that runs the UNet: one at a time in Gradio's queue (which shows a visitor its place), and then
-# in the UNet's turns (``turns.py``), which a retrain's measurements and light events that need a generation
-# share. Letting every request through to the turns' bounded waiting room instead (refusing the rest in one
-# line) was measured by ``bench load`` and was worse on 2 cores: docs/app.md, "Load test".
-HEAVY = dict(concurrency_id="model", concurrency_limit=1)
+# Everything that runs the UNet is let through Gradio's queue at once and admitted (``admitted``) by the UNet's
+# turns (``turns.py``), whose bounded waiting room a retrain's measurements and the light events that need a
+# generation share: a request that finds it full is refused in one line, in the event loop, before it takes
+# a worker thread. docs/app.md, "Queue and locking" and "Load test", has the measurements behind this.
+HEAVY = dict(concurrency_limit=None)
 LIGHT = dict(concurrency_id="light", concurrency_limit=4)  # NN lookups, cached results, box drawing
+
+
+def admitted(app, fn, needs_turn=None):
+    """``fn`` (blocking) as an async handler that first asks the turns' waiting room for admission: a full room
+    refuses at once with one line, without a worker thread; an admitted call runs in a worker thread and waits
+    there for its turn. ``needs_turn(*args)`` False: a call that will not touch the UNet (an unchecked method)
+    runs without admission, so a full room never refuses it."""
+    import anyio
+    import gradio as gr
+
+    from abu_explorer.app.turns import Busy
+
+    @functools.wraps(fn)  # Gradio reads the signature (Progress, Request) through __wrapped__
+    async def run(*args, **kwargs):
+        call = functools.partial(fn, *args, **kwargs)
+        if needs_turn is not None and not needs_turn(*args):
+            return await anyio.to_thread.run_sync(call)
+        progress = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Progress)), None)
+        on_wait = None if progress is None else (lambda ahead: progress(0.0, desc=f"waiting for the model: "
+                                                                        f"{ahead} ahead of you"))
+        try:
+            with app.lock.admit(on_wait):  # the pass travels into the worker thread with the copied context
+                return await anyio.to_thread.run_sync(call)
+        except Busy as e:
+            raise gr.Error(str(e)) from None
+    return run
 
 
 def gpu(fn):

@@ -3,7 +3,7 @@ regenerate with the same noise; progress refreshes every 5 s and after a page re
 
 import html
 
-from abu_explorer.app.views.common import HEAVY, LIGHT, QueryInputs, friendly, source_of
+from abu_explorer.app.views.common import HEAVY, LIGHT, QueryInputs, admitted, friendly, source_of
 
 
 def default_k(n_train: int) -> int:
@@ -66,7 +66,7 @@ def build(app, q: QueryInputs) -> None:
         return "Cancel requested (a running retrain stops after its current epoch; requesting it again resumes it)."
 
     outs = [orig, img, md, rand, rand_md, status]
-    go.click(request, [*q.source, *q.box, method, k], [keys, *outs], **HEAVY, api_name="counterfactual", api_visibility="undocumented")
+    go.click(admitted(app, request), [*q.source, *q.box, method, k], [keys, *outs], **HEAVY, api_name="counterfactual", api_visibility="undocumented")
     cancel_btn.click(cancel, [keys], [status], **LIGHT, api_name=False)
     timer.tick(poll, [keys], [*outs, jobs], **LIGHT, api_name=False)
     refresh.click(poll, [keys], [*outs, jobs], **LIGHT, api_name="counterfactual_status", api_visibility="undocumented")
