@@ -36,6 +36,10 @@ def save_json(path: Path, obj) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
+def save_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def save_png(path: Path, image) -> None:
     _atomic_write(path, lambda f: image.save(f, format="PNG"))
 

@@ -97,7 +97,13 @@ def add_commands(sub, default_model: str) -> None:
     e.add_argument("--no-floor", action="store_true", help="skip the K = 0 retrain (the arithmetic floor)")
     e.add_argument("--draws", type=int, default=2, help="random draws per query")
     e.add_argument("--max-cells", type=int, default=None, help="stop after this many new retrains")
-    e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); with Ray, the "
+                   "threads (and CPUs reserved) per task")
+    e.add_argument("--ray", action="store_true", help="run the missing cells as tasks on a local Ray instance")
+    e.add_argument("--ray-address", default="", help="run them on a running Ray cluster instead (e.g. "
+                   "ray://head:10001 or auto); its workers need this package and --precomputed's folder")
+    e.add_argument("--ray-scratch", default="", help="where Ray workers run cells and keep checkpoints "
+                   "(default: --results; give a shared folder on a cluster)")
     e.add_argument("--results", default="results/counterfactual")
     e.add_argument("--assets", default="assets", help="where the table, plot and strips go ('' for none)")
     e.add_argument("--quiet", action="store_true")

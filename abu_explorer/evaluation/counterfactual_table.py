@@ -256,9 +256,11 @@ def slug(text: str) -> str:
 
 def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int, results_dir: Path,
         assets_dir: Path | None, progress: bool = True, max_cells: int | None = None,
-        recipe: train.StageConfig = train.UNET_RECIPE, with_floor: bool = True) -> dict:
+        recipe: train.StageConfig = train.UNET_RECIPE, with_floor: bool = True, ray: dict | None = None) -> dict:
     """Run (or read from the cache) every cell on this machine; ``max_cells`` bounds the retrains of this call.
-    The table holds this machine kind's cells only; ``with_floor`` adds its K = 0 retrain first."""
+    The table holds this machine kind's cells only; ``with_floor`` adds its K = 0 retrain first. ``ray``
+    ({"address", "threads"}): the missing cells run as Ray tasks instead (``ray_cells``), and the table reads
+    them from the kind of machine that trained them."""
     from abu_explorer.attribution import spec
 
     rankers = {m: spec(m).load(explorer) for m in methods if m != "random"}  # unknown names fail here
@@ -269,11 +271,18 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
             raise ValueError(f"K must be in [1, {n - 1}]: a retrain needs at least one of the {n} images, got {k}")
     built = build_queries(explorer, queries)
     cells = plan(len(queries), methods, ks, draws)
+    keys = [counterfactual.request_key(explorer, built[c.query], c.method, c.k, c.draw, recipe, settings[c.method])
+            for c in cells]
     floor = counterfactual.floor(explorer, built, results_dir, recipe, progress) if with_floor else None
+    if ray is not None:
+        _run_on_ray(explorer, queries, cells, keys, results_dir, recipe, max_cells, ray, progress)
     results, done_now = [], 0
-    for i, cell in enumerate(cells):
-        key = counterfactual.request_key(explorer, built[cell.query], cell.method, cell.k, cell.draw, recipe,
-                                         settings[cell.method])
+    for i, (cell, key) in enumerate(zip(cells, keys)):
+        if ray is not None:
+            found = counterfactual.find_result(results_dir, key)
+            if found is not None:
+                results.append({**artifacts.load_json(found / "result.json"), "query_index": cell.query})
+            continue
         cached = (counterfactual.result_dir(results_dir, key) / "result.json").exists()
         if not cached and max_cells is not None and done_now >= max_cells:
             continue
@@ -291,6 +300,19 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
             write_report(explorer, queries, methods, results, results_dir, assets_dir, floor)
     report = write_report(explorer, queries, methods, results, results_dir, assets_dir, floor) if assets_dir else None
     return {"cells": len(cells), "done": len(results), "report": report, "floor": floor}
+
+
+def _run_on_ray(explorer, queries, cells, keys, results_dir: Path, recipe, max_cells, ray: dict, progress) -> None:
+    """The missing cells (at most ``max_cells``) as Ray tasks; each result is filed as it finishes."""
+    from abu_explorer.evaluation import ray_cells
+
+    todo = [(c, key) for c, key in zip(cells, keys) if counterfactual.find_result(results_dir, key) is None]
+    todo = todo[:max_cells] if max_cells is not None else todo
+    threads = int(ray.get("threads") or 1)
+    tasks = [ray_cells.CellTask(str(Path(explorer.root).resolve()), queries[c.query], c.method, c.k, c.draw,
+                                recipe.to_dict(), str(Path(ray.get("scratch") or results_dir).resolve()), threads, key)
+             for c, key in todo]
+    ray_cells.run_cells(tasks, results_dir, ray.get("address"), ray.get("num_cpus"), progress)
 
 
 def write_report(explorer, queries, methods, results, results_dir: Path, assets_dir: Path,
@@ -353,8 +375,10 @@ def main(args) -> int:
     queries = load_queries(Path(args.queries))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     ks = parse_ks(args.k, len(exp.dataset))
+    ray = {"address": args.ray_address or None, "threads": args.threads or 1, "scratch": args.ray_scratch or None} \
+        if (args.ray or args.ray_address) else None
     out = run(exp, queries, methods, ks, args.draws, Path(args.results), Path(args.assets) if args.assets else None,
-              progress=not args.quiet, max_cells=args.max_cells, with_floor=not args.no_floor)
+              progress=not args.quiet, max_cells=args.max_cells, with_floor=not args.no_floor, ray=ray)
     if out["report"]:
         print(table(out["report"], len(exp.dataset)))
     print(f"{out['done']}/{out['cells']} cells done")

@@ -1,0 +1,108 @@
+"""Leave-K-out cells as Ray tasks: many retrains at once, on this machine or on a cluster.
+
+``ray.init()`` starts a local Ray instance (one task per ``threads`` CPUs); ``--ray-address`` joins a running
+cluster instead (CPU or GPU machines; on SLURM, start Ray on the allocation first). Each cell is one task:
+
+1. the worker loads the model from ``precomputed`` (a path every worker can read) and builds the query;
+2. it runs ``counterfactual.run`` into ``scratch`` (resumable: its epoch checkpoints live there, so a task
+   that is retried after a lost worker resumes where the checkpoints stopped when ``scratch`` is shared);
+3. it returns the finished result folder as bytes, and the driver writes each file atomically where the
+   evaluation reads it (``RESULTS/<kind of the machine that trained it>/<key>/``), ``result.json`` last.
+
+The worker computes the removal ranking and the cache key exactly as an in-process run does; the driver
+checks the key against its own, so a worker with other tables or settings fails loudly instead of filing a
+result under the wrong key. Task arguments and results are plain JSON-able values and bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from abu_explorer import artifacts
+
+
+@dataclasses.dataclass(frozen=True)
+class CellTask:
+    precomputed: str
+    query: dict  # {"prompt", "seed"[, "steps", "guidance", "box"]}, as in a queries file
+    method: str
+    k: int
+    draw: int
+    recipe: dict  # train.StageConfig.to_dict()
+    scratch: str  # where the worker runs the cell (its checkpoints); the results folder when shared
+    threads: int = 1
+    key: str = ""  # the driver's key for this cell, checked by the driver
+
+
+def run_cell(task: CellTask) -> dict:
+    """In the worker: one cell, start to finish; its result folder as {"kind", "key", "files": {name: bytes}}."""
+    import torch
+
+    from abu_explorer.evaluation import counterfactual
+    from abu_explorer.evaluation.counterfactual_table import build_queries
+    from abu_explorer.model import load
+    from abu_explorer.training import train
+
+    torch.set_num_threads(task.threads)
+    explorer = load(task.precomputed)
+    query = build_queries(explorer, [task.query])[0]
+    recipe = train.StageConfig(**task.recipe)
+    result = counterfactual.run(explorer, query, task.method, task.k, Path(task.scratch), recipe=recipe,
+                                draw=task.draw, progress=False)
+    kind = result["trained_on"]["kind"]
+    folder = counterfactual.result_dir(Path(task.scratch), result["key"], kind)
+    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {"kind": kind, "key": result["key"], "files": files}
+
+
+def store(results_dir: Path, payload: dict) -> Path:
+    """Write a task's result folder atomically (every file by temp file + rename, ``result.json`` last); a
+    finished folder is never overwritten."""
+    from abu_explorer.evaluation import counterfactual
+
+    out = counterfactual.result_dir(Path(results_dir), payload["key"], payload["kind"])
+    if (out / "result.json").exists():
+        return out
+    names = sorted(payload["files"], key=lambda n: n == "result.json")
+    for name in names:
+        artifacts.save_bytes(out / name, payload["files"][name])
+    return out
+
+
+def run_cells(tasks: list[CellTask], results_dir: Path, address: str | None = None, num_cpus: int | None = None,
+              progress: bool = True) -> list[dict]:
+    """Run every task on Ray (a local instance unless ``address``); results in the order they finish."""
+    import ray
+    from tqdm import tqdm
+
+    if not tasks:
+        return []
+    started = not ray.is_initialized()
+    if started:
+        # local workers import this package from the same checkout; a cluster's workers must have it installed
+        root = str(Path(__file__).resolve().parents[2])
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 runtime_env=None if address else env, logging_level="ERROR", log_to_driver=False)
+    try:
+        remote = ray.remote(run_cell)
+        pending = {remote.options(num_cpus=t.threads, max_retries=2).remote(t): t for t in tasks}
+        done = []
+        with tqdm(total=len(pending), desc="leave-K-out cells (Ray)", disable=not progress) as bar:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                task = pending.pop(ready[0])
+                payload = ray.get(ready[0])
+                if task.key and payload["key"] != task.key:
+                    raise RuntimeError(f"a Ray worker filed {task.method} K={task.k} under key {payload['key']}, "
+                                       f"the driver expects {task.key}: the worker's model, tables or settings differ "
+                                       f"from {task.precomputed} here")
+                store(results_dir, payload)
+                done.append(artifacts.load_json(
+                    Path(results_dir) / payload["kind"] / payload["key"] / "result.json"))
+                bar.update(1)
+        return done
+    finally:
+        if started:
+            ray.shutdown()
