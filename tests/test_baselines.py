@@ -134,3 +134,19 @@ def test_clip_nn_takes_any_open_clip_model_by_name_and_safetensors_path(tiny_exp
     assert len(ranking.scores) == len(tiny_explorer.dataset)
     with pytest.raises(ValueError, match="safetensors"):
         get_method("clip").load(tiny_explorer, model_name="tiny-test-clip", pretrained=str(tmp_path / "x.pt"))
+
+
+def test_the_kept_projection_matrix_gives_the_products_of_a_fresh_draw_bit_for_bit(monkeypatch):
+    from abu_explorer.attribution import dtrak
+
+    vectors = torch.randn(3, 20_000)
+    monkeypatch.setenv("ABU_PROJECTION_CACHE_MB", "0")  # nothing fits: drawn chunk by chunk every call
+    drawn = dtrak.project(vectors, 16, 7)
+    assert not any(k[0] == 20_000 for k in dtrak._PROJECTION)
+    monkeypatch.setenv("ABU_PROJECTION_CACHE_MB", "64")
+    kept = dtrak.project(vectors, 16, 7)  # builds and keeps the chunks
+    assert (20_000, 16, 7, 8192) in dtrak._PROJECTION
+    again = dtrak.project(vectors, 16, 7)  # reads them
+    assert torch.equal(drawn, kept) and torch.equal(kept, again)
+    assert not torch.equal(dtrak.project(vectors, 16, 8), kept)  # another seed, another matrix
+    assert len(dtrak._PROJECTION) == 1  # only the last matrix is kept

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +50,44 @@ class DTrakConfig:
 
 
 def project(vectors: torch.Tensor, dim: int, seed: int, chunk: int = 8192) -> torch.Tensor:
-    """(B, P) -> (B, dim) through a fixed Gaussian matrix (entries N(0, 1/dim)), generated in chunks."""
+    """(B, P) -> (B, dim) through a fixed Gaussian matrix (entries N(0, 1/dim)), drawn in chunks of rows from
+    seeded generators. The chunks are kept (``projection_chunks``) when the matrix fits the cache budget, so a
+    query does not draw P x dim normals again; the products are the same either way, bit for bit."""
     out = torch.zeros(len(vectors), dim)
-    for c, start in enumerate(range(0, vectors.shape[1], chunk)):
-        stop = min(start + chunk, vectors.shape[1])
-        g = torch.Generator().manual_seed(seed * 1_000_003 + c)
-        out += vectors[:, start:stop].float() @ torch.randn(stop - start, dim, generator=g)
+    for start, matrix in projection_chunks(vectors.shape[1], dim, seed, chunk):
+        out += vectors[:, start:start + len(matrix)].float() @ matrix
     return out / dim ** 0.5
+
+
+_PROJECTION_LOCK = threading.Lock()
+_PROJECTION: dict = {}  # (P, dim, seed, chunk) -> [(start, chunk matrix)]: the last matrix that fitted the budget
+
+
+def projection_cache_bytes() -> int:
+    """``ABU_PROJECTION_CACHE_MB`` (default 1024): the largest projection matrix kept in memory between calls
+    (the embedded model's D-TRAK / TRAK matrix is ~740 MB; a Stable Diffusion one would be far larger and is
+    drawn chunk by chunk instead)."""
+    return int(float(os.environ.get("ABU_PROJECTION_CACHE_MB", "1024")) * 2**20)
+
+
+def _draw(rows: int, dim: int, seed: int, chunk: int):
+    for c, start in enumerate(range(0, rows, chunk)):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        yield start, torch.randn(min(start + chunk, rows) - start, dim, generator=g)
+
+
+def projection_chunks(rows: int, dim: int, seed: int, chunk: int = 8192):
+    """The projection matrix's row chunks [(start, (rows_c, dim))], from the cache when it fits, else drawn."""
+    key = (rows, dim, seed, chunk)
+    if rows * dim * 4 > projection_cache_bytes():
+        yield from _draw(rows, dim, seed, chunk)
+        return
+    with _PROJECTION_LOCK:  # built once; later calls (any thread) read the same tensors
+        if key not in _PROJECTION:
+            _PROJECTION.clear()
+            _PROJECTION[key] = list(_draw(rows, dim, seed, chunk))
+        chunks = _PROJECTION[key]
+    yield from chunks
 
 
 def _square(unet, scheduler, x0, t, noise, context, mask=None) -> torch.Tensor:
