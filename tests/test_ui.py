@@ -268,3 +268,13 @@ def test_a_dragged_box_becomes_model_pixels():
     assert inputs.dragged_box({"image": None, "boxes": []}, 256, 32) is None and inputs.dragged_box(None, 256, 32) is None
     click = {"boxes": [{"xmin": 40, "ymin": 40, "xmax": 41, "ymax": 90}]}
     assert inputs.dragged_box(click, 256, 32) is None  # no area in model pixels: nothing to attribute yet
+
+
+def test_a_ranking_needs_the_unet_only_for_a_prompt_not_generated_yet(tiny_app):
+    src = {"type": "generated", "prompt": "needs unet", "seed": 3, "steps": 2, "guidance": 3.0}
+    assert tiny_app.needs_generation(src)
+    tiny_app.generate("needs unet", 3, 2, 3.0)
+    assert not tiny_app.needs_generation(src)  # cached: a nearest-neighbour ranking is admitted without a turn
+    assert tiny_app.needs_generation({**src, "seed": 4})
+    assert not tiny_app.needs_generation({**src, "seed": "x"})  # bad input: the call answers with its error
+    assert not tiny_app.needs_generation({"type": "upload", "image": None, "caption": ""})

@@ -80,6 +80,19 @@ class ExplorerApp:
                 self._queries.popitem(last=False)
         return g
 
+    def needs_generation(self, source: dict) -> bool:
+        """Would ``query(source)`` run the UNet: a generated source whose image is not cached yet. Input that
+        does not parse says False: the call itself then answers with the one-line error."""
+        if source.get("type") == "upload":
+            return False
+        try:
+            key = ((source.get("prompt") or "").strip(), as_int(source.get("seed"), "seed", 0, 2**31 - 1),
+                   as_int(source.get("steps"), "steps", 1, 200), as_float(source.get("guidance"), "guidance", 0.0, 15.0))
+        except UIError:
+            return False
+        with self._cache_lock:
+            return bool(key[0]) and key not in self._queries
+
     def query(self, source: dict, box=None) -> q.Query:
         """source: {"type": "generated", prompt, seed, steps, guidance} or {"type": "upload", image, caption}."""
         box = parse_box(box, self.image_size)

@@ -164,12 +164,13 @@ def _wire(app, q: QueryInputs, c: dict) -> None:
     checked = c["attr_btn"].click(lambda *a: show_box(*a)[0], [*q.source, *q.box], [c["query_img"]], **LIGHT,
                                   api_name=False)
     for m in METHODS:
-        fn = _attribute_fn(app, m)
-        if m.uses_unet:  # a[12]: the methods checked on the page
-            fn = admitted(app, fn, needs_turn=lambda *a, name=m.name: name in (a[12] or []))
-        checked.success(fn, [*q.source, *q.box, c["k"], c["chosen"], c["mode"]],
-                        [c["columns"][m.name], c["heads"][m.name], c["galleries"][m.name], c["states"][m.name]],
-                        **(HEAVY if m.uses_unet else LIGHT), api_name=f"attribute_{m.name}", api_visibility="undocumented")
+        # admitted when it will run the UNet: a checked gradient method, or a nearest-neighbour ranking of a
+        # prompt not generated yet (a[:7]: the query source, a[12]: the methods checked on the page)
+        def needs_turn(*a, m=m):
+            return m.name in (a[12] or []) and (m.uses_unet or app.needs_generation(source_of(*a[:7])))
+        checked.success(admitted(app, _attribute_fn(app, m), needs_turn), [*q.source, *q.box, c["k"], c["chosen"],
+                        c["mode"]], [c["columns"][m.name], c["heads"][m.name], c["galleries"][m.name],
+                        c["states"][m.name]], **HEAVY, api_name=f"attribute_{m.name}", api_visibility="undocumented")
         c["galleries"][m.name].select(show_tile, [c["states"][m.name]], [c["detail_img"], c["detail_md"]],
                                       **LIGHT, api_name=False)
     results = [c["states"][m.name] for m in METHODS]

@@ -3,12 +3,12 @@
 import functools
 from dataclasses import dataclass
 
-# Everything that runs the UNet is let through Gradio's queue at once and admitted (``admitted``) by the UNet's
-# turns (``turns.py``), whose bounded waiting room a retrain's measurements and the light events that need a
-# generation share: a request that finds it full is refused in one line, in the event loop, before it takes
+# Everything that may run the UNet (generation, every method's ranking) is let through Gradio's queue at once
+# and admitted (``admitted``) by the UNet's turns (``turns.py``), whose bounded waiting room a retrain's
+# measurements share: a request that finds it full is refused in one line, in the event loop, before it takes
 # a worker thread. docs/app.md, "Queue and locking" and "Load test", has the measurements behind this.
 HEAVY = dict(concurrency_limit=None)
-LIGHT = dict(concurrency_id="light", concurrency_limit=4)  # NN lookups, cached results, box drawing
+LIGHT = dict(concurrency_id="light", concurrency_limit=4)  # box drawing, job polling, cached images
 
 
 def admitted(app, fn, needs_turn=None):
