@@ -68,14 +68,56 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     _atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
-def load_npy(path: Path, hint: str = "") -> np.ndarray:
+def load_npy(path: Path, hint: str = "", mmap: bool = False) -> np.ndarray:
+    """An ``.npy`` array (never pickled objects). ``mmap=True`` maps it copy-on-write instead of reading it:
+    pages come from disk as rows are touched, and writes never reach the file."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"missing artifact {path}" + (f"; build it with: {hint}" if hint else ""))
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="c" if mmap else None)
     except (ValueError, OSError, EOFError) as e:  # truncated, or not an .npy file
         raise ArtifactError(f"corrupt artifact {path} ({e})" + (f"; rebuild it with: {hint}" if hint else "")) from None
+
+
+class NpyWriter:
+    """Write an ``.npy`` array chunk by chunk (for tables larger than RAM): rows go into a memory-mapped
+    temporary file beside ``path``; ``commit()`` flushes it and renames it into place (atomic), ``abort()``
+    (or leaving the ``with`` block by an exception) removes it."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(fd)
+        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+
+    def __setitem__(self, index, value) -> None:
+        self.array[index] = value
+
+    def commit(self) -> None:
+        self.array.flush()
+        del self.array
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if hasattr(self, "array"):
+            del self.array
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
 
 
 def save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:

@@ -101,7 +101,9 @@ def _cmd_precompute(args) -> int:
                              "the tables of an existing folder: --precomputed DIR")
         exp = _new_pipeline_folder(args)
     else:
-        exp = load(args.precomputed)
+        exp = distributed.rank0_first(lambda: load(args.precomputed))
+    exp.progress = not args.quiet
+    distributed.rank0_first(exp.training_cache)  # built once (memory-mapped where the backend stores it)
     names = [m.name for m in METHODS if m.tables] if args.method == "all" else [spec(args.method).name]
     for name in names:
         t0 = time.perf_counter()
@@ -118,14 +120,20 @@ def _new_pipeline_folder(args):
         PipelineSpec,
     )
 
+    from abu_explorer.attribution import distributed
+
     out = Path(args.out)
-    if (out / BACKEND_FILE).exists() and not args.force:
+    exists = (out / BACKEND_FILE).exists()
+    distributed.barrier()  # every rank looks before rank 0 writes
+    if exists and not args.force:
         raise FileExistsError(f"{out} already holds a model's tables; pass --force to rebuild them")
     spec = PipelineSpec(args.model, unet_config=args.unet_config, unet_weights=args.unet_weights,
                         variant=args.variant or None, clip=args.clip, guidance=args.guidance)
     if bool(spec.unet_config) != bool(spec.unet_weights):
         raise ValueError("--unet-config and --unet-weights go together")
-    backend = PipelineBackend.load(spec, args.data, out)
+    backend = distributed.rank0_first(lambda: PipelineBackend.load(spec, args.data, out))
+    if distributed.rank_world()[0] != 0:
+        return backend
     out.mkdir(parents=True, exist_ok=True)
     backend.save_record()
     print(f"{args.model}: {len(backend.dataset)} images of {args.data} at {backend.image_size} px -> {out}")

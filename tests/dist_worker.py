@@ -1,4 +1,5 @@
-"""Run by test_distributed under torchrun: sharded loss table, Fisher and screen features on a toy UNet."""
+"""Run by test_distributed under torchrun: sharded loss table, Fisher and nearest-neighbour features (toy
+UNet, toy image embedder)."""
 import sys
 
 import torch
@@ -21,12 +22,36 @@ def toy():
     return unet, models.build_scheduler(models.model_config("scheduler")), lat, states
 
 
+def toy_featurization():
+    """A dataset of 11 random 8 x 8 images (with flips) and a random conv embedder."""
+    import numpy as np
+
+    from abu_explorer import data
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (11, 8, 8, 3), dtype=np.uint8)
+    ds = data.Dataset(images, [f"c{i}" for i in range(11)], [str(i) for i in range(11)],
+                      data.DataConfig(source="toy", image_size=8, flip=True), "toy")
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(3, 4, 3)
+
+    @torch.no_grad()
+    def embed(x):
+        return torch.nn.functional.normalize(conv(x).flatten(1), dim=1)
+
+    return embed, ds
+
+
 def compute():
+    from abu_explorer.attribution.nearest import featurize
+
     unet, sched, lat, states = toy()
+    embed, ds = toy_featurization()
     torch.set_num_threads(1)  # after importing conftest (which sets 2): bit-identity needs equal thread counts
     return {
         "losses": loss_table(unet, sched, lat, states, [50, 450, 850], batch_size=8),
         "fisher": diagonal_fisher(unet, sched, lat, states, passes=2, batch_size=4),
+        "features": torch.from_numpy(featurize(embed, ds, block=3)),
     }
 
 

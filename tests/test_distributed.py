@@ -31,5 +31,6 @@ def test_two_process_results_are_bit_identical(tmp_path):
         single = dist_worker.compute()
     finally:
         torch.set_num_threads(threads)
-    for key in ("losses", "fisher"):
+    assert sharded["features"].shape == (22, 4 * 6 * 6)  # 11 images x (image, mirror image)
+    for key in ("losses", "fisher", "features"):
         assert torch.equal(sharded[key], single[key]), key

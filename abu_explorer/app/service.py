@@ -61,13 +61,17 @@ class ExplorerApp:
     def image_size(self) -> int:
         return self.explorer.image_size
 
-    def generate(self, prompt: str, seed, steps, guidance, progress=None):
+    @staticmethod
+    def generation_key(prompt, seed, steps, guidance) -> tuple[str, int, int, float]:
+        """The parsed generation request (the cache key); bad input raises ``UIError`` in one line."""
         prompt = (prompt or "").strip()
         if not prompt:
             raise UIError("type a prompt first")
-        seed, steps = as_int(seed, "seed", 0, 2**31 - 1), as_int(steps, "steps", 1, 200)
-        guidance = as_float(guidance, "guidance", 0.0, 15.0)
-        key = (prompt, seed, steps, guidance)
+        return (prompt, as_int(seed, "seed", 0, 2**31 - 1), as_int(steps, "steps", 1, 200),
+                as_float(guidance, "guidance", 0.0, 15.0))
+
+    def generate(self, prompt: str, seed, steps, guidance, progress=None):
+        key = prompt, seed, steps, guidance = self.generation_key(prompt, seed, steps, guidance)
         with self._cache_lock:  # light events read the cache from several threads, never behind the UNet
             if key in self._queries:
                 self._queries.move_to_end(key)
@@ -86,12 +90,12 @@ class ExplorerApp:
         if source.get("type") == "upload":
             return False
         try:
-            key = ((source.get("prompt") or "").strip(), as_int(source.get("seed"), "seed", 0, 2**31 - 1),
-                   as_int(source.get("steps"), "steps", 1, 200), as_float(source.get("guidance"), "guidance", 0.0, 15.0))
+            key = self.generation_key(source.get("prompt"), source.get("seed"), source.get("steps"),
+                                      source.get("guidance"))
         except UIError:
             return False
         with self._cache_lock:
-            return bool(key[0]) and key not in self._queries
+            return key not in self._queries
 
     def query(self, source: dict, box=None) -> q.Query:
         """source: {"type": "generated", prompt, seed, steps, guidance} or {"type": "upload", image, caption}."""

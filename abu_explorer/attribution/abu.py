@@ -160,18 +160,22 @@ class AbU:
                              f"the others are ranked below them by the screen (their scores are placeholders)")
 
 
-def value_shift(selected: dict, delta: torch.Tensor, states: torch.Tensor, selection: str) -> torch.Tensor:
-    """Screen: sum over attn2.to_v layers and caption tokens of ||dW_v c_z||^2 per row (states: (N, L, D))."""
-    shift = torch.zeros(len(states))
-    i, used = 0, 0
+def value_shift(selected: dict, delta: torch.Tensor, states: torch.Tensor, selection: str,
+                block: int = 4096) -> torch.Tensor:
+    """Screen: sum over attn2.to_v layers and caption tokens of ||dW_v c_z||^2 per row (states: (N, L, D)),
+    ``block`` rows at a time: the (rows, L, out) products never exist for all N at once."""
+    layers = []
+    i = 0
     for name, p in selected.items():
         if ".attn2.to_v." in name and name.endswith("weight"):
-            dw = delta[i:i + p.numel()].view_as(p)
-            shift += torch.einsum("oi,nli->nlo", dw, states).pow(2).sum(dim=(1, 2))
-            used += 1
+            layers.append(delta[i:i + p.numel()].view_as(p))
         i += p.numel()
-    if not used:
+    if not layers:
         raise ValueError(f"fast mode needs attn2.to_v weights in the selection ({selection!r}); use --mode exact")
+    shift = torch.zeros(len(states))
+    for start in range(0, len(states), block):
+        c = states[start:start + block]
+        shift[start:start + len(c)] = sum(torch.einsum("oi,nli->nlo", dw, c).pow(2).sum(dim=(1, 2)) for dw in layers)
     return shift
 
 

@@ -30,6 +30,23 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def rank0_first(fn: Callable):
+    """``fn()`` on rank 0, then on the other ranks: for work that writes shared files (rendered images, the
+    training cache), which the other ranks then find fresh and only read."""
+    rank, world = rank_world()
+    out = fn() if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()
+        if rank != 0:
+            out = fn()
+    return out
+
+
 def run_batches(fn: Callable[[int], torch.Tensor], num_batches: int, progress=None) -> list[torch.Tensor]:
     """``[fn(0), ..., fn(num_batches - 1)]``, computed across ranks, returned on every rank."""
     rank, world = rank_world()

@@ -102,24 +102,29 @@ def _square(unet, scheduler, x0, t, noise, context, mask=None) -> torch.Tensor:
 OUTPUTS = {"square": _square, "loss": ddpm_losses}  # D-TRAK's output / the DDPM loss (TRAK)
 
 
-def features(unet, scheduler, latents, states, rows_keys, cfg: DTrakConfig, mask=None, progress=None):
-    """(R, d) projected gradients of f for latents (R, C, h, w) with noise keyed by ``rows_keys``."""
+def features(unet, scheduler, latents, states, rows_keys, cfg: DTrakConfig, mask=None, progress=None,
+             latent_of: torch.Tensor | None = None):
+    """(R, d) projected gradients of f for the R rows of ``states``, with noise keyed by ``rows_keys``; row r's
+    latent is ``latents[latent_of[r]]`` (default ``latents[r]``), read batch by batch (never gathered whole)."""
     timesteps = eval_timesteps(cfg.num_timesteps, scheduler.config.num_train_timesteps)
     pex = PerExampleGradients(unet, cfg.selection)
     per = max(1, cfg.batch_size // len(timesteps))
     shape = tuple(latents.shape[1:])
     output = OUTPUTS[cfg.output]
+    n = len(states)
+    latent_of = torch.arange(n) if latent_of is None else latent_of
 
     def batch(b: int) -> torch.Tensor:
-        idx = list(range(b * per, min((b + 1) * per, len(latents))))
+        idx = list(range(b * per, min((b + 1) * per, n)))
         items = [(i, t) for i in idx for t in timesteps]
         r = torch.tensor([i for i, _ in items])
         t = torch.tensor([t for _, t in items])
         noise = torch.stack([item_noise(cfg.noise_seed, int(rows_keys[i]), 0, t, shape) for i, t in items])
-        g = pex(lambda: output(unet, scheduler, latents[r], t, noise, states[r], mask), len(items))
+        x0 = latents[latent_of[r]]
+        g = pex(lambda: output(unet, scheduler, x0, t, noise, states[r], mask), len(items))
         return project(g.view(len(idx), len(timesteps), -1).mean(dim=1), cfg.proj_dim, cfg.projection_seed)
 
-    num = (len(latents) + per - 1) // per
+    num = (n + per - 1) // per
     return torch.cat(distributed.run_batches(batch, num, progress))
 
 
@@ -140,8 +145,9 @@ def precompute(explorer, cfg: DTrakConfig = DTrakConfig(), folder: Path | None =
     image = torch.arange(cache.num_images) if cache.caption_image is None else cache.caption_image
     # one feature per caption row (its image's latent and noise key), then each image's mean: the projection is
     # linear, so that is the projected gradient of the image's caption-averaged output
-    phi = cache.per_image(features(explorer.unet, explorer.scheduler, cache.latents[image], cache.text_states,
-                                   image, cfg, progress=lambda i, n: (setattr(bar, "total", n), bar.update(i - bar.n))))
+    phi = cache.per_image(features(explorer.unet, explorer.scheduler, cache.latents, cache.text_states, image, cfg,
+                                   progress=lambda i, n: (setattr(bar, "total", n), bar.update(i - bar.n)),
+                                   latent_of=image))
     if distributed.rank_world()[0] == 0:
         artifacts.save_npy(folder / "features.npy", phi.half().numpy())
         artifacts.save_json(folder / "meta.json", {"config": cfg.to_dict(), **provenance(explorer),
@@ -159,9 +165,15 @@ class DTrak:
         n, d = phi.shape
         if d >= n and cfg.lam <= 0:
             raise ValueError(f"proj_dim {d} >= N {n} with lambda 0: the kernel is singular; set lam > 0")
-        self.phi = phi.float()
-        gram = self.phi.T @ self.phi + cfg.lam * torch.eye(d)
+        self.phi = phi  # (N, d), float16 and memory-mapped when loaded: used BLOCK rows at a time
+        gram = sum(b.T @ b for b in self.phi_blocks()) + cfg.lam * torch.eye(d)
         self.chol = torch.linalg.cholesky(gram.double())
+
+    BLOCK = 65536  # rows of phi in float32 at a time (256 MB at d = 1,024); one block up to N = 65,536
+
+    def phi_blocks(self):
+        for start in range(0, len(self.phi), self.BLOCK):
+            yield self.phi[start:start + self.BLOCK].float()
 
     @classmethod
     def load(cls, explorer, folder=None, **overrides):
@@ -173,7 +185,7 @@ class DTrak:
             if meta[key] != value:
                 raise artifacts.ArtifactError(f"{folder / 'meta.json'}: {key} does not match the model; rebuild: {cls.hint}")
         cfg = dataclasses.replace(DTrakConfig(**meta["config"]), **overrides)
-        phi = torch.from_numpy(artifacts.load_npy(folder / "features.npy", cls.hint))
+        phi = torch.from_numpy(artifacts.load_npy(folder / "features.npy", cls.hint, mmap=True))
         if phi.shape != (meta["num_train"], cfg.proj_dim):
             raise artifacts.ArtifactError(f"{folder / 'features.npy'} has shape {tuple(phi.shape)}; rebuild: {cls.hint}")
         method = cls(explorer, cfg, phi)
@@ -197,7 +209,7 @@ class DTrak:
         phi_q = self.query_feature(query)
         t1 = time.perf_counter()
         weights = torch.cholesky_solve(phi_q.double()[:, None], self.chol)[:, 0].float()
-        scores = self.phi @ weights
+        scores = torch.cat([b @ weights for b in self.phi_blocks()])
         notes = self.box_note if query.box is not None else ""
         return Ranking(self.name, scores, time.perf_counter() - t0, "trak",
                        {"query_gradient": t1 - t0, "kernel": time.perf_counter() - t1}, notes=notes)

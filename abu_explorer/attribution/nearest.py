@@ -28,6 +28,23 @@ def query_pixels(explorer, query) -> torch.Tensor:
                          align_corners=None if crop.shape[-1] >= size else False)
 
 
+def featurize(embed, dataset, block: int = 256, progress=None) -> np.ndarray:
+    """``embed`` of every image (and its mirror image when the data uses flips): float32 (N * V, D), row
+    i * V + v. Images are read ``block`` at a time from the (possibly memory-mapped) dataset, and the blocks
+    are sharded over torch.distributed ranks when launched by torchrun (each block as in one process)."""
+    from abu_explorer.attribution import distributed
+
+    n = len(dataset)
+
+    def one(b: int) -> torch.Tensor:
+        x = dataset.tensor(slice(b * block, min((b + 1) * block, n)))
+        views = [x, x.flip(-1)] if dataset.config.flip else [x]
+        return torch.stack([embed(v) for v in views], dim=1).flatten(0, 1).float()
+
+    parts = distributed.run_batches(one, -(-n // block), progress)
+    return torch.cat(parts).numpy().astype(np.float32)
+
+
 class _Nearest:
     """Shared logic: ``embed(images) -> (B, D)`` normalised; faiss inner-product search over all rows."""
 
@@ -39,13 +56,10 @@ class _Nearest:
 
         self.explorer, self.index_type = explorer, index_type
         ds = explorer.dataset
-        x = ds.as_tensor()
-        views = [x, x.flip(-1)] if ds.config.flip else [x]
-        emb = torch.stack([self.embed(v) for v in views], dim=1)  # (N, V, D)
-        self.n_views = emb.shape[1]
-        flat = emb.reshape(-1, emb.shape[-1]).numpy().astype(np.float32)
-        self.index = faiss.index_factory(flat.shape[1], index_type, faiss.METRIC_INNER_PRODUCT)
-        self.index.add(flat)
+        self.n_views = 2 if ds.config.flip else 1
+        emb = featurize(self.embed, ds)  # (N * V, D), row-major over (image, view)
+        self.index = faiss.index_factory(emb.shape[1], index_type, faiss.METRIC_INNER_PRODUCT)
+        self.index.add(emb)
 
     @classmethod
     def load(cls, explorer, **kwargs):
@@ -78,9 +92,15 @@ class PixelNN(_Nearest):
     """Cosine similarity of raw pixels (32x32x3, centred on the dataset's white background)."""
 
     name = "pixel"
+    max_side = 64  # larger images are area-averaged to 64 x 64 first: 12,288 dims, not 786k for 512 px
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] > self.max_side or images.shape[-2] > self.max_side:
+            images = F.interpolate(images, size=(self.max_side, self.max_side), mode="area")
         return F.normalize((images - 1.0).flatten(1), dim=1)  # white (+1) -> 0, so empty space adds nothing
+
+    def embedder_settings(self) -> dict:
+        return {"max_side": self.max_side} if self.explorer.image_size > self.max_side else {}
 
 
 class ClipNN(_Nearest):

@@ -83,7 +83,7 @@ def from_training_image(explorer, index: int, box: Box | None = None) -> Query:
     n = len(explorer.dataset)
     if not 0 <= index < n:
         raise QueryError(f"training index {index} out of range [0, {n})")
-    x = explorer.dataset.as_tensor()[index:index + 1]
+    x = explorer.dataset.tensor(slice(index, index + 1))
     latent = explorer.encode_images(x)[0]
     size = explorer.image_size
     return with_box(Query(latent, explorer.dataset.captions[index], {"type": "train", "index": index}, size), box)

@@ -2,6 +2,9 @@
 
 ``index`` i is row i: the key that latents, losses, Fisher tables and rankings share. ``content_hash``
 covers pixels and captions and is recorded beside every artifact computed from the data.
+
+The images may be a memory-mapped ``.npy`` (image folders, the rendered OpenMoji set): every consumer reads
+them in batches (``Dataset.batches``) so that nothing proportional to N x image size is held in RAM.
 """
 from __future__ import annotations
 
@@ -58,10 +61,25 @@ class Dataset:
         return Image.fromarray(self.images[index])
 
     def as_tensor(self):
-        """Float tensor (N, 3, H, W) in [-1, 1]."""
-        import torch
+        """Float tensor (N, 3, H, W) in [-1, 1] of every image: 12 bytes per pixel; for small sets only
+        (training the embedded model, tests). Everything that must scale uses ``batches``."""
+        return self.tensor(slice(None))
 
-        return torch.from_numpy(self.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    def tensor(self, rows) -> "torch.Tensor":  # noqa: F821
+        """Float tensor (B, 3, H, W) in [-1, 1] of ``rows`` (a slice, a list or an index array)."""
+        return to_tensor(np.asarray(self.images[rows]))
+
+    def batches(self, size: int):
+        """``(start, tensor)`` for consecutive row blocks of ``size``: bounded memory over any N."""
+        for start in range(0, len(self), size):
+            yield start, self.tensor(slice(start, min(start + size, len(self))))
+
+
+def to_tensor(images: np.ndarray):
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def model_image(image: Image.Image, size: int) -> Image.Image:
@@ -80,10 +98,14 @@ def model_image(image: Image.Image, size: int) -> Image.Image:
     return rgb.resize((rw, rh), Image.Resampling.BOX).crop((left, top, left + size, top + size))
 
 
-def content_hash(images: np.ndarray, captions: list[str], caption_lists: list[list[str]] | None = None) -> str:
+def content_hash(images: np.ndarray, captions: list[str], caption_lists: list[list[str]] | None = None,
+                 chunk: int = 4096) -> str:
+    """sha256 of shape, pixels (read ``chunk`` rows at a time, so a memory-mapped array stays on disk) and
+    captions; the first 16 hex digits."""
     h = hashlib.sha256()
     h.update(str(images.shape).encode())
-    h.update(np.ascontiguousarray(images).tobytes())
+    for start in range(0, len(images), chunk):
+        h.update(np.ascontiguousarray(images[start:start + chunk]).tobytes())
     h.update("\n".join(captions).encode("utf-8"))
     if caption_lists is not None:
         h.update(("\x1e" + "\n".join("\x1f".join(c) for c in caption_lists)).encode("utf-8"))
@@ -102,7 +124,7 @@ def load_dataset_dir(path: Path, config: DataConfig | None = None) -> Dataset:
     stored = DataConfig(**meta["config"])
     if config is not None and stored != config:
         raise artifacts.ArtifactError(f"{path}: dataset built with {stored}, expected {config}")
-    images = artifacts.load_npy(Path(path) / "images.npy")
+    images = artifacts.load_npy(Path(path) / "images.npy", mmap=True)
     digest = content_hash(images, meta["captions"])
     if digest != meta["content_hash"]:
         raise artifacts.ArtifactError(f"{path}: content hash {digest} != recorded {meta['content_hash']}")

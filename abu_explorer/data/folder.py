@@ -7,33 +7,72 @@
 
 Every image passes through ``model_image`` (alpha on white, shorter side resized, centre crop): the same
 policy as uploads and their previews.
+
+With ``store`` (a folder), the rendered images are written there chunk by chunk as ``images.npy`` and
+memory-mapped, so N x H x W x 3 bytes live on disk, not in RAM; a second load reuses them while every
+file's path, size and modification time and every caption are unchanged (``images.json`` records them).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .. import artifacts
 from .dataset import DataConfig, Dataset, content_hash, model_image
 
 EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def load_image_folder(folder: str | Path, image_size: int = 32, flip: bool = False) -> Dataset:
+def load_image_folder(folder: str | Path, image_size: int = 32, flip: bool = False, store: str | Path | None = None,
+                      chunk: int = 1024, progress: bool = False) -> Dataset:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     imagefolder = (folder / "metadata.jsonl").exists()
     rows = _metadata_rows(folder) if imagefolder else _caption_file_rows(folder)
-    arr = np.stack([_read(p, image_size) for p, _ in rows])
     lists = [c for _, c in rows]
     captions = [c[0] for c in lists]
     lists = lists if any(len(c) > 1 for c in lists) else None  # one caption each: the plain layout
     config = DataConfig(source=f"folder:{folder.name}", image_size=image_size, flip=flip)
     codes = [p.relative_to(folder.resolve()).as_posix() if imagefolder else p.stem for p, _ in rows]
-    return Dataset(arr, captions, codes, config, content_hash(arr, captions, lists), lists)
+    if store is None:
+        arr = np.stack([_read(p, image_size) for p, _ in rows])
+        return Dataset(arr, captions, codes, config, content_hash(arr, captions, lists), lists)
+    arr, digest = _stored_images(rows, image_size, Path(store), chunk, progress, captions, lists)
+    return Dataset(arr, captions, codes, config, digest, lists)
+
+
+def _stored_images(rows, size: int, store: Path, chunk: int, progress: bool, captions, lists):
+    """The rendered images as a memory-mapped array in ``store`` (rendered in chunks when missing or stale)."""
+    key = _fingerprint(rows, size)
+    meta_path, npy = store / "images.json", store / "images.npy"
+    if meta_path.exists() and npy.exists():
+        meta = artifacts.load_json(meta_path)
+        if meta.get("fingerprint") == key:
+            return artifacts.load_npy(npy, mmap=True), meta["content_hash"]
+    from tqdm.auto import tqdm
+
+    with artifacts.NpyWriter(npy, (len(rows), size, size, 3), np.uint8) as out:
+        for start in tqdm(range(0, len(rows), chunk), desc="render image folder", disable=not progress):
+            block = rows[start:start + chunk]
+            out[start:start + len(block)] = np.stack([_read(p, size) for p, _ in block])
+    arr = artifacts.load_npy(npy, mmap=True)
+    digest = content_hash(arr, captions, lists)
+    artifacts.save_json(meta_path, {"fingerprint": key, "content_hash": digest, "rows": len(rows), "image_size": size})
+    return arr, digest
+
+
+def _fingerprint(rows, size: int) -> str:
+    """What the rendered array depends on: each file's path, size and mtime, its captions, the resolution."""
+    h = hashlib.sha256(f"model_image/{size}".encode())
+    for path, texts in rows:
+        st = path.stat()
+        h.update(f"\x1e{path}\x1f{st.st_size}\x1f{st.st_mtime_ns}\x1f{'|'.join(texts)}".encode("utf-8"))
+    return h.hexdigest()[:16]
 
 
 def _captions(text, where: str) -> list[str]:

@@ -28,13 +28,9 @@ import torch
 
 from abu_explorer import artifacts, data
 from abu_explorer.model import sampling
-from abu_explorer.model.embedded import (
-    Generation,
-    TrainingCache,
-    image_to_tensor,
-    load_clip,
-    to_pil,
-)
+from abu_explorer.model import training_cache
+from abu_explorer.model.embedded import Generation, image_to_tensor, load_clip, to_pil
+from abu_explorer.model.training_cache import TrainingCache
 from abu_explorer.model.tokenizer import PromptError, check_text
 
 BACKEND_FILE = "backend.json"
@@ -82,6 +78,7 @@ class PipelineBackend:
         self._hashes: dict[str, str] = {}
         self._null = None
         self._training_cache: TrainingCache | None = None
+        self.progress = False  # bars while building the training cache (precompute turns them on)
         self.meta = {"dataset": {"content_hash": dataset.content_hash, "folder": data_folder,
                                  "config": dataset.config.to_dict()}, "backend": spec.to_dict()}
 
@@ -94,7 +91,7 @@ class PipelineBackend:
                              "the CPU (--dtype fp32 --device cpu)")
         vae, text_encoder, tokenizer, unet, sched = _load_components(spec)
         size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-        ds = data.load_image_folder(data_folder, size)
+        ds = data.load_image_folder(data_folder, size, store=Path(root) / "data", progress=True)
         clip = load_clip(Path(spec.clip))[0] if spec.clip else None
         return cls(spec, Path(root), vae, text_encoder, tokenizer, unet, sched, ds, str(Path(data_folder)), clip)
 
@@ -189,15 +186,15 @@ class PipelineBackend:
         return self.vae.decode(latents / cfg.scaling_factor + _shift(cfg)).sample.clamp(-1, 1)
 
     def training_cache(self) -> TrainingCache:
+        """Latents and caption states, memory-mapped from ``ROOT/training_cache/`` (built there in blocks of
+        1,024 images / 256 captions on first use, rebuilt when the model or data hash changes)."""
         if self._training_cache is None:
-            x = self.dataset.as_tensor()
-            lat = torch.cat([self.encode_images(b) for b in x.split(64)])
-            lists = self.dataset.all_captions()
-            caps = [c for cs in lists for c in cs]  # image by image: the cache's caption rows
-            states = torch.cat([self.encode_text(caps[i:i + 256]) for i in range(0, len(caps), 256)])
-            owner = None if self.dataset.caption_lists is None else \
-                torch.repeat_interleave(torch.arange(len(lists)), torch.tensor([len(c) for c in lists]))
-            self._training_cache = TrainingCache(lat, states, self.null_state.clone(), owner)
+            cfg = self.vae.config
+            key = {"autoencoder": self.component_hash("autoencoder"), "text_encoder": self.component_hash("text_encoder"),
+                   "scaling_factor": cfg.scaling_factor, "shift_factor": _shift(cfg),
+                   "data": self.dataset.content_hash, "flip": self.dataset.config.flip}
+            self._training_cache = training_cache.build(self, 1024, 256, self.root / "training_cache", key,
+                                                        progress=self.progress)
         return self._training_cache
 
     def image_tensor(self, image) -> torch.Tensor:

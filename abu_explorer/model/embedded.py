@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from abu_explorer import artifacts, data
-from abu_explorer.model import components, sampling
+from abu_explorer.model import components, sampling, training_cache
+from abu_explorer.model.training_cache import TrainingCache  # noqa: F401 (re-exported)
 from abu_explorer.model.tokenizer import WordTokenizer
 
 DEFAULT_GUIDANCE = 3.0
@@ -32,47 +33,6 @@ class Generation:
     steps: int
     guidance: float
     unknown_words: list[str] = field(default_factory=list)
-
-
-@dataclass
-class TrainingCache:
-    """Latents of the N training images and the states of their R captions (R = N: one caption each).
-
-    With caption lists (``caption_image`` set), row r of ``text_states`` captions image ``caption_image[r]``,
-    and an image's loss is the mean over its captions: every method measures per caption row and then
-    averages each image's rows (``per_image``), which is exact for losses, gradients and their projections.
-    """
-
-    latents: torch.Tensor  # (N, C, h, w), or (N, 2, C, h, w) with flips (slot 1 = flipped image)
-    text_states: torch.Tensor  # (R, L, D)
-    null_state: torch.Tensor  # (1, L, D): the empty caption, for classifier-free guidance
-    caption_image: torch.Tensor | None = None  # (R,) long, non-decreasing; None: row r captions image r
-
-    @property
-    def num_images(self) -> int:
-        return len(self.latents)
-
-    def _counts(self) -> torch.Tensor:
-        return torch.bincount(self.caption_image, minlength=self.num_images)
-
-    def caption_rows(self, images: torch.Tensor) -> torch.Tensor:
-        """The caption rows of ``images``, image by image in the given order."""
-        if self.caption_image is None:
-            return images
-        counts = self._counts()
-        starts = torch.cumsum(counts, 0) - counts
-        return torch.cat([torch.arange(int(starts[i]), int(starts[i] + counts[i])) for i in images.tolist()])
-
-    def per_image(self, values: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean over each image's caption rows: ``values`` (len(caption_rows(images)), ...) ->
-        (len(images), ...); ``images`` defaults to all of them."""
-        if self.caption_image is None:
-            return values
-        images = torch.arange(self.num_images) if images is None else images
-        counts = self._counts()[images]
-        slot = torch.repeat_interleave(torch.arange(len(images)), counts)
-        sums = torch.zeros((len(images), *values.shape[1:]), dtype=values.dtype).index_add_(0, slot, values)
-        return sums / counts.to(values.dtype).view(-1, *[1] * (values.dim() - 1))
 
 
 class Explorer:
@@ -200,18 +160,11 @@ class Explorer:
         return self.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor).sample.clamp(-1, 1)
 
     def training_cache(self) -> TrainingCache:
-        """Latents and caption states of every training row (memoised: they depend on AE + CLIP only).
-
-        Consumers read it and must not modify it in place."""
-        if self._training_cache is not None:
-            return self._training_cache
-        ds = self.dataset
-        x = ds.as_tensor()
-        lat = self.encode_images(x)
-        if ds.config.flip:
-            lat = torch.stack([lat, self.encode_images(x.flip(-1))], dim=1)
-        states = torch.cat([self.encode_text(list(c)) for c in _chunks(ds.captions, 512)])
-        self._training_cache = TrainingCache(lat.clone(), states.clone(), self.null_state.clone())
+        """Latents and caption states of every training row (memoised: they depend on AE + CLIP only), in RAM:
+        the embedded set is small. Blocks of 1,024 images / 512 captions (the batching of ``encode_images`` /
+        the original single pass). Consumers read it and must not modify it in place."""
+        if self._training_cache is None:
+            self._training_cache = training_cache.build(self, 1024, 512, first_caption_only=True)
         return self._training_cache
 
     # --- generation ------------------------------------------------------------------------------
@@ -240,11 +193,6 @@ class Explorer:
 def provenance(explorer) -> dict:
     """What an attribution artifact was computed from: every component's weights hash and the data hash."""
     return explorer.provenance()
-
-
-def _chunks(xs: list, n: int):
-    for i in range(0, len(xs), n):
-        yield xs[i:i + n]
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
