@@ -29,6 +29,7 @@ class MethodSpec:
     control: bool = False  # a control, not an attribution (never offered for removal on its own)
     reuses: tuple[str, ...] = ()  # other methods whose precomputed tables this one reads
     needs_env: str = ""  # offered only when this environment variable is set (what it needs, e.g. a checkpoint)
+    generated_only: bool = False  # needs a generated query (its sampling trajectory); uploads are refused
 
     def load_class(self) -> type:
         return getattr(import_module(self.module), self.cls)
@@ -75,7 +76,7 @@ ALL_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("journey", "Journey-TRAK", f"{_HERE}.journey_trak", "JourneyTrak",
                "TRAK along the generated image's own sampling trajectory: the query's loss gradients at each "
                "step's predicted clean latent, averaged over the steps (generated queries only)",
-               "TRAK score", uses_unet=True, reuses=("trak",)),
+               "TRAK score", uses_unet=True, reuses=("trak",), generated_only=True),
     MethodSpec("clip", "CLIP NN", f"{_HERE}.nearest", "ClipNN",
                "nearest neighbours of CLIP image embeddings (faiss, cosine)", "cosine similarity"),
     MethodSpec("pixel", "Pixel NN", f"{_HERE}.nearest", "PixelNN",

@@ -1,5 +1,5 @@
 """The evaluation commands: ``counterfactual`` (one leave-K-out cell), ``evaluate counterfactual`` (the table,
-resumable) and ``offload export|retrain|import`` (the retrains on another machine)."""
+resumable), ``evaluate lds``, ``evaluate boxes`` (two-concept box queries) and ``offload export|retrain|import`` (the retrains on another machine)."""
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +38,12 @@ def cmd_lds(args) -> int:
     from abu_explorer.evaluation import lds_table
 
     return lds_table.main(args)
+
+
+def cmd_boxes(args) -> int:
+    from abu_explorer.evaluation import boxes_report
+
+    return boxes_report.main(args)
 
 
 def cmd_offload(args) -> int:
@@ -87,7 +93,7 @@ def add_commands(sub, default_model: str) -> None:
     add_precomputed(c, default_model)
     c.set_defaults(func=cmd_counterfactual)
 
-    ev = sub.add_parser("evaluate", help="evaluations over many retrains (resumable): counterfactual | lds")
+    ev = sub.add_parser("evaluate", help="evaluations (resumable): counterfactual | lds | boxes")
     group = ev.add_subparsers(dest="what", required=True)
     e = group.add_parser("counterfactual", help="the leave-K-out table: one retrain per (query, method, K)")
     e.add_argument("--queries", required=True, help='JSON list of {"prompt", "seed"[, "steps", "guidance", "box"]}')
@@ -123,6 +129,21 @@ def add_commands(sub, default_model: str) -> None:
     lds_cmd.add_argument("--quiet", action="store_true")
     add_precomputed(lds_cmd, default_model)
     lds_cmd.set_defaults(func=cmd_lds)
+
+    bx = group.add_parser("boxes", help="two-concept composites: does a box rank its own source above the other?")
+    bx.add_argument("--pairs", type=int, default=40, help="pairs of training images (chosen by a fixed rule)")
+    bx.add_argument("--layouts", default="halves,quadrants,pasted")
+    from abu_explorer.attribution import METHODS
+
+    bx.add_argument("--methods", default=",".join(m.name for m in METHODS if not m.generated_only),
+                    help="default: every method that takes uploads (not Journey-TRAK)")
+    bx.add_argument("--mode", default="exact", help="exact (the benchmark) or fast (a quick look; filed apart)")
+    bx.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bx.add_argument("--results", default="results/boxes")
+    bx.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
+    bx.add_argument("--quiet", action="store_true")
+    add_precomputed(bx, default_model)
+    bx.set_defaults(func=cmd_boxes)
 
     o = sub.add_parser("offload", help="leave-K-out retrains on another machine: export here, retrain there "
                        "(e.g. --device cuda), import here")

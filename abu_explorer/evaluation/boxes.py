@@ -1,0 +1,165 @@
+"""``python -m abu_explorer evaluate boxes``: does a box attribute what is inside it? Two-concept composites of
+training images, so that each part has a known source.
+
+# Protocol (fixed before any attribution was seen)
+- Pairs: a permutation of the training rows by ``numpy.random.default_rng(PAIR_SEED)``, taken two at a time:
+  pair j = (A, B). A pair is skipped when its two images are near-duplicates (cosine similarity of their
+  white-centred pixels > ``NEAR_DUPLICATE``) or when "A's caption and B's caption" does not fit the text
+  encoder; the first ``pairs`` pairs kept are the benchmark.
+- Layouts, on a white square of the model's size (s, the image side; every placement area-resized):
+    halves    A in the left half, B in the right half (each s/2 x s/2, vertically centred); boxes: the halves;
+    quadrants A in the top-left quadrant, B in the bottom-right one; boxes: those quadrants;
+    pasted    A fills the image, B (3/8 of the side) is pasted over its bottom-right corner; boxes: B's patch,
+              and the top-left quadrant for A (B's patch does not reach it).
+- Each composite is an upload query captioned "<caption A> and <caption B>" (the AbU paper's own local-attribution
+  use); each of its two boxes is one query, whose *own* source is the image inside the box and the *other*
+  the other one.
+- Per method (exact mode where it has one; ``--mode fast`` for a quick look, recorded) and layout: the share of
+  boxes whose own source scores above the other (with a 95% Clopper-Pearson interval), and the mean rank of
+  the own source among N (1 = top). Between two methods: an exact McNemar test on the boxes where one wins and
+  the other does not.
+Results are kept per (method, its settings, mode, model, protocol) and box, so a run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from abu_explorer import artifacts
+
+PAIR_SEED, NEAR_DUPLICATE = 2026, 0.9
+LAYOUTS = ("halves", "quadrants", "pasted")
+
+
+def protocol(explorer, pairs: int) -> dict:
+    return {"pairs": pairs, "pair_seed": PAIR_SEED, "near_duplicate": NEAR_DUPLICATE, "layouts": list(LAYOUTS),
+            "data_hash": explorer.provenance()["data_hash"], "image_size": explorer.image_size}
+
+
+def choose_pairs(explorer, count: int) -> list[tuple[int, int]]:
+    """The first ``count`` pairs kept by the rule above."""
+    from abu_explorer.model.tokenizer import PromptError
+
+    ds = explorer.dataset
+    order = np.random.default_rng(PAIR_SEED).permutation(len(ds))
+    chosen = []
+    for j in range(len(order) // 2):
+        a, b = int(order[2 * j]), int(order[2 * j + 1])
+        pa, pb = _pixels(ds, a), _pixels(ds, b)
+        if float(pa @ pb) > NEAR_DUPLICATE:
+            continue
+        try:
+            explorer.check_prompt(caption(ds, a, b))
+        except (PromptError, ValueError):
+            continue
+        chosen.append((a, b))
+        if len(chosen) == count:
+            return chosen
+    raise ValueError(f"only {len(chosen)} pairs pass the rule; ask for fewer")
+
+
+def caption(ds, a: int, b: int) -> str:
+    return f"{ds.captions[a]} and {ds.captions[b]}"
+
+
+def _pixels(ds, i: int) -> np.ndarray:
+    v = np.asarray(ds.images[i], dtype=np.float64).ravel() / 127.5 - 2.0  # white -> 0
+    n = np.linalg.norm(v)
+    return v / n if n > 0 else v
+
+
+def composite(ds, a: int, b: int, layout: str) -> tuple[Image.Image, list[tuple[tuple, int, int]]]:
+    """The composite image and its boxes as (box (x0, y0, x1, y1), own row, other row)."""
+    s = ds.config.image_size
+    img = Image.new("RGB", (s, s), (255, 255, 255))
+    A, B = ds.image(a), ds.image(b)
+    h, q = s // 2, s // 4
+    if layout == "halves":
+        img.paste(A.resize((h, h), Image.Resampling.BOX), (0, q))
+        img.paste(B.resize((h, h), Image.Resampling.BOX), (h, q))
+        boxes = [((0, 0, h, s), a, b), ((h, 0, s, s), b, a)]
+    elif layout == "quadrants":
+        img.paste(A.resize((h, h), Image.Resampling.BOX), (0, 0))
+        img.paste(B.resize((h, h), Image.Resampling.BOX), (h, h))
+        boxes = [((0, 0, h, h), a, b), ((h, h, s, s), b, a)]
+    elif layout == "pasted":
+        p = 3 * s // 8
+        img.paste(A, (0, 0))
+        img.paste(B.resize((p, p), Image.Resampling.BOX), (s - p, s - p))
+        boxes = [((0, 0, h, h), a, b), ((s - p, s - p, s, s), b, a)]
+    else:
+        raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    return img, [(tuple(float(v) for v in box), own, other) for box, own, other in boxes]
+
+
+def box_result(scores: np.ndarray, own: int, other: int) -> dict:
+    """Own source above the other? Its rank among N (1 = top; ties count against it)."""
+    return {"own_wins": bool(scores[own] > scores[other]), "own_rank": int((scores >= scores[own]).sum()),
+            "other_rank": int((scores >= scores[other]).sum())}
+
+
+def clopper_pearson(wins: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial interval of a share, by bisection on the binomial tail (no scipy)."""
+    alpha = (1 - level) / 2
+
+    def tail_ge(p, k):  # P(X >= k), X ~ Bin(n, p)
+        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+    def solve(f, target):
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+        return (lo + hi) / 2
+
+    lower = 0.0 if wins == 0 else solve(lambda p: tail_ge(p, wins), alpha)
+    upper = 1.0 if wins == n else solve(lambda p: tail_ge(p, wins + 1), 1 - alpha)  # P(X <= wins) = alpha
+    return lower, upper
+
+
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Exact two-sided McNemar test: of the discordant boxes, is either method's share other than one half?"""
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    k = min(only_first, only_second)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def key_of(doc: dict) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_method(explorer, name: str, pairs: list[tuple[int, int]], layouts: list[str], mode: str, folder: Path,
+               progress: bool = True) -> list[dict]:
+    """Every box of every composite ranked by one method; cached box by box under the method's settings."""
+    from tqdm.auto import tqdm
+
+    from abu_explorer.attribution import query as q
+    from abu_explorer.attribution import spec
+
+    ranker = spec(name).load(explorer)
+    mode = mode if mode in spec(name).modes else ""
+    settings = {"method": name, "mode": mode, **ranker.settings(), "model": explorer.provenance()}
+    path = folder / f"{name}-{key_of(settings)}.json"
+    doc = artifacts.load_json(path) if path.exists() else {"settings": settings, "boxes": {}}
+    ds = explorer.dataset
+    todo = [(a, b, lay, i) for a, b in pairs for lay in layouts for i in range(2)]
+    for a, b, lay, i in tqdm(todo, desc=f"{name} boxes", disable=not progress):
+        box_id = f"{a}-{b}-{lay}-{i}"
+        if box_id in doc["boxes"]:
+            continue
+        img, boxes = composite(ds, a, b, lay)
+        box, own, other = boxes[i]
+        query = q.from_image(explorer, img, caption(ds, a, b), box)
+        scores = ranker.score(query, mode).scores.numpy()
+        doc["boxes"][box_id] = {"pair": [a, b], "layout": lay, "box": list(box), "own": own, "other": other,
+                                **box_result(scores, own, other)}
+        artifacts.save_json(path, doc)  # atomic, after every box: an interrupted run resumes here
+    wanted = {f"{a}-{b}-{lay}-{i}" for a, b, lay, i in todo}
+    return [r for k, r in doc["boxes"].items() if k in wanted]

@@ -1,0 +1,123 @@
+"""The two-concept box benchmark's table, plot and command (``boxes.py`` has the protocol)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from abu_explorer import artifacts
+from abu_explorer.evaluation import boxes
+
+
+def summarize(per_method: dict[str, list[dict]], layouts: list[str], n: int) -> dict:
+    """Own-source win share (95% Clopper-Pearson) and mean own rank, per method and layout and over all boxes;
+    McNemar tests of every method against the first one listed."""
+    out = {"num_train": n, "methods": {}}
+    for name, rows in per_method.items():
+        entry = {}
+        for lay in list(layouts) + ["all"]:
+            sel = [r for r in rows if lay == "all" or r["layout"] == lay]
+            if not sel:
+                continue
+            wins = sum(r["own_wins"] for r in sel)
+            entry[lay] = {"boxes": len(sel), "own_wins": wins, "share": wins / len(sel),
+                          "ci95": list(boxes.clopper_pearson(wins, len(sel))),
+                          "mean_own_rank": float(np.mean([r["own_rank"] for r in sel])),
+                          "median_own_rank": float(np.median([r["own_rank"] for r in sel]))}
+        out["methods"][name] = entry
+    names = list(per_method)
+    if names:
+        ref = {_box_id(r): r["own_wins"] for r in per_method[names[0]]}
+        for name in names[1:]:
+            mine = {_box_id(r): r["own_wins"] for r in per_method[name]}
+            common = ref.keys() & mine.keys()
+            only_ref = sum(ref[k] and not mine[k] for k in common)
+            only_me = sum(mine[k] and not ref[k] for k in common)
+            out["methods"][name]["versus_first"] = {"first": names[0], "boxes": len(common), "only_first": only_ref,
+                                                    "only_this": only_me, "mcnemar_p": boxes.mcnemar_p(only_ref, only_me)}
+    return out
+
+
+def _box_id(r: dict) -> str:
+    return f"{r['pair'][0]}-{r['pair'][1]}-{r['layout']}-{r['box']}"
+
+
+def table(summary: dict, labels: dict[str, str]) -> str:
+    layouts = [k for k in next(iter(summary["methods"].values())) if k not in ("versus_first",)]
+    head = " | ".join(f"{lay}: own wins (95% CI), mean own rank" for lay in layouts)
+    lines = [f"| method | {head} | vs first (McNemar) |", "|---|" + "---|" * (len(layouts) + 1)]
+    for name, entry in summary["methods"].items():
+        cells = []
+        for lay in layouts:
+            e = entry.get(lay)
+            cells.append("-" if e is None else f"{e['own_wins']}/{e['boxes']} = {e['share']:.2f} "
+                         f"[{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}], {e['mean_own_rank']:.0f}")
+        v = entry.get("versus_first")
+        vs = "-" if v is None else f"{v['only_this']} vs {v['only_first']} discordant, p = {v['mcnemar_p']:.3f}"
+        lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + f" | {vs} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path, labels: dict[str, str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["methods"])
+    layouts = [k for k in summary["methods"][names[0]] if k != "versus_first"]
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) * len(layouts) / 2 + 3, 3.4), dpi=120)
+    width = 0.8 / len(layouts)
+    for j, lay in enumerate(layouts):
+        e = [summary["methods"][m].get(lay) for m in names]
+        share = [x["share"] if x else np.nan for x in e]
+        err = np.array([[x["share"] - x["ci95"][0], x["ci95"][1] - x["share"]] if x else [0, 0] for x in e]).T
+        ax.bar(np.arange(len(names)) + (j - (len(layouts) - 1) / 2) * width, share, width, yerr=err, capsize=2,
+               label=lay)
+    ax.axhline(0.5, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(names)), [labels.get(m, m) for m in names], rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("box's own source ranked above the other")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, ncol=len(layouts))
+    fig.tight_layout()
+    artifacts.save_figure(path, fig)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    import torch
+
+    from abu_explorer.attribution import spec
+    from abu_explorer.machine import kind
+    from abu_explorer.model import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    for lay in layouts:
+        if lay not in boxes.LAYOUTS:
+            raise ValueError(f"unknown layout {lay!r}; one of {', '.join(boxes.LAYOUTS)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    labels = {m: spec(m).label for m in methods}  # unknown names fail before any work
+    if args.mode not in ("exact", "fast"):
+        raise ValueError(f"--mode must be exact or fast, got {args.mode!r}")
+    exp = load(args.precomputed)
+    doc = boxes.protocol(exp, args.pairs)
+    folder = Path(args.results) / kind() / boxes.key_of(doc)
+    if not (folder / "protocol.json").exists():
+        artifacts.save_json(folder / "protocol.json", {**doc, "pairs_chosen": boxes.choose_pairs(exp, args.pairs)})
+    pairs = [tuple(p) for p in artifacts.load_json(folder / "protocol.json")["pairs_chosen"]]
+    per_method = {m: boxes.run_method(exp, m, pairs, layouts, args.mode, folder, not args.quiet) for m in methods}
+    summary = summarize(per_method, layouts, len(exp.dataset))
+    print(table(summary, labels))
+    summary.update({"machine_kind": kind(), "mode": args.mode, "pairs": len(pairs), "layouts": layouts})
+    if args.assets:
+        out = Path(args.assets)
+        stem = "boxes" if args.mode == "exact" else "boxes_fast"
+        artifacts.save_json(out / f"{stem}_summary.json", summary)
+        artifacts.save_text(out / f"{stem}_table.md", table(summary, labels) + f"\n\n{len(pairs)} pairs x "
+                            f"{len(layouts)} layouts x 2 boxes, {args.mode} mode where a method has it, on {kind()}.\n")
+        plot(summary, out / f"{stem}_plot.png", labels,
+             f"{len(pairs)} pairs, {args.mode} mode, {kind()}: 95% Clopper-Pearson intervals")
+    return 0

@@ -1,0 +1,73 @@
+"""The two-concept box benchmark: composites, the pair rule, the statistics, a resumable run and the command."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from abu_explorer.evaluation import boxes, boxes_report
+
+
+BOX = Image.Resampling.BOX
+
+
+def test_composites_put_each_source_in_its_box(tiny_dataset):
+    s = tiny_dataset.config.image_size
+    for layout in boxes.LAYOUTS:
+        img, parts = boxes.composite(tiny_dataset, 3, 7, layout)
+        assert img.size == (s, s) and {(own, other) for _, own, other in parts} == {(3, 7), (7, 3)}
+    img, parts = boxes.composite(tiny_dataset, 3, 7, "halves")
+    assert np.array_equal(np.asarray(img)[8:24, :16], np.asarray(tiny_dataset.image(3).resize((16, 16), BOX)))
+    assert np.array_equal(np.asarray(img)[8:24, 16:], np.asarray(tiny_dataset.image(7).resize((16, 16), BOX)))
+    assert parts[0][0] == (0.0, 0.0, 16.0, 32.0) and parts[1][0] == (16.0, 0.0, 32.0, 32.0)
+    img, parts = boxes.composite(tiny_dataset, 3, 7, "pasted")
+    x0, y0, x1, y1 = (int(v) for v in parts[1][0])
+    assert np.array_equal(np.asarray(img)[y0:y1, x0:x1], np.asarray(tiny_dataset.image(7).resize((x1 - x0,) * 2, BOX)))
+    with pytest.raises(ValueError, match="unknown layout"):
+        boxes.composite(tiny_dataset, 3, 7, "diagonal")
+
+
+def test_pair_rule_is_fixed_and_skips_near_duplicates(tiny_explorer):
+    pairs = boxes.choose_pairs(tiny_explorer, 4)
+    assert pairs == boxes.choose_pairs(tiny_explorer, 4) and len(set(sum(pairs, ()))) == 8
+    ds = tiny_explorer.dataset
+    assert all(float(boxes._pixels(ds, a) @ boxes._pixels(ds, b)) <= boxes.NEAR_DUPLICATE for a, b in pairs)
+    with pytest.raises(ValueError, match="pairs pass the rule"):
+        boxes.choose_pairs(tiny_explorer, 100)
+
+
+def test_statistics_by_hand():
+    lo, hi = boxes.clopper_pearson(5, 10)  # the textbook interval of 5/10: [0.187, 0.813]
+    assert abs(lo - 0.1871) < 1e-3 and abs(hi - 0.8129) < 1e-3
+    assert boxes.clopper_pearson(0, 10)[0] == 0 and abs(boxes.clopper_pearson(0, 10)[1] - 0.3085) < 1e-3
+    assert boxes.mcnemar_p(0, 5) == pytest.approx(2 / 32) and boxes.mcnemar_p(3, 3) == 1.0
+    scores = np.array([0.1, 0.9, 0.5, 0.9])
+    assert boxes.box_result(scores, 2, 0) == {"own_wins": True, "own_rank": 3, "other_rank": 4}
+    assert boxes.box_result(scores, 1, 3)["own_wins"] is False  # a tie is not a win
+
+
+def test_run_resumes_and_the_command_writes_its_report(tiny_explorer, tmp_path, monkeypatch, capsys):
+    pairs = boxes.choose_pairs(tiny_explorer, 2)
+    rows = boxes.run_method(tiny_explorer, "pixel", pairs, ["halves"], "exact", tmp_path, progress=False)
+    assert len(rows) == 4 and all(1 <= r["own_rank"] <= len(tiny_explorer.dataset) for r in rows)
+    from abu_explorer.attribution import query as q
+
+    monkeypatch.setattr(q, "from_image", lambda *a, **k: pytest.fail("a cached box was ranked again"))
+    assert boxes.run_method(tiny_explorer, "pixel", pairs, ["halves"], "exact", tmp_path, progress=False) == rows
+    monkeypatch.undo()
+
+    import abu_explorer.model as model
+
+    monkeypatch.setattr(model, "load", lambda _: tiny_explorer)
+    args = argparse.Namespace(threads=0, layouts="halves,pasted", methods="pixel,random", mode="exact", pairs=2,
+                              precomputed="unused", results=str(tmp_path / "r"), assets=str(tmp_path / "a"), quiet=True)
+    assert boxes_report.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| Pixel NN | " in out and "| Random | " in out and "p = " in out
+    summary = json.loads((tmp_path / "a" / "boxes_summary.json").read_text())
+    assert summary["methods"]["pixel"]["all"]["boxes"] == 8 and "versus_first" in summary["methods"]["random"]
+    assert (tmp_path / "a" / "boxes_plot.png").stat().st_size > 0
+    bad = argparse.Namespace(**{**vars(args), "layouts": "diagonal"})
+    with pytest.raises(ValueError, match="unknown layout"):
+        boxes_report.main(bad)
