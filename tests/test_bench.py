@@ -68,3 +68,24 @@ def test_quality_curve_reads_every_snapshot(tiny_model_dir, tiny_dataset, tmp_pa
     assert (tmp_path / "curve.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="no UNet snapshots"):
         curves.curve(f"{tiny_model_dir}={tmp_path / 'none'}", 4)
+
+
+def test_bench_scale_pieces_on_the_tiny_model(tiny_explorer):
+    from abu_explorer.bench import scale
+
+    sizes = scale.sizes(tiny_explorer)
+    emb = sizes[0]["bytes"]
+    assert emb["latents (disk, mapped)"] == 4 * 4 * 8 * 8 and emb["rendered images, uint8 (disk, mapped)"] == 32 * 32 * 3
+    assert sizes[1]["bytes"]["text states (disk, mapped)"] == 4 * 5 * 77 * 1024  # MSCOCO: five captions
+    curve = scale.scan_curve(tiny_explorer, [6, 12, 24, 48])  # rows past N = 24 repeat the set
+    assert len(curve["seconds"]) == 4 and curve["seconds_per_row"] > 0 and curve["gflop_per_row"] > 0
+    assert 0 < curve["share_before_first_cross_attention"] < 1
+    stages = scale.embedded_stages(tiny_explorer, 4)
+    assert all(v > 0 for k, v in stages.items() if "pixel" not in k)
+    cfg = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+               down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+               cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8)
+    cost = scale.scale_unet(cfg, (4, 8, 8), (5, 16), batch=2)
+    proj = scale.projections(cost, captions=5, n=1000, gpu_tflops=50)
+    base = proj["AbU base losses (= one exact AbU query)"]
+    assert base["items"] == 1000 * 5 * 10 and abs(base["cpu_hours"] - 50_000 * cost["forward_s"] / 3600) < 1e-9

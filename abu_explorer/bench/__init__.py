@@ -4,7 +4,8 @@ machine it ran on) and can save them as JSON; the docs quote them beside the com
 - ``model``: the embedded model's quality (CLIP caption retrieval) and speed (sampling, loss scan, training);
 - ``abu``: AbU's alpha sweep, self-rank, fast vs exact;
 - ``methods``: every registered method's precompute time, storage and per-query latency;
-- ``load``: the web app under load (browsers, API clients, a real retrain, the admission caps).
+- ``load``: the web app under load (browsers, API clients, a real retrain, the admission caps);
+- ``scale``: table sizes and precompute cost over N, projected to MSCOCO / LAION scale.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from abu_explorer.cli_options import add_precomputed
 
 
 def add_commands(sub, default_model: str) -> None:
-    b = sub.add_parser("bench", help="measure and print: bench model | abu | methods | load")
+    b = sub.add_parser("bench", help="measure and print: bench model | abu | methods | load | scale")
     group = b.add_subparsers(dest="bench", required=True)
 
     m = group.add_parser("model", help="the embedded model's quality and speed")
@@ -59,6 +60,20 @@ def add_commands(sub, default_model: str) -> None:
     t.add_argument("--precompute", action="store_true", help="also rebuild and time each method's tables")
     t.add_argument("--json", default="")
     t.set_defaults(func=lambda args: _run("methods", args))
+
+
+    s = group.add_parser("scale", help="table sizes and precompute cost over N; MSCOCO / LAION projections")
+    add_precomputed(s, default_model)
+    s.add_argument("--rows", type=int, default=256, help="training rows per embedded stage")
+    s.add_argument("--curve", type=int, nargs="*", default=[500, 1000, 2000, 4000], help="N of the loss-scan curve")
+    s.add_argument("--unet-batch", type=int, default=4, help="items per timed batch of the scale UNets")
+    s.add_argument("--gpu-tflops", type=float, default=50.0,
+                   help="assumed sustained GPU rate for the FLOP-scaled projection (not measured)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--sizes-only", action="store_true", help="only the table sizes (no timing)")
+    s.add_argument("--json", default="")
+    s.add_argument("--plot", default="", help="draw the loss-scan curve here")
+    s.set_defaults(func=lambda args: _run("scale", args))
 
 
 def _run(name: str, args) -> int:
