@@ -53,7 +53,7 @@ def _cmd_examples(args) -> int:
     from abu_explorer.model import load
 
     app = ExplorerApp(load(args.precomputed), Path(args.results))
-    out = examples.build(app, Path(args.queries), progress=not args.quiet)
+    out = examples.build(app, Path(args.queries), progress=not args.quiet, box_pairs=args.box_pairs)
     print(f"wrote {out / 'examples.json'}")
     if args.figure:
         from abu_explorer.app.figures import about_figure
@@ -326,6 +326,8 @@ def _attribution_commands(sub) -> None:
 
     x = sub.add_parser("examples", help="precompute the app's curated examples (every method's ranking)")
     x.add_argument("--queries", default="evaluation/counterfactual_queries.json")
+    x.add_argument("--box-pairs", type=int, default=1, help="two-concept box examples: the first pairs of the "
+                   "box benchmark's rule (0: none)")
     x.add_argument("--results", default="results/counterfactual")
     x.add_argument("--figure", default=None, help="also draw the About tab's figure from the first example "
                    "(assets/about_abu.png)")

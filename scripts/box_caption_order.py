@@ -2,9 +2,10 @@
 benchmark's rule (halves layout), rank with AbU (fast mode) under "A and B" and under "B and A", each with the
 box over A and over B, and print where A and B land (1 = top).
 
-    PYTHONPATH=. python scripts/box_caption_order.py --pairs 6 [--mode exact] [--selection-folder DIR]
+    PYTHONPATH=. python scripts/box_caption_order.py --pairs 6 [--mode exact] [--selection attn --tables DIR]
 
-``--selection-folder`` points AbU at other tables (e.g. ``precompute`` with ``--selection attn`` into DIR).
+``--selection attn --tables DIR`` unlearns every attention projection instead of the cross-attention K/V: its
+Fisher and base losses are built into DIR first (a few minutes), never into the shipped ``precomputed/abu``.
 """
 import argparse
 import json
@@ -21,14 +22,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--mode", default="fast")
-    ap.add_argument("--selection-folder", default=None)
+    ap.add_argument("--selection", default="cross-attn")
+    ap.add_argument("--tables", default=None, help="AbU tables of --selection (built here when missing)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--precomputed", default="precomputed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     exp = load(args.precomputed)
     ds = exp.dataset
-    abu = AbU.load(exp, args.selection_folder)
+    if args.selection != "cross-attn" and not args.tables:
+        raise SystemExit("--selection other than cross-attn needs --tables DIR (its own Fisher and base losses)")
+    if args.tables:
+        from abu_explorer.attribution.abu_precompute import AbUConfig, precompute
+
+        precompute(exp, AbUConfig(selection=args.selection), args.tables, progress=True)  # resumes; no-op if built
+    abu = AbU.load(exp, args.tables)
     for a, b in boxes.choose_pairs(exp, args.pairs):
         img, parts = boxes.composite(ds, a, b, "halves")
         for first, second in ((a, b), (b, a)):

@@ -120,3 +120,42 @@ def test_a_full_waiting_room_refuses_at_once_in_one_line_and_admitted_requests_a
         turns.release()
     assert all(job.result(timeout=120)[0].endswith(".png") for job in jobs)
     assert turns.waiting == 0
+
+
+def test_a_box_example_shows_its_known_sources_through_the_api(tiny_app, tmp_path):
+    """The Examples tab of a launched app: a two-concept box query names where each method puts its sources."""
+    import json
+    import shutil
+    import sys
+
+    from abu_explorer.app import examples
+    from abu_explorer.app.demo import LAUNCH
+    from abu_explorer.evaluation import boxes
+
+    folder = tiny_app.explorer.root / "examples"
+    assert not folder.exists()
+    queries = tmp_path / "q.json"
+    queries.write_text(json.dumps({"queries": [{"prompt": "red apple", "seed": 3, "steps": 4}]}))
+    examples.build(tiny_app, queries, folder, methods=["pixel", "random"], progress=False, box_pairs=1)
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    import app as app_module
+
+    demo = app_module.build_demo(tiny_app)
+    try:
+        demo.queue(max_size=8)
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                                **LAUNCH)
+        (a, b), = boxes.choose_pairs(tiny_app.explorer, 1)
+        out = Client(url, verbose=False).predict(f"box_{a}_{b}_a", api_name="/example")
+        heads = [o for o in out if isinstance(o, str) and o.startswith("**")]
+        pixel = next(h for h in heads if h.startswith("**Pixel NN**"))
+        assert "own source **#" in pixel and "other #" in pixel
+        rank = int(pixel.split("own source **#")[1].split("**")[0])
+        gallery = out[[i for i, o in enumerate(out) if o is pixel][0] + 1]
+        framed = [t["caption"] for t in gallery if t["caption"].startswith("[box's own source]")]
+        assert len(framed) == (1 if rank <= examples.TOP else 0)
+    finally:
+        demo.close()
+        shutil.rmtree(folder)

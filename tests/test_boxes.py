@@ -51,6 +51,8 @@ def test_run_resumes_and_the_command_writes_its_report(tiny_explorer, tmp_path, 
     pairs = boxes.choose_pairs(tiny_explorer, 2)
     rows = boxes.run_method(tiny_explorer, "pixel", pairs, ["halves"], "exact", tmp_path, progress=False)
     assert len(rows) == 4 and all(1 <= r["own_rank"] <= len(tiny_explorer.dataset) for r in rows)
+    assert all(-1 <= r["boxes_spearman"] <= 1 for r in rows)
+    assert rows[0]["boxes_spearman"] == rows[1]["boxes_spearman"]  # one value per composite
     from abu_explorer.attribution import query as q
 
     monkeypatch.setattr(q, "from_image", lambda *a, **k: pytest.fail("a cached box was ranked again"))
@@ -67,6 +69,7 @@ def test_run_resumes_and_the_command_writes_its_report(tiny_explorer, tmp_path, 
     assert "| Pixel NN | " in out and "| Random | " in out and "p = " in out
     summary = json.loads((tmp_path / "a" / "boxes_summary.json").read_text())
     assert summary["methods"]["pixel"]["all"]["boxes"] == 8 and "versus_first" in summary["methods"]["random"]
+    assert abs(summary["methods"]["random"]["all"]["boxes_spearman"]) < 0.5  # independent random rankings
     assert (tmp_path / "a" / "boxes_plot.png").stat().st_size > 0
     bad = argparse.Namespace(**{**vars(args), "layouts": "diagonal"})
     with pytest.raises(ValueError, match="unknown layout"):

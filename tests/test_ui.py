@@ -175,6 +175,33 @@ def test_examples_build_load_and_refuse_another_model(tiny_app, tmp_path):
         examples.load(tiny_app, out)
 
 
+def test_box_examples_know_their_sources(tiny_app, tmp_path):
+    import json
+
+    from abu_explorer.app import examples
+    from abu_explorer.evaluation import boxes
+
+    queries = tmp_path / "q.json"
+    queries.write_text(json.dumps({"queries": [{"prompt": "red apple", "seed": 3, "steps": 4}]}))
+    out = examples.build(tiny_app, queries, tmp_path / "ex", methods=["pixel", "random", "journey"], progress=False,
+                         box_pairs=1)
+    items = examples.load(tiny_app, out)
+    (a, b), = boxes.choose_pairs(tiny_app.explorer, 1)
+    left, right = items[1:]
+    assert left["known"] == {"own": a, "other": b} and right["known"] == {"own": b, "other": a}
+    assert set(left["rankings"]) == {"pixel", "random"}  # Journey-TRAK needs a generated query: not offered
+    ranks = left["rankings"]["pixel"]["tracked"]
+    assert sorted(ranks) == sorted([str(a), str(b)]) and all(1 <= r <= len(tiny_app.explorer.dataset) for r in ranks.values())
+    src = {"type": "upload", "image": str(out / left["source"]["upload"]), "caption": left["source"]["prompt"]}
+    order = tiny_app.method("pixel").score(tiny_app.query(src, left["box"])).order.tolist()
+    assert ranks == {str(a): order.index(a) + 1, str(b): order.index(b) + 1}  # the ranks of the full ranking
+    top = [r["index"] for r in left["rankings"]["pixel"]["results"]]
+    assert "two-concept box" in examples.label(left, tiny_app.explorer.dataset.captions)
+    assert examples.counterfactuals(tiny_app, left, 17) == []  # no retrain for an upload
+    tiles = tiny_app.tiles(left["rankings"]["pixel"], marks={top[0]: ("#2ca02c", "box's own source")})
+    assert tiles[0][1].startswith("[box's own source] #1 ")
+
+
 def test_admission_caps_per_client_and_in_total():
     """Long jobs pass a per-client and a global cap; a known key is not counted twice; cancelling frees a slot;
     waiting jobs know their place in the queue."""

@@ -2,7 +2,9 @@
 
 ``python -m abu_explorer examples`` writes ``precomputed/examples/examples.json`` (rankings, settings,
 model hashes) and one PNG per query; counterfactual results are looked up in the results folder by key,
-so the tab fills in as the evaluation runner finishes retrains.
+so the tab fills in as the evaluation runner finishes retrains. ``--box-pairs P`` adds the first P pairs of
+the two-concept box benchmark (``evaluation/boxes.py``): a composite of two training images with a box over
+each, whose known sources the tab frames wherever they appear.
 """
 from __future__ import annotations
 
@@ -10,14 +12,15 @@ import time
 from pathlib import Path
 
 from abu_explorer import artifacts
-from abu_explorer.attribution import names
+from abu_explorer.attribution import names, spec
 from abu_explorer.evaluation.counterfactual_table import load_queries, slug
 
 HINT = "python -m abu_explorer examples"
 TOP = 12
 
 
-def build(app, queries_file: Path, out: Path | None = None, methods=None, progress: bool = True) -> Path:
+def build(app, queries_file: Path, out: Path | None = None, methods=None, progress: bool = True,
+          box_pairs: int = 0) -> Path:
     from abu_explorer.model.backend import provenance
 
     out = Path(out or Path(app.explorer.root) / "examples")
@@ -36,8 +39,45 @@ def build(app, queries_file: Path, out: Path | None = None, methods=None, progre
         items.append({"name": name, "source": source, "box": d.get("box"), "rankings": rankings})
         out.mkdir(parents=True, exist_ok=True)
         artifacts.save_png(out / f"{name}.png", app.preview(source, d.get("box")))
+    items += box_items(app, out, box_pairs, methods or names(), progress)
     artifacts.save_json(out / "examples.json", {"provenance": provenance(app.explorer), "top": TOP, "items": items})
     return out
+
+
+def box_items(app, out: Path, pairs: int, methods: list[str], progress: bool) -> list[dict]:
+    """Two items per pair: the halves composite with a box over A, then over B; each method's top ranks and
+    where it puts the box's own source and the other one (``known``)."""
+    from abu_explorer.evaluation import boxes
+
+    ds, items = app.explorer.dataset, []
+    for a, b in boxes.choose_pairs(app.explorer, pairs) if pairs else []:
+        img, parts = boxes.composite(ds, a, b, "halves")
+        upload = f"composite_{a}_{b}.png"
+        out.mkdir(parents=True, exist_ok=True)
+        artifacts.save_png(out / upload, img)
+        caption = boxes.caption(ds, a, b)
+        for i, (box, own, other) in enumerate(parts):
+            source = {"type": "upload", "image": str(out / upload), "caption": caption}
+            query = app.query(source, box)
+            rankings = {}
+            for m in methods:
+                if not spec(m).generated_only:
+                    rankings[m] = app.attribute(query, m, TOP, track=[own, other])
+                    if progress:
+                        print(f"  box {a}/{b} #{i} {m}: own source at rank {rankings[m]['tracked'][str(own)]}", flush=True)
+            name = f"box_{a}_{b}_{'ab'[i]}"
+            items.append({"name": name, "source": {"type": "composite", "prompt": caption, "upload": upload,
+                                                   "pair": [a, b], "layout": "halves"},
+                          "box": list(box), "known": {"own": own, "other": other}, "rankings": rankings})
+            artifacts.save_png(out / f"{name}.png", app.preview(source, box))
+    return items
+
+
+def label(item: dict, captions: list[str]) -> str:
+    src = item["source"]
+    if src["type"] == "composite":
+        return f"two-concept box: \"{src['prompt']}\", box over the {captions[item['known']['own']]}"
+    return f"{src['prompt']} (seed {src['seed']})"
 
 
 def load(app, folder: Path | None = None) -> list[dict]:
@@ -61,6 +101,8 @@ def counterfactuals(app, item: dict, k: int) -> list[dict]:
     from abu_explorer.attribution.query import Query
 
     src = item["source"]
+    if src["type"] != "generated":
+        return []  # remove-and-regenerate needs a generated query (its seed)
     query = Query(None, src["prompt"], {"type": "generated", "seed": src["seed"], "steps": src["steps"],
                                         "guidance": src["guidance"]}, app.image_size,
                   tuple(float(v) for v in item["box"]) if item.get("box") else None)

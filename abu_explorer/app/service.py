@@ -13,7 +13,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from PIL import Image
+import torch
+from PIL import Image, ImageDraw
 
 from abu_explorer.app.inputs import (
     SHOW,
@@ -135,7 +136,9 @@ class ExplorerApp:
                 self._methods[name] = spec(name).load(self.explorer)
             return self._methods[name]
 
-    def attribute(self, query: q.Query, name: str, k, mode: str = "fast", progress=None) -> dict:
+    def attribute(self, query: q.Query, name: str, k, mode: str = "fast", progress=None,
+                  track: list[int] | None = None) -> dict:
+        """The top ``k`` of one method as JSON; ``track``: rows whose rank (1 = top) is added as ``tracked``."""
         n = len(self.explorer.dataset)
         k = as_int(k, "K", 1, min(MAX_K, n))
         if mode not in ("fast", "exact"):
@@ -150,6 +153,10 @@ class ExplorerApp:
         out = ranking.to_json(query.describe(), self.explorer.dataset.captions, k)
         out["wall_seconds"] = time.perf_counter() - t0
         out["label"] = spec(name).label
+        if track:
+            where = torch.empty(n, dtype=torch.long)
+            where[ranking.order] = torch.arange(1, n + 1)
+            out["tracked"] = {str(int(i)): int(where[int(i)]) for i in track}
         return out
 
     def model_hashes(self) -> dict:
@@ -161,11 +168,18 @@ class ExplorerApp:
         """Each loaded method's settings and tables hash (what its rankings were made with)."""
         return {name: m.settings() for name, m in list(self._methods.items())}
 
-    def tiles(self, result: dict, size: int = 128) -> list[tuple[Image.Image, str]]:
-        ds = self.explorer.dataset
-        return [(ds.image(r["index"]).resize((size, size), Image.Resampling.NEAREST),
-                 f"#{r['rank']} {r['caption']} (idx {r['index']}, score {r['score']:.3g})")
-                for r in result["results"]]
+    def tiles(self, result: dict, size: int = 128, marks: dict | None = None) -> list[tuple[Image.Image, str]]:
+        """Gallery tiles of a ranking; ``marks`` {index: (colour, label)} frames the known answers."""
+        ds, out = self.explorer.dataset, []
+        for r in result["results"]:
+            img = ds.image(r["index"]).resize((size, size), Image.Resampling.NEAREST)
+            text = f"#{r['rank']} {r['caption']} (idx {r['index']}, score {r['score']:.3g})"
+            if marks and r["index"] in marks:
+                colour, tag = marks[r["index"]]
+                ImageDraw.Draw(img).rectangle([0, 0, size - 1, size - 1], outline=colour, width=max(3, size // 24))
+                text = f"[{tag}] " + text
+            out.append((img, text))
+        return out
 
     def training_image(self, index: int, size: int = 256) -> tuple[Image.Image, str]:
         n = len(self.explorer.dataset)

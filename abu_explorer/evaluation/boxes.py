@@ -16,8 +16,9 @@ training images, so that each part has a known source.
   the other one.
 - Per method (exact mode where it has one; ``--mode fast`` for a quick look, recorded) and layout: the share of
   boxes whose own source scores above the other (with a 95% Clopper-Pearson interval), and the mean rank of
-  the own source among N (1 = top). Between two methods: an exact McNemar test on the boxes where one wins and
-  the other does not.
+  the own source among N (1 = top); and how much the box moves the ranking at all: the Spearman correlation
+  between the rankings of a composite's two boxes (1 = the box changes nothing). Between two methods: an exact
+  McNemar test on the boxes where one wins and the other does not.
 Results are kept per (method, its settings, mode, model, protocol) and box, so a run resumes where it stopped.
 """
 from __future__ import annotations
@@ -149,17 +150,28 @@ def run_method(explorer, name: str, pairs: list[tuple[int, int]], layouts: list[
     path = folder / f"{name}-{key_of(settings)}.json"
     doc = artifacts.load_json(path) if path.exists() else {"settings": settings, "boxes": {}}
     ds = explorer.dataset
-    todo = [(a, b, lay, i) for a, b in pairs for lay in layouts for i in range(2)]
-    for a, b, lay, i in tqdm(todo, desc=f"{name} boxes", disable=not progress):
-        box_id = f"{a}-{b}-{lay}-{i}"
-        if box_id in doc["boxes"]:
+    todo = [(a, b, lay) for a, b in pairs for lay in layouts]
+    for a, b, lay in tqdm(todo, desc=f"{name} composites", disable=not progress):
+        ids = [f"{a}-{b}-{lay}-{i}" for i in range(2)]
+        if all(k in doc["boxes"] for k in ids):
             continue
-        img, boxes = composite(ds, a, b, lay)
-        box, own, other = boxes[i]
-        query = q.from_image(explorer, img, caption(ds, a, b), box)
-        scores = ranker.score(query, mode).scores.numpy()
-        doc["boxes"][box_id] = {"pair": [a, b], "layout": lay, "box": list(box), "own": own, "other": other,
-                                **box_result(scores, own, other)}
-        artifacts.save_json(path, doc)  # atomic, after every box: an interrupted run resumes here
-    wanted = {f"{a}-{b}-{lay}-{i}" for a, b, lay, i in todo}
+        img, parts = composite(ds, a, b, lay)
+        scores = []
+        for box_id, (box, own, other) in zip(ids, parts):
+            query = q.from_image(explorer, img, caption(ds, a, b), box)
+            scores.append(ranker.score(query, mode).scores.numpy())
+            doc["boxes"][box_id] = {"pair": [a, b], "layout": lay, "box": list(box), "own": own, "other": other,
+                                    **box_result(scores[-1], own, other)}
+        agreement = spearman(scores[0], scores[1])  # does the box change the ranking at all?
+        for box_id in ids:
+            doc["boxes"][box_id]["boxes_spearman"] = agreement
+        artifacts.save_json(path, doc)  # atomic, after every composite: an interrupted run resumes here
+    wanted = {f"{a}-{b}-{lay}-{i}" for a, b, lay in todo for i in range(2)}
     return [r for k, r in doc["boxes"].items() if k in wanted]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Rank correlation of two score vectors (ties by average rank)."""
+    from abu_explorer.evaluation.lds import spearman as rank_corr
+
+    return rank_corr(np.asarray(x, float), np.asarray(y, float))

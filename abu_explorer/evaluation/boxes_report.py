@@ -23,6 +23,7 @@ def summarize(per_method: dict[str, list[dict]], layouts: list[str], n: int) -> 
             entry[lay] = {"boxes": len(sel), "own_wins": wins, "share": wins / len(sel),
                           "ci95": list(boxes.clopper_pearson(wins, len(sel))),
                           "mean_own_rank": float(np.mean([r["own_rank"] for r in sel])),
+                          "boxes_spearman": _mean_or_none([r.get("boxes_spearman") for r in sel]),
                           "median_own_rank": float(np.median([r["own_rank"] for r in sel]))}
         out["methods"][name] = entry
     names = list(per_method)
@@ -38,20 +39,26 @@ def summarize(per_method: dict[str, list[dict]], layouts: list[str], n: int) -> 
     return out
 
 
+def _mean_or_none(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
 def _box_id(r: dict) -> str:
     return f"{r['pair'][0]}-{r['pair'][1]}-{r['layout']}-{r['box']}"
 
 
 def table(summary: dict, labels: dict[str, str]) -> str:
     layouts = [k for k in next(iter(summary["methods"].values())) if k not in ("versus_first",)]
-    head = " | ".join(f"{lay}: own wins (95% CI), mean own rank" for lay in layouts)
+    head = " | ".join(f"{lay}: own wins (95% CI), mean own rank, box-vs-box Spearman" for lay in layouts)
     lines = [f"| method | {head} | vs first (McNemar) |", "|---|" + "---|" * (len(layouts) + 1)]
     for name, entry in summary["methods"].items():
         cells = []
         for lay in layouts:
             e = entry.get(lay)
+            rho = "-" if e is None or e.get("boxes_spearman") is None else f"{e['boxes_spearman']:.3f}"
             cells.append("-" if e is None else f"{e['own_wins']}/{e['boxes']} = {e['share']:.2f} "
-                         f"[{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}], {e['mean_own_rank']:.0f}")
+                         f"[{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}], {e['mean_own_rank']:.0f}, {rho}")
         v = entry.get("versus_first")
         vs = "-" if v is None else f"{v['only_this']} vs {v['only_first']} discordant, p = {v['mcnemar_p']:.3f}"
         lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + f" | {vs} |")

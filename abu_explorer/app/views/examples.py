@@ -1,11 +1,14 @@
 """Tab 3, examples: the evaluation queries with every method's ranking and the finished retrains, all
-precomputed, plus the evaluation table and plot."""
+precomputed, plus the evaluation table and plot; two-concept box queries with their known sources framed."""
 
 from pathlib import Path
 
 from abu_explorer.app.views.common import LIGHT, friendly
 from abu_explorer.app.views.attribute import PER_ROW
 from abu_explorer.app.views.counterfactual import default_k
+
+
+OWN, OTHER = "#2ca02c", "#d62728"  # frames of a box query's known sources
 
 
 def build(app, assets: Path) -> None:
@@ -21,7 +24,8 @@ def build(app, assets: Path) -> None:
     if not items:
         gr.Markdown(f"No examples were built for this model; build them with: {examples.HINT} "
                     f"--precomputed {app.explorer.root} --queries YOUR_QUERIES.json")
-    choice = gr.Radio([(f"{it['source']['prompt']} (seed {it['source']['seed']})", it["name"]) for it in items],
+    captions = app.explorer.dataset.captions
+    choice = gr.Radio([(examples.label(it, captions), it["name"]) for it in items],
                       label="example", elem_id="example-choice")
     with gr.Row():
         img = gr.Image(label="query", interactive=False, type="filepath", height=inputs.SHOW + 40)
@@ -47,9 +51,15 @@ def build(app, assets: Path) -> None:
         if item is None:
             raise inputs.UIError(f"no example {name!r}")
         outs = [item["image_path"], examples.counterfactual_tiles(app, item, k)]
+        known = item.get("known")
+        marks = {known["own"]: (OWN, "box's own source"), known["other"]: (OTHER, "the other source")} if known else None
         for m in METHODS:
             r = item["rankings"].get(m.name)
-            outs += [f"**{m.label}** · {r['mode']} · {r['wall_seconds']:.2f} s" if r else "", app.tiles(r) if r else []]
+            head = f"**{m.label}** · {r['mode']} · {r['wall_seconds']:.2f} s" if r else ""
+            if r and known:
+                ranks = r["tracked"]
+                head += f" · own source **#{ranks[str(known['own'])]}**, other #{ranks[str(known['other'])]}"
+            outs += [head, app.tiles(r, marks=marks) if r else []]
         return outs
 
     choice.change(show, [choice], [img, cf] + [c for m in METHODS for c in (heads[m.name], gals[m.name])],
