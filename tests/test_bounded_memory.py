@@ -20,7 +20,9 @@ def test_training_cache_in_blocks_equals_one_pass(tiny_explorer, tmp_path, monke
     blocks = training_cache.build(tiny_explorer, 8, 12, first_caption_only=True)
     assert torch.equal(whole.latents, blocks.latents) and torch.equal(whole.text_states, blocks.text_states)
     odd = training_cache.build(tiny_explorer, 5, 7, first_caption_only=True)
-    assert torch.allclose(whole.latents, odd.latents, atol=1e-5) and torch.allclose(whole.text_states, odd.text_states, atol=1e-5)
+    for a, b in ((whole.latents, odd.latents), (whole.text_states, odd.text_states)):
+        rel = float((a - b).abs().max() / a.abs().max())
+        assert rel < 1e-4, rel  # float32 rounding of other batch shapes, not another computation
     # memory-mapped: the same numbers, read from the files, in the same (channels-last) layout
     key = {"model": "tiny", "data": tiny_explorer.dataset.content_hash}
     stored = training_cache.build(tiny_explorer, 8, 12, tmp_path, key, first_caption_only=True)
