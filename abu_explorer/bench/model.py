@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from abu_explorer import artifacts
+from abu_explorer.evaluation.stats import mcnemar_p
 from abu_explorer.machine import cpu_name
 from abu_explorer.model import components
 from abu_explorer.model.embedded import Explorer
@@ -248,16 +249,6 @@ def compare(entries: dict, count: int, out: Path | None, rounds: int = 2) -> dic
         print(f"  {row['model']} vs {row['baseline']}, {row['figure']}: {row['difference']:+.3f} "
               f"({row['wins']} captions gained, {row['losses']} lost; McNemar exact p {_p(row['p'])})")
     return report
-
-
-def mcnemar_p(wins: int, losses: int) -> float:
-    """Two-sided exact McNemar test: the discordant pairs under H0 are Binomial(wins + losses, 1/2)."""
-    from math import comb
-
-    n, k = wins + losses, min(wins, losses)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def paired_tests(report: dict) -> list[dict]:

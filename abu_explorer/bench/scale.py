@@ -69,7 +69,8 @@ def embedded_stages(exp, rows: int) -> dict:
     from abu_explorer.attribution import dtrak
     from abu_explorer.attribution.ddpm_loss import eval_timesteps, loss_table
     from abu_explorer.attribution.gradients import diagonal_fisher
-    from abu_explorer.attribution.nearest import ClipNN, PixelNN, featurize
+    from abu_explorer import data
+    from abu_explorer.attribution.nearest import PixelNN, featurize
 
     ds, cache, unet, sched = exp.dataset, exp.training_cache(), exp.unet, exp.scheduler
     sub = torch.arange(rows)
@@ -85,37 +86,12 @@ def embedded_stages(exp, rows: int) -> dict:
     dtrak.features(unet, sched, cache.latents, cache.text_states[:4], sub[:4], dtrak.DTrakConfig())  # projection cached
     out[f"D-TRAK features ({TIMESTEPS} timesteps)"] = _timed(
         lambda: dtrak.features(unet, sched, cache.latents, cache.text_states[:rows], sub, dtrak.DTrakConfig()))
-    small = _Subset(ds, rows)
-    out["pixel NN features"] = _timed(lambda: featurize(PixelNN.embed.__get__(_pixel(exp)), small))
-    out["CLIP NN features"] = _timed(lambda: featurize(ClipNN.embed.__get__(_clip(exp)), small))
+    small = data.Dataset(ds.images[:rows], ds.captions[:rows], ds.codes[:rows], ds.config, ds.content_hash)
+    pixel = PixelNN.__new__(PixelNN)  # its embedding only; no index over all N
+    out["pixel NN features"] = _timed(lambda: featurize(pixel.embed, small))
+    clip = torch.no_grad()(exp.image_embedder())  # what ClipNN embeds with
+    out["CLIP NN features"] = _timed(lambda: featurize(clip, small))
     return {k: v / rows for k, v in out.items()}
-
-
-class _Subset:
-    def __init__(self, ds, n):
-        self.ds, self.n, self.config = ds, n, ds.config
-
-    def __len__(self):
-        return self.n
-
-    def tensor(self, rows):
-        return self.ds.tensor(rows)
-
-
-def _pixel(exp):
-    from abu_explorer.attribution.nearest import PixelNN
-
-    m = PixelNN.__new__(PixelNN)
-    m.explorer = exp
-    return m
-
-
-def _clip(exp):
-    from abu_explorer.attribution.nearest import ClipNN
-
-    m = ClipNN.__new__(ClipNN)
-    m.explorer, m.external = exp, None
-    return m
 
 
 def scan_curve(exp, sizes_n: list[int]) -> dict:

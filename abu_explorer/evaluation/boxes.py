@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from abu_explorer import artifacts
+from abu_explorer.evaluation.stats import clopper_pearson, mcnemar_p  # noqa: F401 (re-exported)
 
 PAIR_SEED, NEAR_DUPLICATE = 2026, 0.9
 LAYOUTS = ("halves", "quadrants", "pasted")
@@ -102,34 +102,6 @@ def box_result(scores: np.ndarray, own: int, other: int) -> dict:
     """Own source above the other? Its rank among N (1 = top; ties count against it)."""
     return {"own_wins": bool(scores[own] > scores[other]), "own_rank": int((scores >= scores[own]).sum()),
             "other_rank": int((scores >= scores[other]).sum())}
-
-
-def clopper_pearson(wins: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact binomial interval of a share, by bisection on the binomial tail (no scipy)."""
-    alpha = (1 - level) / 2
-
-    def tail_ge(p, k):  # P(X >= k), X ~ Bin(n, p)
-        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
-
-    def solve(f, target):
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
-        return (lo + hi) / 2
-
-    lower = 0.0 if wins == 0 else solve(lambda p: tail_ge(p, wins), alpha)
-    upper = 1.0 if wins == n else solve(lambda p: tail_ge(p, wins + 1), 1 - alpha)  # P(X <= wins) = alpha
-    return lower, upper
-
-
-def mcnemar_p(only_first: int, only_second: int) -> float:
-    """Exact two-sided McNemar test: of the discordant boxes, is either method's share other than one half?"""
-    n = only_first + only_second
-    if n == 0:
-        return 1.0
-    k = min(only_first, only_second)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def key_of(doc: dict) -> str:

@@ -7,6 +7,7 @@ import numpy as np
 
 from abu_explorer import artifacts
 from abu_explorer.evaluation import boxes
+from abu_explorer.evaluation.stats import clopper_pearson, mcnemar_p
 
 
 def summarize(per_method: dict[str, list[dict]], layouts: list[str], n: int) -> dict:
@@ -21,7 +22,7 @@ def summarize(per_method: dict[str, list[dict]], layouts: list[str], n: int) -> 
                 continue
             wins = sum(r["own_wins"] for r in sel)
             entry[lay] = {"boxes": len(sel), "own_wins": wins, "share": wins / len(sel),
-                          "ci95": list(boxes.clopper_pearson(wins, len(sel))),
+                          "ci95": list(clopper_pearson(wins, len(sel))),
                           "mean_own_rank": float(np.mean([r["own_rank"] for r in sel])),
                           "boxes_spearman": _mean_or_none([r.get("boxes_spearman") for r in sel]),
                           "median_own_rank": float(np.median([r["own_rank"] for r in sel]))}
@@ -35,7 +36,7 @@ def summarize(per_method: dict[str, list[dict]], layouts: list[str], n: int) -> 
             only_ref = sum(ref[k] and not mine[k] for k in common)
             only_me = sum(mine[k] and not ref[k] for k in common)
             out["methods"][name]["versus_first"] = {"first": names[0], "boxes": len(common), "only_first": only_ref,
-                                                    "only_this": only_me, "mcnemar_p": boxes.mcnemar_p(only_ref, only_me)}
+                                                    "only_this": only_me, "mcnemar_p": mcnemar_p(only_ref, only_me)}
     return out
 
 

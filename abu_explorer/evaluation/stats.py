@@ -1,0 +1,31 @@
+"""Exact tests and intervals for counts, shared by the evaluations and the benchmarks (no scipy)."""
+from __future__ import annotations
+
+import math
+
+
+def mcnemar_p(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar test: the discordant pairs under H0 are Binomial(wins + losses, 1/2)."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def clopper_pearson(wins: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial interval of a share, by bisection on the binomial tail."""
+    alpha = (1 - level) / 2
+
+    def tail_ge(p, k):  # P(X >= k), X ~ Bin(n, p)
+        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+    def solve(f, target):  # f increasing in p
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+        return (lo + hi) / 2
+
+    lower = 0.0 if wins == 0 else solve(lambda p: tail_ge(p, wins), alpha)
+    upper = 1.0 if wins == n else solve(lambda p: tail_ge(p, wins + 1), 1 - alpha)  # P(X <= wins) = alpha
+    return lower, upper
