@@ -74,8 +74,9 @@ class AbU:
 
     # --- 1. unlearning ---------------------------------------------------------------------------
 
-    def query_gradient(self, query) -> torch.Tensor:
-        """grad_theta of the query's (optionally box-masked) DDPM loss, averaged over random draws."""
+    def query_gradient(self, query, step: int = 0) -> torch.Tensor:
+        """grad_theta of the query's (optionally box-masked) DDPM loss, averaged over random draws (fresh draws
+        for each unlearning step)."""
         cfg, sched = self.cfg, self.explorer.scheduler
         ctx = self.explorer.encode_text([query.prompt])
         params = list(self.selected.values())
@@ -85,7 +86,7 @@ class AbU:
         with only_grad_for(self.unet, self.selected):
             for start in range(0, cfg.unlearn_samples, cfg.batch_size):
                 idx = range(start, min(start + cfg.batch_size, cfg.unlearn_samples))
-                draws = [random_draw(cfg.unlearn_seed, s, 0, shape, T) for s in idx]
+                draws = [random_draw(cfg.unlearn_seed, s, step, shape, T) for s in idx]
                 t = torch.tensor([d[0] for d in draws])
                 noise = torch.stack([d[1] for d in draws])
                 x0 = query.latent[None].expand(len(idx), -1, -1, -1)
@@ -101,9 +102,9 @@ class AbU:
         inv_f = 1.0 / (self.tables.fisher + cfg.fisher_damping).clamp(min=1e-30)
         n_train = self.cache.num_images
         delta = torch.zeros_like(self.tables.fisher)
-        for _ in range(cfg.unlearn_steps):
+        for step in range(cfg.unlearn_steps):
             with self.applied(delta):
-                grad = self.query_gradient(query)
+                grad = self.query_gradient(query, step)
             delta = delta + (cfg.alpha / n_train) * inv_f * grad
         return delta
 

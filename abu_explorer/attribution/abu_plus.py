@@ -91,9 +91,9 @@ class AbUPlus(AbU):
 
         cfg, n_train = self.cfg, self.cache.num_images
         delta = torch.zeros(sum(p.numel() for p in self.selected.values()))
-        for _ in range(cfg.unlearn_steps):
+        for step in range(cfg.unlearn_steps):
             with self.applied(delta):
-                grad = self.query_gradient(query)
+                grad = self.query_gradient(query, step)
             step = precondition(grad[None], self.factors, self.modules, self.shapes, -1.0, cfg.damping)[0]
             delta = delta + (cfg.alpha / n_train) * step
         return delta

@@ -1,5 +1,5 @@
 """The evaluation commands: ``counterfactual`` (one leave-K-out cell), ``evaluate counterfactual`` (the table,
-resumable), ``evaluate lds``, ``evaluate boxes`` (two-concept box queries) and ``offload export|retrain|import`` (the retrains on another machine)."""
+resumable), ``evaluate lds``, ``evaluate boxes`` (two-concept box queries), ``evaluate customized`` (customized models) and ``offload export|retrain|import`` (the retrains on another machine)."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +44,12 @@ def cmd_boxes(args) -> int:
     from abu_explorer.evaluation import boxes_report
 
     return boxes_report.main(args)
+
+
+def cmd_customized(args) -> int:
+    from abu_explorer.evaluation import customized_report
+
+    return customized_report.main(args)
 
 
 def cmd_offload(args) -> int:
@@ -93,7 +99,7 @@ def add_commands(sub, default_model: str) -> None:
     add_precomputed(c, default_model)
     c.set_defaults(func=cmd_counterfactual)
 
-    ev = sub.add_parser("evaluate", help="evaluations (resumable): counterfactual | lds | boxes")
+    ev = sub.add_parser("evaluate", help="evaluations (resumable): counterfactual | lds | boxes | customized")
     group = ev.add_subparsers(dest="what", required=True)
     e = group.add_parser("counterfactual", help="the leave-K-out table: one retrain per (query, method, K)")
     e.add_argument("--queries", required=True, help='JSON list of {"prompt", "seed"[, "steps", "guidance", "box"]}')
@@ -144,6 +150,24 @@ def add_commands(sub, default_model: str) -> None:
     bx.add_argument("--quiet", action="store_true")
     add_precomputed(bx, default_model)
     bx.set_defaults(func=cmd_boxes)
+
+    cz = group.add_parser("customized", help="customized models (Custom Diffusion on held-out glyphs): does each "
+                          "method find the exemplars? Recall@10 and mAP")
+    cz.add_argument("--concepts", default="evaluation/customized_concepts.json")
+    cz.add_argument("--write-concepts", action="store_true", help="write the concept rule's list to --concepts "
+                    "(category words left empty) and stop")
+    cz.add_argument("--force", action="store_true", help="with --write-concepts: overwrite the list")
+    cz.add_argument("--split", default="all", help="tune, test or all")
+    cz.add_argument("--concept", default="", help="comma-separated concept ids (default: every concept of the split)")
+    cz.add_argument("--methods", default=",".join(m for m in ("abu", "abuplus", "if", "dtrak", "clip", "pixel",
+                                                             "dino", "random") if m in all_methods.split(",")))
+    cz.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    cz.add_argument("--work", default="runs/customized", help="where the customized models and their tables go")
+    cz.add_argument("--results", default="results/customized")
+    cz.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
+    cz.add_argument("--quiet", action="store_true")
+    add_precomputed(cz, default_model)
+    cz.set_defaults(func=cmd_customized)
 
     o = sub.add_parser("offload", help="leave-K-out retrains on another machine: export here, retrain there "
                        "(e.g. --device cuda), import here")

@@ -29,3 +29,25 @@ def clopper_pearson(wins: int, n: int, level: float = 0.95) -> tuple[float, floa
     lower = 0.0 if wins == 0 else solve(lambda p: tail_ge(p, wins), alpha)
     upper = 1.0 if wins == n else solve(lambda p: tail_ge(p, wins + 1), 1 - alpha)  # P(X <= wins) = alpha
     return lower, upper
+
+
+def recall_at_k(scores, positives, k: int = 10) -> float:
+    """Share of the positive rows among the ``k`` highest scores (ties broken by row order, as ``argsort``
+    with a stable sort of the negated scores)."""
+    import numpy as np
+
+    top = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
+    pos = set(int(p) for p in positives)
+    return len(pos & set(int(i) for i in top)) / len(pos)
+
+
+def average_precision(scores, positives) -> float:
+    """Average precision of the positive rows over the full ranking: the mean, over positives, of the precision
+    at that positive's rank (stable ranking, as ``recall_at_k``)."""
+    import numpy as np
+
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    is_pos = np.isin(order, np.asarray(list(positives), dtype=np.int64))
+    hits = np.cumsum(is_pos)
+    ranks = np.nonzero(is_pos)[0] + 1
+    return float(np.mean(hits[ranks - 1] / ranks))

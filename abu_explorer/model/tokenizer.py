@@ -42,9 +42,12 @@ def split_words(text: str) -> list[str]:
 
 
 class WordTokenizer:
-    def __init__(self, vocab: list[str], context_length: int):
+    def __init__(self, vocab: list[str], context_length: int, added: tuple[str, ...] = ()):
         if vocab[: len(SPECIALS)] != SPECIALS:
             raise ValueError(f"vocabulary must start with {SPECIALS}")
+        if any(t not in vocab or t != normalize(t) for t in added):
+            raise ValueError(f"added tokens {added} must be lower-case entries of the vocabulary")
+        self.added = tuple(added)  # multi-character tokens kept whole (a customized model's modifier)
         self.vocab = list(vocab)
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.context_length = context_length
@@ -65,12 +68,20 @@ class WordTokenizer:
     def max_words(self) -> int:
         return self.context_length - 2
 
+    def words(self, text: str) -> list[str]:
+        """The tokens of ``text``: words and punctuation, and each added token (``<new1>``) whole."""
+        if not self.added:
+            return split_words(text)
+        pattern = "(" + "|".join(re.escape(t) for t in self.added) + ")"
+        return [w for i, part in enumerate(re.split(pattern, normalize(text)))
+                for w in ([part] if i % 2 else split_words(part))]
+
     def unknown_words(self, text: str) -> list[str]:
-        return [w for w in split_words(text) if w not in self.index]
+        return [w for w in self.words(text) if w not in self.index]
 
     def encode(self, text: str, allow_empty: bool = True) -> list[int]:
         check_text(text)
-        words = split_words(text)
+        words = self.words(text)
         if not words and not allow_empty:
             raise PromptError("the prompt is empty")
         if len(words) > self.max_words:
@@ -86,11 +97,18 @@ class WordTokenizer:
             texts = [texts]
         return torch.tensor([self.encode(t) for t in texts], dtype=torch.long)
 
+    def with_token(self, token: str) -> WordTokenizer:
+        """A copy that also knows ``token`` (id ``len(self)``), read whole wherever it appears."""
+        if token in self.index:
+            raise ValueError(f"{token!r} is already a word of the vocabulary")
+        return WordTokenizer(self.vocab + [token], self.context_length, self.added + (token,))
+
     def to_dict(self) -> dict:
-        return {"type": "word", "context_length": self.context_length, "vocab": self.vocab}
+        d = {"type": "word", "context_length": self.context_length, "vocab": self.vocab}
+        return {**d, "added": list(self.added)} if self.added else d
 
     @classmethod
     def from_dict(cls, d: dict) -> WordTokenizer:
         if d.get("type") != "word":
             raise ValueError(f"unknown tokenizer type {d.get('type')!r}")
-        return cls(d["vocab"], d["context_length"])
+        return cls(d["vocab"], d["context_length"], tuple(d.get("added", ())))

@@ -1,0 +1,180 @@
+"""``python -m abu_explorer evaluate customized``: attribution with a known answer (a mini-AbC; Wang et al. ICCV
+2023, "Evaluating Data Attribution for Text-to-Image Models").
+
+# Protocol (fixed before any attribution was seen)
+1. Concepts: ``evaluation/customized_concepts.json`` (the rule in ``customized_concepts``): OpenMoji extras the
+   model never saw, 1 exemplar (single) or 3-4 (family), each with a category word; tuning / test split.
+2. One customized model per concept: Custom Diffusion (``training.custom_diffusion``, ``CustomConfig()``) on the
+   exemplars, captioned "<new1> WORD", from the shipped model.
+3. Queries: ``PROMPTS`` with "<new1>" and the concept's word, seed ``QUERY_SEED``, the app's sampler defaults.
+4. Every method ranks the base training rows plus the exemplars (N + E rows) for each query, gradient methods in
+   exact mode on the customized model. The preconditioners are the base model's (AbU's diagonal Fisher, the
+   EK-FAC factors of IF and AbU+), as the AbU paper does for its customized models; losses, gradients and D-TRAK
+   features are the customized model's. AbU uses the paper's setting for customized models, ``CUSTOM_ABU``.
+5. Metrics per query: Recall@10 (exemplars in the top 10 / E) and the average precision of the exemplars over
+   the full ranking; a method's figure is the mean over the split's queries with a bootstrap interval, by kind.
+Results: one JSON per (concept, prompt, method and its settings), so a run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from abu_explorer import artifacts, data
+from abu_explorer.data import extras
+from abu_explorer.evaluation.stats import average_precision, recall_at_k
+from abu_explorer.model import customized
+from abu_explorer.training import custom_diffusion
+
+CONCEPTS = "evaluation/customized_concepts.json"
+PROMPTS = ("{token} {word}", "red {token} {word}")
+QUERY_SEED = 0
+# The AbU paper's setting for customized models: alpha 0.1, 100 steps, 16 timesteps x 10 noises per step (here
+# 160 random (timestep, noise) draws per step). AbU+ takes the same steps at 10x its own step size, the factor
+# by which this setting scales AbU's.
+CUSTOM_ABU = {"alpha": 0.1, "unlearn_steps": 100, "unlearn_samples": 160}
+GRADIENT = ("abu", "abuplus", "if", "dtrak")
+NEAREST = ("pixel", "clip", "dino")
+
+
+def key_of(doc) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_concepts(path: str | Path = CONCEPTS) -> list[dict]:
+    concepts = artifacts.load_json(Path(path), "python -m abu_explorer evaluate customized --write-concepts")
+    for c in concepts:
+        if not c.get("word"):
+            raise ValueError(f"{path}: concept {c.get('id')} has no category word")
+    return concepts
+
+
+def prompts(concept: dict, token: str = custom_diffusion.CustomConfig().token) -> list[str]:
+    return [p.format(token=token, word=concept["word"]) for p in PROMPTS]
+
+
+def overrides(method: str) -> dict:
+    """The customized-model settings of ``method`` (AbU's paper setting; AbU+ scaled alike)."""
+    if method == "abuplus":
+        from abu_explorer.attribution.abu_plus import DEFAULT_ALPHA
+        from abu_explorer.attribution.abu_precompute import AbUConfig
+
+        return {**CUSTOM_ABU, "alpha": DEFAULT_ALPHA * CUSTOM_ABU["alpha"] / AbUConfig().alpha}
+    return dict(CUSTOM_ABU) if method == "abu" else {}
+
+
+
+def protocol(base, concepts_path: str | Path = CONCEPTS) -> dict:
+    """Everything a result depends on besides the method's own settings (which key each result file)."""
+    return {"prompts": list(PROMPTS), "query_seed": QUERY_SEED,
+            "custom_diffusion": custom_diffusion.CustomConfig().to_dict(), "concepts": artifacts.file_hash(Path(concepts_path)), "base": base.provenance()}
+
+
+# --- 1. customized models ------------------------------------------------------------------------------
+
+
+def model_for(base, concept: dict, work: Path, cfg: custom_diffusion.CustomConfig = custom_diffusion.CustomConfig(),
+              progress: bool = False):
+    """The concept's customized model: loaded from ``work/<id>`` when its spec matches, else fine-tuned there."""
+    folder = Path(work) / concept["id"]
+    spec = {"base": str(base.root), "base_provenance": base.provenance(), "token": cfg.token,
+            "init_word": concept["word"], "codes": concept["codes"], "config": cfg.to_dict()}
+    path = folder / customized.SPEC
+    if path.exists():
+        stored = artifacts.load_json(path)
+        if {k: stored.get(k) for k in spec} == spec:
+            return customized.CustomizedExplorer.load(folder, base=base)
+        shutil.rmtree(folder)  # another concept, base or recipe: rebuilt below, never reused
+    images = extras.render_extras(concept["codes"], data.DataConfig(**base.meta["dataset"]["config"]))
+    fresh = customized.fresh_copy(base)
+    log = custom_diffusion.finetune(fresh, data.dataset.to_tensor(images), concept["word"], cfg, progress)
+    customized.save(folder, fresh, {**spec, "caption": log["caption"], "log": log}, images, log["caption"])
+    return customized.CustomizedExplorer.load(folder, base=base)
+
+
+# --- 2. the methods' tables on a customized model ------------------------------------------------------
+
+
+def prepare_tables(custom, base, methods: list[str], progress: bool = False) -> None:
+    """Write ``custom.root/<method>/``: the base model's preconditioners, the customized model's losses and
+    features. A table whose meta matches is kept."""
+    from abu_explorer.attribution import abu_precompute, dtrak, influence
+    from abu_explorer.attribution.ddpm_loss import eval_timesteps, loss_table
+
+    root, prov = Path(custom.root), custom.provenance()
+    if {"abu", "abuplus"} & set(methods):
+        base_meta = artifacts.load_json(Path(base.root) / "abu" / "meta.json", abu_precompute.HINT)
+        meta = {k: v for k, v in base_meta.items() if k not in prov and k not in ("done", "num_train")}
+        meta.update(prov, num_train=len(custom.dataset), fisher_of=base.provenance())
+        folder = root / "abu"
+        old = artifacts.load_json(folder / "meta.json") if (folder / "meta.json").exists() else {}
+        if old != {**meta, "done": ["base_losses", "fisher"]}:
+            cfg = abu_precompute.AbUConfig(**base_meta["config"])
+            cache = custom.training_cache()
+            table = loss_table(custom.unet, custom.scheduler, cache.latents, cache.text_states,
+                               eval_timesteps(cfg.num_timesteps, custom.scheduler.config.num_train_timesteps),
+                               cfg.noise_seed, cfg.batch_size, progress=None, caption_image=cache.caption_image)
+            artifacts.save_npy(folder / "base_losses.npy", table.numpy())
+            shutil.copyfile(Path(base.root) / "abu" / "fisher.safetensors", folder / "fisher.safetensors")
+            artifacts.save_json(folder / "meta.json", {**meta, "done": ["base_losses", "fisher"]})
+    if {"if", "abuplus"} & set(methods):
+        base_meta = artifacts.load_json(Path(base.root) / "if" / "meta.json", influence.HINT)
+        meta = {"config": base_meta["config"], **prov, "num_train": len(custom.dataset),
+                "factors_of": base.provenance()}
+        folder = root / "if"
+        if not (folder / "meta.json").exists() or artifacts.load_json(folder / "meta.json") != meta:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(base.root) / "if" / "factors.safetensors", folder / "factors.safetensors")
+            artifacts.save_json(folder / "meta.json", meta)
+    if "dtrak" in methods:
+        base_meta = artifacts.load_json(Path(base.root) / "dtrak" / "meta.json", dtrak.HINT)
+        folder = root / "dtrak"
+        old = artifacts.load_json(folder / "meta.json") if (folder / "meta.json").exists() else {}
+        if {k: old.get(k) for k in prov} != prov or old.get("config") != base_meta["config"]:
+            dtrak.precompute(custom, dtrak.DTrakConfig(**base_meta["config"]), progress=progress)
+
+
+# --- 3. one query, one method ---------------------------------------------------------------------------
+
+
+def query_result(scores: np.ndarray, exemplars: list[int], top: int = 10) -> dict:
+    order = np.argsort(-scores, kind="stable")
+    ranks = [int(np.nonzero(order == e)[0][0]) + 1 for e in exemplars]
+    return {"recall_at_10": recall_at_k(scores, exemplars, 10), "ap": average_precision(scores, exemplars),
+            "exemplar_ranks": ranks, "top": [int(i) for i in order[:top]]}
+
+
+def run_concept(base, concept: dict, methods: list[str], work: Path, folder: Path, progress: bool = False,
+                cfg: custom_diffusion.CustomConfig = custom_diffusion.CustomConfig()) -> list[dict]:
+    """Every (prompt, method) of one concept; each result written as soon as it exists."""
+    from abu_explorer.attribution import query as q
+    from abu_explorer.attribution import spec
+
+    custom = model_for(base, concept, work, cfg, progress)
+    prepare_tables(custom, base, [m for m in methods if m in GRADIENT], progress)
+    out = []
+    for pi, prompt in enumerate(prompts(concept)):
+        query = None
+        for name in methods:
+            ranker = spec(name).load(custom, **overrides(name))
+            mode = "exact" if "exact" in spec(name).modes else ""
+            settings = {"method": name, "mode": mode, **ranker.settings(), "model": custom.provenance(),
+                        "prompt": prompt, "seed": QUERY_SEED}
+            path = folder / f"{concept['id']}-p{pi}-{name}-{key_of(settings)}.json"
+            if path.exists():
+                out.append(artifacts.load_json(path))
+                continue
+            if query is None:
+                query = q.from_generation(custom, prompt, QUERY_SEED)
+            ranking = ranker.score(query, mode)
+            doc = {"concept": concept["id"], "kind": concept["kind"], "split": concept["split"], "prompt": prompt,
+                   "method": name, "settings": settings, "exemplars": custom.exemplars,
+                   "seconds": round(ranking.seconds, 1),
+                   **query_result(ranking.scores.numpy().astype(np.float64), custom.exemplars)}
+            artifacts.save_json(path, doc)
+            out.append(doc)
+    return out
