@@ -53,7 +53,8 @@ def _cmd_examples(args) -> int:
     from abu_explorer.model import load
 
     app = ExplorerApp(load(args.precomputed), Path(args.results))
-    out = examples.build(app, Path(args.queries), progress=not args.quiet, box_pairs=args.box_pairs)
+    out = examples.build(app, Path(args.queries), progress=not args.quiet, box_pairs=args.box_pairs,
+                         customized=args.customized)
     print(f"wrote {out / 'examples.json'}")
     if args.figure:
         from abu_explorer.app.figures import about_figure
@@ -328,6 +329,8 @@ def _attribution_commands(sub) -> None:
     x.add_argument("--queries", default="evaluation/counterfactual_queries.json")
     x.add_argument("--box-pairs", type=int, default=1, help="two-concept box examples: the first pairs of the "
                    "box benchmark's rule (0: none)")
+    x.add_argument("--customized", type=int, default=1, help="customized-model examples: the first concepts of "
+                   "the customized benchmark's tuning split (0: none)")
     x.add_argument("--results", default="results/counterfactual")
     x.add_argument("--figure", default=None, help="also draw the About tab's figure from the first example "
                    "(assets/about_abu.png)")

@@ -159,3 +159,48 @@ def test_a_box_example_shows_its_known_sources_through_the_api(tiny_app, tmp_pat
     finally:
         demo.close()
         shutil.rmtree(folder)
+
+
+def test_a_customized_example_frames_its_exemplars_and_recustomizes(tiny_app, tmp_path):
+    """The Examples tab on a customized model: each method's exemplar ranks, the exemplars framed in its gallery,
+    and remove-and-re-customize through the API."""
+    import json
+    import shutil
+    import sys
+
+    from abu_explorer.app import examples
+    from abu_explorer.app.demo import LAUNCH
+    folder = tiny_app.explorer.root / "examples"
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([{"id": "t0", "kind": "family", "codes": ["E062", "E063"], "split": "tune",
+                                     "word": tiny_app.explorer.tokenizer.vocab[4]}]))
+    queries = tmp_path / "q.json"
+    queries.write_text(json.dumps({"queries": [{"prompt": "red apple", "seed": 3, "steps": 4}]}))
+    examples.build(tiny_app, queries, folder, methods=["pixel", "random"], progress=False, box_pairs=0,
+                   customized=1, concepts=concepts, customized_results=tmp_path / "results")
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    import app as app_module
+
+    demo = app_module.build_demo(tiny_app)
+    try:
+        demo.queue(max_size=8)
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                                **LAUNCH)
+        client = Client(url, verbose=False)
+        out = client.predict("custom_t0", api_name="/example")
+        pixel = next(o for o in out if isinstance(o, str) and o.startswith("**Pixel NN**"))
+        ranks = [int(x.split("**")[0]) for x in pixel.split("exemplars at ")[1].split("#")[1:]]
+        gallery = out[[i for i, o in enumerate(out) if o is pixel][0] + 1]
+        framed = [t["caption"] for t in gallery if t["caption"].startswith("[exemplar]")]
+        assert len(ranks) == 2 and len(framed) == sum(r <= examples.TOP for r in ranks)
+        tiles, text = client.predict("custom_t0", "pixel", 2, api_name="/recustomize")
+        assert len(tiles) == 2 and "**dL**" in text
+        removed = sum(r <= 2 for r in ranks)
+        assert f"held {removed} of the 2 exemplars" in text
+        with pytest.raises(Exception, match="works on the customized-model examples"):
+            client.predict("red_apple_s3", "pixel", 2, api_name="/recustomize")
+    finally:
+        demo.close()
+        shutil.rmtree(folder)

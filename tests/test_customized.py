@@ -134,3 +134,23 @@ def test_committed_concepts_follow_the_written_rule(full_dataset):
     assert len(committed) >= 20
     assert sum(c["split"] == "tune" for c in committed) >= 5
     assert {c["kind"] for c in committed if c["split"] == "test"} == {"single", "family"}
+
+
+def test_remove_and_recustomize(tiny_app, tmp_path):
+    from abu_explorer.evaluation import customized as cz
+    from abu_explorer.training.custom_diffusion import CustomConfig
+
+    base = tiny_app.explorer
+    cfg = CustomConfig(steps=4, batch_size=2)
+    concept = _concept(base)
+    prompt = cz.prompts(concept)[0]
+    n = len(base.dataset)
+    # removing only base rows re-runs the same fine-tune: the same model, the same image, dL = 0 exactly
+    same = cz.recustomize(base, concept, tmp_path, [0, 3], prompt, cfg=cfg)
+    assert same["removed"] == [] and same["ignored"] == [0, 3] and same["kept_exemplars"] == 2
+    assert same["delta_loss"] == 0.0 and same["delta_g_mse"] == 0.0
+    one = cz.recustomize(base, concept, tmp_path, [n + 1, 5], prompt, cfg=cfg)
+    assert one["removed"] == [n + 1] and one["kept_exemplars"] == 1 and one["delta_loss"] != 0.0
+    none = cz.recustomize(base, concept, tmp_path, [n, n + 1], prompt, cfg=cfg)
+    assert none["kept_exemplars"] == 0 and np.isfinite(none["delta_loss"]) and none["delta_g_mse"] > 0
+    assert cz.recustomize(base, concept, tmp_path, [n + 1, 5], prompt, cfg=cfg) == one  # cached

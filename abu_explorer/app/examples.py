@@ -20,7 +20,8 @@ TOP = 12
 
 
 def build(app, queries_file: Path, out: Path | None = None, methods=None, progress: bool = True,
-          box_pairs: int = 0) -> Path:
+          box_pairs: int = 0, customized: int = 0, concepts: Path | None = None,
+          customized_results: Path = Path("results/customized")) -> Path:
     from abu_explorer.model.backend import provenance
 
     out = Path(out or Path(app.explorer.root) / "examples")
@@ -40,6 +41,7 @@ def build(app, queries_file: Path, out: Path | None = None, methods=None, progre
         out.mkdir(parents=True, exist_ok=True)
         artifacts.save_png(out / f"{name}.png", app.preview(source, d.get("box")))
     items += box_items(app, out, box_pairs, methods or names(), progress)
+    items += customized_items(app, out, customized, methods or names(), progress, concepts, customized_results)
     artifacts.save_json(out / "examples.json", {"provenance": provenance(app.explorer), "top": TOP, "items": items})
     return out
 
@@ -73,8 +75,63 @@ def box_items(app, out: Path, pairs: int, methods: list[str], progress: bool) ->
     return items
 
 
+def customized_items(app, out: Path, count: int, methods: list[str], progress: bool, concepts: Path | None = None,
+                     results_root: Path = Path("results/customized")) -> list[dict]:
+    """The first ``count`` concepts of the customized benchmark's tuning split (never reported, chosen before any
+    ranking was seen): the first prompt, each method's top ranks as the benchmark computed them (its results are
+    shared), the exemplars framed. The customized model's delta and exemplars are kept in ``out/customized/``."""
+    from abu_explorer.evaluation import customized as cz
+    from abu_explorer.machine import kind
+
+    if count <= 0:
+        return []
+    concepts_path = Path(concepts or cz.CONCEPTS)
+    chosen = [c for c in cz.load_concepts(concepts_path) if c["split"] == "tune"][:count]
+    methods = [m for m in methods if m in cz.BENCHMARK_METHODS]
+    results = Path(results_root) / kind() / cz.key_of(cz.protocol(app.explorer, concepts_path))
+    items = []
+    for c in chosen:
+        docs = cz.run_concept(app.explorer, c, methods, out / "customized", results, progress)
+        custom = cz.model_for(app.explorer, c, out / "customized")
+        prompt = cz.prompts(c)[0]
+        name = f"custom_{c['id']}"
+        artifacts.save_png(out / f"{name}.png", custom.generate(prompt, cz.QUERY_SEED).image)
+        shots = []
+        for j, row in enumerate(custom.exemplars):
+            shots.append(f"{name}_exemplar_{j}.png")
+            artifacts.save_png(out / shots[-1], custom.dataset.image(row))
+        rankings = {}
+        for d in (d for d in docs if d["prompt"] == prompt):
+            rankings[d["method"]] = {
+                "label": spec(d["method"]).label, "mode": d["settings"]["mode"] or "one",
+                "wall_seconds": d["seconds"], "recall_at_10": d["recall_at_10"], "ap": d["ap"],
+                "results": [{"rank": r + 1, "index": i, "caption": custom.dataset.captions[i], "score": sc}
+                            for r, (i, sc) in enumerate(zip(d["top"], d["top_scores"]))],
+                "tracked": {str(e): rank for e, rank in zip(d["exemplars"], d["exemplar_ranks"])}}
+        items.append({"name": name, "source": {"type": "customized", "prompt": prompt, "seed": cz.QUERY_SEED,
+                                               "concept": c},
+                      "known": {"exemplars": custom.exemplars}, "exemplar_images": shots, "rankings": rankings})
+        if progress:
+            print(f"  customized {c['id']}: " + ", ".join(f"{m} R@10 {r['recall_at_10']:.2f}"
+                                                           for m, r in rankings.items()), flush=True)
+    return items
+
+
+def extra_rows(item: dict, folder: Path) -> dict:
+    """{row: (image, caption)} of an example's rows that are not training rows (a customized model's exemplars)."""
+    from PIL import Image
+
+    rows = item.get("known", {}).get("exemplars", [])
+    caption = f"exemplar of \"{item['source'].get('prompt', '')}\""
+    return {row: (Image.open(Path(folder) / shot).convert("RGB"), caption)
+            for row, shot in zip(rows, item.get("exemplar_images", []))}
+
+
 def label(item: dict, captions: list[str]) -> str:
     src = item["source"]
+    if src["type"] == "customized":
+        n = len(item["known"]["exemplars"])
+        return f"customized model: \"{src['prompt']}\" (its {n} exemplar{'s' * (n > 1)} framed)"
     if src["type"] == "composite":
         return f"two-concept box: \"{src['prompt']}\", box over the {captions[item['known']['own']]}"
     return f"{src['prompt']} (seed {src['seed']})"
@@ -92,6 +149,7 @@ def load(app, folder: Path | None = None) -> list[dict]:
         raise artifacts.ArtifactError(f"{folder / 'examples.json'} was built for another model; rebuild: {HINT}")
     for item in doc["items"]:
         item["image_path"] = str(folder / f"{item['name']}.png")
+        item["folder"] = str(folder)
     return doc["items"]
 
 

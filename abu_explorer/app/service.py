@@ -159,6 +159,33 @@ class ExplorerApp:
             out["tracked"] = {str(int(i)): int(where[int(i)]) for i in track}
         return out
 
+    def recustomize(self, item: dict, method: str, k) -> tuple[list, str]:
+        """Remove and regenerate on a customized-model example: its fine-tune re-run from the base without the
+        exemplars among ``method``'s top ``k`` (seconds to minutes; cached). (tiles, metrics markdown)."""
+        from abu_explorer.evaluation import customized as cz
+
+        src = item.get("source", {})
+        if src.get("type") != "customized":
+            raise UIError("remove and re-customize works on the customized-model examples; pick one above")
+        ranking = item["rankings"].get(method)
+        if ranking is None:
+            raise UIError(f"no ranking of {method!r} in this example")
+        k = as_int(k, "K", 1, len(ranking["results"]))
+        removed = [r["index"] for r in ranking["results"][:k]]
+        with self.lock.request():
+            r = cz.recustomize(self.explorer, src["concept"], Path(item["folder"]) / "customized", removed,
+                               src["prompt"], src["seed"])
+        folder = Path(item["folder"]) / "customized" / src["concept"]["id"] / "removed" / r["key"]
+        tiles = [(Image.open(folder / f).convert("RGB").resize((160, 160), Image.Resampling.NEAREST), label)
+                 for f, label in (("original.png", "customized on every exemplar"),
+                                  ("regenerated.png", f"re-customized without {len(r['removed'])} exemplar(s)"))]
+        text = (f"**dL** {r['delta_loss']:+.4f} ({r['loss_original']:.4f} -> {r['loss_counterfactual']:.4f}) · "
+                f"**dG-MSE** {r['delta_g_mse']:.4f} · **dG-CLIP** {r['delta_g_clip']:.3f}  \n"
+                f"{spec(method).label}'s top-{k} held {len(r['removed'])} of the {r['kept_exemplars'] + len(r['removed'])}"
+                f" exemplars; {len(r['ignored'])} pretraining image(s) among them stay (a fine-tune cannot unlearn "
+                "its base's data).")
+        return tiles, text
+
     def model_hashes(self) -> dict:
         from abu_explorer.model.backend import provenance
 
@@ -168,11 +195,14 @@ class ExplorerApp:
         """Each loaded method's settings and tables hash (what its rankings were made with)."""
         return {name: m.settings() for name, m in list(self._methods.items())}
 
-    def tiles(self, result: dict, size: int = 128, marks: dict | None = None) -> list[tuple[Image.Image, str]]:
-        """Gallery tiles of a ranking; ``marks`` {index: (colour, label)} frames the known answers."""
+    def tiles(self, result: dict, size: int = 128, marks: dict | None = None,
+              extra: dict | None = None) -> list[tuple[Image.Image, str]]:
+        """Gallery tiles of a ranking; ``marks`` {index: (colour, label)} frames the known answers; ``extra``
+        {index: (image, caption)} holds rows that are not training rows (a customized model's exemplars)."""
         ds, out = self.explorer.dataset, []
         for r in result["results"]:
-            img = ds.image(r["index"]).resize((size, size), Image.Resampling.NEAREST)
+            source = extra[r["index"]][0] if extra and r["index"] in extra else ds.image(r["index"])
+            img = source.resize((size, size), Image.Resampling.NEAREST)
             text = f"#{r['rank']} {r['caption']} (idx {r['index']}, score {r['score']:.3g})"
             if marks and r["index"] in marks:
                 colour, tag = marks[r["index"]]

@@ -159,8 +159,12 @@ def add_commands(sub, default_model: str) -> None:
     cz.add_argument("--force", action="store_true", help="with --write-concepts: overwrite the list")
     cz.add_argument("--split", default="all", help="tune, test or all")
     cz.add_argument("--concept", default="", help="comma-separated concept ids (default: every concept of the split)")
-    cz.add_argument("--methods", default=",".join(m for m in ("abu", "abuplus", "if", "dtrak", "clip", "pixel",
-                                                             "dino", "random") if m in all_methods.split(",")))
+    from abu_explorer.evaluation.customized import BENCHMARK_METHODS
+
+    cz.add_argument("--methods", default=",".join(m for m in BENCHMARK_METHODS if m in all_methods.split(",")))
+    cz.add_argument("--abu-settings", default="", help='AbU (and AbU+) settings instead of the paper\'s for '
+                    'customized models, as JSON, e.g. \'{"alpha": 0.01, "unlearn_steps": 1, "unlearn_samples": 512}\' '
+                    '(tuning; results are filed under their settings)')
     cz.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     cz.add_argument("--work", default="runs/customized", help="where the customized models and their tables go")
     cz.add_argument("--results", default="results/customized")

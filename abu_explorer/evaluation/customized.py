@@ -38,7 +38,7 @@ QUERY_SEED = 0
 # by which this setting scales AbU's.
 CUSTOM_ABU = {"alpha": 0.1, "unlearn_steps": 100, "unlearn_samples": 160}
 GRADIENT = ("abu", "abuplus", "if", "dtrak")
-NEAREST = ("pixel", "clip", "dino")
+BENCHMARK_METHODS = GRADIENT + ("clip", "pixel", "dino", "random")
 
 
 def key_of(doc) -> str:
@@ -141,11 +141,12 @@ def prepare_tables(custom, base, methods: list[str], progress: bool = False) -> 
 # --- 3. one query, one method ---------------------------------------------------------------------------
 
 
-def query_result(scores: np.ndarray, exemplars: list[int], top: int = 10) -> dict:
+def query_result(scores: np.ndarray, exemplars: list[int], top: int = 12) -> dict:
     order = np.argsort(-scores, kind="stable")
     ranks = [int(np.nonzero(order == e)[0][0]) + 1 for e in exemplars]
     return {"recall_at_10": recall_at_k(scores, exemplars, 10), "ap": average_precision(scores, exemplars),
-            "exemplar_ranks": ranks, "top": [int(i) for i in order[:top]]}
+            "exemplar_ranks": ranks, "top": [int(i) for i in order[:top]],
+            "top_scores": [float(scores[i]) for i in order[:top]]}
 
 
 def run_concept(base, concept: dict, methods: list[str], work: Path, folder: Path, progress: bool = False,
@@ -178,3 +179,40 @@ def run_concept(base, concept: dict, methods: list[str], work: Path, folder: Pat
             artifacts.save_json(path, doc)
             out.append(doc)
     return out
+
+
+# --- 4. remove and regenerate ---------------------------------------------------------------------------
+
+
+def recustomize(base, concept: dict, work: Path, removed: list[int], prompt: str, seed: int = QUERY_SEED,
+                cfg: custom_diffusion.CustomConfig = custom_diffusion.CustomConfig()) -> dict:
+    """Remove and regenerate for a customized model: Custom Diffusion again from the same base without the removed
+    exemplars (base rows are pretraining data: a fine-tune cannot drop them), then the same prompt and noise.
+    dL = the query's loss (``counterfactual.query_loss``) under the new model minus under the customized one;
+    dG-MSE, dG-CLIP as in leave-K-out. Cached under ``work/<id>/removed/<key>/``; seconds, not an hour."""
+    from abu_explorer.evaluation import counterfactual
+
+    custom = model_for(base, concept, work, cfg)
+    drop = sorted({int(r) for r in removed if int(r) in custom.exemplars})
+    keep = [j for j, row in enumerate(custom.exemplars) if row not in drop]
+    key = key_of({"model": custom.provenance(), "drop": drop, "prompt": prompt, "seed": seed, "cfg": cfg.to_dict()})
+    folder = Path(custom.root) / "removed" / key
+    if (folder / "result.json").exists():
+        return artifacts.load_json(folder / "result.json")
+    images = extras.render_extras(concept["codes"], data.DataConfig(**base.meta["dataset"]["config"]))[keep]
+    fresh = customized.fresh_copy(base)
+    if keep:
+        custom_diffusion.finetune(fresh, data.dataset.to_tensor(images), concept["word"], cfg)
+    else:  # nothing left to learn from: the base with V* at its initial word
+        customized.attach_token(fresh, cfg.token, concept["word"])
+    g0, g1 = custom.generate(prompt, seed), fresh.generate(prompt, seed)
+    loss0 = counterfactual.query_loss(custom.unet, custom.scheduler, g0.latent, custom.encode_text([prompt]))
+    loss1 = counterfactual.query_loss(fresh.unet, fresh.scheduler, g0.latent, fresh.encode_text([prompt]))
+    result = {"key": key, "concept": concept["id"], "prompt": prompt, "seed": seed, "removed": drop,
+              "ignored": sorted(set(int(r) for r in removed) - set(drop)), "kept_exemplars": len(keep),
+              "loss_original": loss0, "loss_counterfactual": loss1, "delta_loss": loss1 - loss0,
+              **counterfactual.image_change(base, g0.image, g1.image)}
+    artifacts.save_png(folder / "original.png", g0.image)
+    artifacts.save_png(folder / "regenerated.png", g1.image)
+    artifacts.save_json(folder / "result.json", result)
+    return result

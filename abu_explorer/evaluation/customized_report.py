@@ -102,6 +102,13 @@ def main(args) -> int:
         concepts = [c for c in concepts if c["split"] == args.split]
     if args.concept:
         concepts = [c for c in concepts if c["id"] in args.concept.split(",")]
+    if args.abu_settings:
+        import json
+
+        given = json.loads(args.abu_settings)
+        if not isinstance(given, dict) or set(given) - set(customized.CUSTOM_ABU):
+            raise ValueError(f"--abu-settings takes a JSON object with keys among {sorted(customized.CUSTOM_ABU)}")
+        customized.CUSTOM_ABU = {**customized.CUSTOM_ABU, **given}
     base = load(args.precomputed)
     protocol = customized.protocol(base, args.concepts)
     folder = Path(args.results) / kind() / customized.key_of(protocol)

@@ -1,9 +1,10 @@
 """Tab 3, examples: the evaluation queries with every method's ranking and the finished retrains, all
-precomputed, plus the evaluation table and plot; two-concept box queries with their known sources framed."""
+precomputed, plus the evaluation table and plot; two-concept box queries with their known sources framed;
+customized models with their exemplars framed, and their fine-tune re-run without a method's top-K."""
 
 from pathlib import Path
 
-from abu_explorer.app.views.common import LIGHT, friendly
+from abu_explorer.app.views.common import HEAVY, LIGHT, admitted, friendly
 from abu_explorer.app.views.attribute import PER_ROW
 from abu_explorer.app.views.counterfactual import default_k
 
@@ -38,6 +39,16 @@ def build(app, assets: Path) -> None:
                 with gr.Column(min_width=150):
                     heads[m.name] = gr.Markdown()
                     gals[m.name] = gr.Gallery(label=m.label, columns=2, height=480, allow_preview=False, format="png")
+    gr.Markdown("**Customized-model examples**: remove a method's top-K and re-run the fine-tune without the "
+                "exemplars among them (the base model stays), then regenerate with the same noise.")
+    with gr.Row():
+        rc_method = gr.Dropdown([(m.label, m.name) for m in METHODS], value=METHODS[0].name, label="method")
+        rc_k = gr.Number(value=2, precision=0, label="K (of the top 12)", minimum=1, maximum=examples.TOP)
+        rc_btn = gr.Button("remove top-K and re-customize", elem_id="recustomize")
+    with gr.Row():
+        rc_gal = gr.Gallery(label="before / after", columns=2, height=inputs.SHOW + 80, allow_preview=False,
+                            format="png")
+        rc_md = gr.Markdown()
     own = not app.explorer.retrain_note  # the evaluation in assets/ is the embedded model's
     if own and (assets / "counterfactual_table.md").exists():
         gr.Markdown("#### The evaluation so far (mean ± s.e. over queries; see docs/evaluation.md)\n"
@@ -51,16 +62,31 @@ def build(app, assets: Path) -> None:
         if item is None:
             raise inputs.UIError(f"no example {name!r}")
         outs = [item["image_path"], examples.counterfactual_tiles(app, item, k)]
-        known = item.get("known")
-        marks = {known["own"]: (OWN, "box's own source"), known["other"]: (OTHER, "the other source")} if known else None
+        known, marks, extra = item.get("known") or {}, None, examples.extra_rows(item, item["folder"])
+        if "own" in known:
+            marks = {known["own"]: (OWN, "box's own source"), known["other"]: (OTHER, "the other source")}
+        elif "exemplars" in known:
+            marks = {e: (OWN, "exemplar") for e in known["exemplars"]}
         for m in METHODS:
             r = item["rankings"].get(m.name)
             head = f"**{m.label}** · {r['mode']} · {r['wall_seconds']:.2f} s" if r else ""
-            if r and known:
+            if r and "own" in known:
                 ranks = r["tracked"]
                 head += f" · own source **#{ranks[str(known['own'])]}**, other #{ranks[str(known['other'])]}"
-            outs += [head, app.tiles(r, marks=marks) if r else []]
+            elif r and "exemplars" in known:
+                head += " · exemplars at " + ", ".join(f"**#{r['tracked'][str(e)]}**" for e in known["exemplars"])
+            outs += [head, app.tiles(r, marks=marks, extra=extra) if r else []]
         return outs
 
     choice.change(show, [choice], [img, cf] + [c for m in METHODS for c in (heads[m.name], gals[m.name])],
                   **LIGHT, api_name="example", api_visibility="undocumented")
+
+    @friendly
+    def recustomize(name, method, k):
+        item = next((it for it in items if it["name"] == name), None)
+        if item is None:
+            raise inputs.UIError("pick a customized-model example first")
+        return app.recustomize(item, method, k)
+
+    rc_btn.click(admitted(app, recustomize), [choice, rc_method, rc_k], [rc_gal, rc_md], **HEAVY,
+                 api_name="recustomize", api_visibility="undocumented")
