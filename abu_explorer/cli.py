@@ -129,10 +129,13 @@ def _new_pipeline_folder(args):
     if exists and not args.force:
         raise FileExistsError(f"{out} already holds a model's tables; pass --force to rebuild them")
     spec = PipelineSpec(args.model, unet_config=args.unet_config, unet_weights=args.unet_weights,
-                        variant=args.variant or None, clip=args.clip, guidance=args.guidance)
+                        variant=args.variant or None, clip=args.clip, guidance=args.guidance,
+                        custom_diffusion=args.custom_diffusion)
     if bool(spec.unet_config) != bool(spec.unet_weights):
         raise ValueError("--unet-config and --unet-weights go together")
-    backend = distributed.rank0_first(lambda: PipelineBackend.load(spec, args.data, out))
+    if bool(args.custom_diffusion) != bool(args.exemplars):
+        raise ValueError("--custom-diffusion and --exemplars go together (the fine-tune and the images it learned)")
+    backend = distributed.rank0_first(lambda: PipelineBackend.load(spec, args.data, out, args.exemplars))
     if distributed.rank_world()[0] != 0:
         return backend
     out.mkdir(parents=True, exist_ok=True)
@@ -288,6 +291,10 @@ def _attribution_commands(sub) -> None:
                     "--model then supplies only vae/, text_encoder/, tokenizer/, scheduler/")
     pc.add_argument("--unet-weights", default="", help=".safetensors, or .bin (read with weights_only=True)")
     pc.add_argument("--variant", default="", help="weight variant of the pipeline (e.g. fp16)")
+    pc.add_argument("--custom-diffusion", default="", help="a Custom Diffusion fine-tune of --model (the folder "
+                    "diffusers' training script writes), applied to it; with --exemplars")
+    pc.add_argument("--exemplars", default="", help="the fine-tune's images (an image folder): training rows after "
+                    "--data's, the known answer of evaluate customized --precomputed")
     pc.add_argument("--clip", default="", help="an open_clip folder (this project's format) for the CLIP baseline")
     pc.add_argument("--guidance", type=float, default=7.5, help="--model: its default guidance scale")
     pc.add_argument("--force", action="store_true", help="rebuild an --out folder that exists")

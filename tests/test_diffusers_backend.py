@@ -313,3 +313,80 @@ def test_the_app_serves_a_user_model(user_model):
     with pytest.raises(Exception, match="retrains the embedded model only"):
         explorer_app.request_counterfactual(explorer_app.query(
             {"type": "generated", "prompt": "red apple", "seed": 2, "steps": 3, "guidance": 2.0}), "abu", 2)
+
+
+def build_custom_diffusion(pipe: Path, out: Path, token: str = "<new1>") -> Path:
+    """A fine-tune in the layout of diffusers' Custom Diffusion script: every cross-attention's K/V (moved by
+    seeded noise) under processor keys, and the modifier token's embedding in ``<token>.safetensors``."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(pipe, subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, p in unet.named_parameters():
+        if ".attn2.to_k." in name or ".attn2.to_v." in name:
+            head, proj = name.split(".attn2.")[0], name.split(".attn2.")[1].split(".")[0]
+            state[f"{head}.attn2.processor.{proj}_custom_diffusion.weight"] = (
+                p.detach() + 0.2 * torch.randn(p.shape, generator=g)).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "pytorch_custom_diffusion_weights.safetensors")
+    save_file({token: torch.randn(16, generator=g)}, out / f"{token}.safetensors")
+    return out
+
+
+def test_a_custom_diffusion_fine_tune_matches_diffusers_and_finds_its_exemplars(tmp_path, tiny_dataset, monkeypatch,
+                                                                                capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from abu_explorer import cli
+    from abu_explorer.evaluation import customized as cz
+    from abu_explorer.model import load
+
+    pipe = build_pipeline(tmp_path / "pipe")
+    cd = build_custom_diffusion(pipe, tmp_path / "cd")
+    images = build_imagefolder(tmp_path / "images", tiny_dataset, 6)
+    ex = tmp_path / "exemplars"
+    ex.mkdir()
+    for j in range(2):
+        Image.fromarray(tiny_dataset.images[20 + j]).save(ex / f"e{j}.png")
+    (ex / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"e{j}.png", "text": "<new1> glyph"}) + "\n"
+                                               for j in range(2)))
+    out = tmp_path / "tables"
+    assert cli.main(["precompute", "--model", str(pipe), "--custom-diffusion", str(cd), "--exemplars", str(ex),
+                     "--data", str(images), "--out", str(out), "--method", "abu", "--timesteps", "2",
+                     "--fisher-passes", "1", "--quiet"]) == 0
+    backend = load(out)  # reloaded from backend.json, fine-tune and exemplars included
+    assert backend.exemplars == [6, 7] and len(backend.dataset) == 8
+    assert backend.dataset.captions[6] == "<new1> glyph" and backend.dataset.codes[6] == "extra:e0.png"
+    # the same network as diffusers' own Custom Diffusion loading (attention processors + textual inversion)
+    ref = StableDiffusionPipeline.from_pretrained(pipe, safety_checker=None)
+    from safetensors.torch import load_file
+
+    procs = ref.unet._process_custom_diffusion(load_file(cd / "pytorch_custom_diffusion_weights.safetensors"))
+    assert procs  # diffusers' CustomDiffusionAttnProcessor on every cross-attention, the rest as they were
+    ref.unet.set_attn_processor({k: procs.get(k, v) for k, v in ref.unet.attn_processors.items()})
+    ref.load_textual_inversion(cd, weight_name="<new1>.safetensors")
+    ids = ref.tokenizer(["<new1> glyph"], padding="max_length", max_length=24, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ctx_ref = ref.text_encoder(ids)[0]
+        ctx = backend.encode_text(["<new1> glyph"])
+        assert torch.allclose(ctx, ctx_ref, atol=1e-6)
+        x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500])
+        assert torch.allclose(backend.unet(x, t, ctx).sample, ref.unet(x, t, ctx_ref).sample, atol=1e-5)
+        assert not torch.allclose(ctx, backend.encode_text(["glyph"])[:, :ctx.shape[1]])
+    # evaluate customized on the user's model: every method's Recall@10 and AP of the exemplars
+    monkeypatch.setattr(cz, "CUSTOM_ABU", {"alpha": 0.1, "unlearn_steps": 2, "unlearn_samples": 4})
+    capsys.readouterr()
+    assert cli.main(["evaluate", "customized", "--precomputed", str(out), "--prompt", "<new1> glyph",
+                     "--methods", "abu,pixel,random", "--results", str(tmp_path / "res")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("| <new1> glyph |") == 3 and "2 exemplars among 8 rows" in printed
+    docs = [json.loads(p.read_text()) for p in (tmp_path / "res").rglob("user-p0-*.json")]
+    assert sorted(d["method"] for d in docs) == ["abu", "pixel", "random"]
+    assert all(d["exemplars"] == [6, 7] and 0 <= d["ap"] <= 1 for d in docs)
+    # the plain model has no exemplars: one line
+    capsys.readouterr()
+    assert cli.main(["precompute", "--model", str(pipe), "--custom-diffusion", str(cd), "--data", str(images),
+                     "--out", str(tmp_path / "o2"), "--quiet"]) == 2
+    assert "go together" in capsys.readouterr().err

@@ -28,22 +28,32 @@ EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def load_image_folder(folder: str | Path, image_size: int = 32, flip: bool = False, store: str | Path | None = None,
-                      chunk: int = 1024, progress: bool = False) -> Dataset:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    imagefolder = (folder / "metadata.jsonl").exists()
-    rows = _metadata_rows(folder) if imagefolder else _caption_file_rows(folder)
+                      chunk: int = 1024, progress: bool = False, extra: str | Path | None = None) -> Dataset:
+    """``extra``: a second folder whose rows follow the first's (a customized model's exemplars after its
+    pretraining data; their codes start with ``extra:``)."""
+    rows, codes = _folder_rows(Path(folder))
+    if extra:
+        more, more_codes = _folder_rows(Path(extra))
+        rows, codes = rows + more, codes + [f"extra:{c}" for c in more_codes]
     lists = [c for _, c in rows]
     captions = [c[0] for c in lists]
     lists = lists if any(len(c) > 1 for c in lists) else None  # one caption each: the plain layout
-    config = DataConfig(source=f"folder:{folder.name}", image_size=image_size, flip=flip)
-    codes = [p.relative_to(folder.resolve()).as_posix() if imagefolder else p.stem for p, _ in rows]
+    config = DataConfig(source=f"folder:{Path(folder).name}" + (f"+{Path(extra).name}" if extra else ""),
+                        image_size=image_size, flip=flip)
     if store is None:
         arr = np.stack([_read(p, image_size) for p, _ in rows])
         return Dataset(arr, captions, codes, config, content_hash(arr, captions, lists), lists)
     arr, digest = _stored_images(rows, image_size, Path(store), chunk, progress, captions, lists)
     return Dataset(arr, captions, codes, config, digest, lists)
+
+
+def _folder_rows(folder: Path) -> tuple[list[tuple[Path, list[str]]], list[str]]:
+    """(path, captions) of each row, and each row's code (its path in the folder, or its stem)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    imagefolder = (folder / "metadata.jsonl").exists()
+    rows = _metadata_rows(folder) if imagefolder else _caption_file_rows(folder)
+    return rows, [p.relative_to(folder.resolve()).as_posix() if imagefolder else p.stem for p, _ in rows]
 
 
 def _stored_images(rows, size: int, store: Path, chunk: int, progress: bool, captions, lists):

@@ -157,6 +157,10 @@ def add_commands(sub, default_model: str) -> None:
     cz.add_argument("--write-concepts", action="store_true", help="write the concept rule's list to --concepts "
                     "(category words left empty) and stop")
     cz.add_argument("--force", action="store_true", help="with --write-concepts: overwrite the list")
+    cz.add_argument("--prompt", action="append", default=[], help="your own customized model (--precomputed of "
+                    "precompute --custom-diffusion --exemplars): a prompt to attribute (repeatable); prints each "
+                    "method's Recall@10 and AP of the exemplars")
+    cz.add_argument("--seed", type=int, default=0, help="with --prompt: the generation seed")
     cz.add_argument("--split", default="all", help="tune, test or all")
     cz.add_argument("--concept", default="", help="comma-separated concept ids (default: every concept of the split)")
     from abu_explorer.evaluation.customized import BENCHMARK_METHODS

@@ -152,30 +152,37 @@ def query_result(scores: np.ndarray, exemplars: list[int], top: int = 12) -> dic
 def run_concept(base, concept: dict, methods: list[str], work: Path, folder: Path, progress: bool = False,
                 cfg: custom_diffusion.CustomConfig = custom_diffusion.CustomConfig()) -> list[dict]:
     """Every (prompt, method) of one concept; each result written as soon as it exists."""
+    custom = model_for(base, concept, work, cfg, progress)
+    prepare_tables(custom, base, [m for m in methods if m in GRADIENT], progress)
+    about = {"concept": concept["id"], "kind": concept["kind"], "split": concept["split"]}
+    return score_prompts(custom, about, prompts(concept), methods, folder)
+
+
+def score_prompts(model, about: dict, texts: list[str], methods: list[str], folder: Path,
+                  seed: int = QUERY_SEED) -> list[dict]:
+    """Each method's ranking of ``model``'s rows (its ``exemplars`` the known answer) for each prompt, generated
+    with ``seed``; one JSON per (prompt, method, settings) in ``folder``, read back when it exists."""
     from abu_explorer.attribution import query as q
     from abu_explorer.attribution import spec
 
-    custom = model_for(base, concept, work, cfg, progress)
-    prepare_tables(custom, base, [m for m in methods if m in GRADIENT], progress)
-    out = []
-    for pi, prompt in enumerate(prompts(concept)):
+    out, tag = [], about.get("concept", "user")
+    for pi, prompt in enumerate(texts):
         query = None
         for name in methods:
-            ranker = spec(name).load(custom, **overrides(name))
+            ranker = spec(name).load(model, **overrides(name))
             mode = "exact" if "exact" in spec(name).modes else ""
-            settings = {"method": name, "mode": mode, **ranker.settings(), "model": custom.provenance(),
-                        "prompt": prompt, "seed": QUERY_SEED}
-            path = folder / f"{concept['id']}-p{pi}-{name}-{key_of(settings)}.json"
+            settings = {"method": name, "mode": mode, **ranker.settings(), "model": model.provenance(),
+                        "prompt": prompt, "seed": seed}
+            path = Path(folder) / f"{tag}-p{pi}-{name}-{key_of(settings)}.json"
             if path.exists():
                 out.append(artifacts.load_json(path))
                 continue
             if query is None:
-                query = q.from_generation(custom, prompt, QUERY_SEED)
+                query = q.from_generation(model, prompt, seed)
             ranking = ranker.score(query, mode)
-            doc = {"concept": concept["id"], "kind": concept["kind"], "split": concept["split"], "prompt": prompt,
-                   "method": name, "settings": settings, "exemplars": custom.exemplars,
+            doc = {**about, "prompt": prompt, "method": name, "settings": settings, "exemplars": model.exemplars,
                    "seconds": round(ranking.seconds, 1),
-                   **query_result(ranking.scores.numpy().astype(np.float64), custom.exemplars)}
+                   **query_result(ranking.scores.numpy().astype(np.float64), model.exemplars)}
             artifacts.save_json(path, doc)
             out.append(doc)
     return out

@@ -84,6 +84,26 @@ def write_concepts(path: Path, force: bool) -> int:
     return 0
 
 
+def user_model(args, methods: list[str], labels: dict) -> int:
+    """A user's customized model (``precompute --custom-diffusion --exemplars``): each method's Recall@10 and AP
+    of the exemplars for the given prompts."""
+    from abu_explorer.machine import kind
+    from abu_explorer.model import load
+
+    model = load(args.precomputed)
+    if not getattr(model, "exemplars", None):
+        raise ValueError(f"{args.precomputed} holds no exemplars: precompute it with --custom-diffusion DIR "
+                         "--exemplars IMAGES")
+    folder = Path(args.results) / kind() / f"user-{customized.key_of(model.provenance())}"
+    docs = customized.score_prompts(model, {"concept": "user", "kind": "all", "split": "user"}, args.prompt,
+                                    methods, folder, args.seed)
+    lines = ["| prompt | method | Recall@10 | AP | exemplar ranks |", "|---|---|---|---|---|"]
+    lines += [f"| {d['prompt']} | {labels[d['method']]} | {d['recall_at_10']:.2f} | {d['ap']:.3f} | "
+              f"{', '.join(map(str, d['exemplar_ranks']))} |" for d in docs]
+    print("\n".join(lines) + f"\n\n{len(model.exemplars)} exemplars among {len(model.dataset)} rows; results in {folder}")
+    return 0
+
+
 def main(args) -> int:
     import torch
 
@@ -97,6 +117,8 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     labels = {m: spec(m).label for m in methods}  # unknown names fail before any work
+    if args.prompt:
+        return user_model(args, methods, labels)
     concepts = customized.load_concepts(args.concepts)
     if args.split != "all":
         concepts = [c for c in concepts if c["split"] == args.split]

@@ -50,6 +50,7 @@ class PipelineSpec:
     local_files_only: bool | None = None  # None: offline when source is a folder or HF_HUB_OFFLINE=1
     clip: str = ""  # an open_clip folder in this project's format for the CLIP baseline ("" = none)
     guidance: float = 7.5
+    custom_diffusion: str = ""  # a Custom Diffusion fine-tune of the model (diffusers' output folder), applied
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -67,7 +68,7 @@ class PipelineBackend:
                     "model needs its full training recipe and data pipeline, which this tool does not run")
 
     def __init__(self, spec: PipelineSpec, root: Path, vae, text_encoder, tokenizer, unet, scheduler_config,
-                 dataset: data.Dataset, data_folder: str, clip=None):
+                 dataset: data.Dataset, data_folder: str, clip=None, exemplars_folder: str = "", num_exemplars: int = 0):
         from diffusers import DDPMScheduler
 
         self.spec, self.root, self.vae, self.text_encoder, self.tokenizer = spec, Path(root), vae, text_encoder, tokenizer
@@ -79,28 +80,40 @@ class PipelineBackend:
         self._null = None
         self._training_cache: TrainingCache | None = None
         self.progress = False  # bars while building the training cache (precompute turns them on)
+        self.exemplars_folder = exemplars_folder
+        self.exemplars = list(range(len(dataset) - num_exemplars, len(dataset)))  # a fine-tune's images: last rows
         self.meta = {"dataset": {"content_hash": dataset.content_hash, "folder": data_folder,
                                  "config": dataset.config.to_dict()}, "backend": spec.to_dict()}
 
     # --- loading ---------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, spec: PipelineSpec, data_folder: str | Path, root: str | Path) -> PipelineBackend:
+    def load(cls, spec: PipelineSpec, data_folder: str | Path, root: str | Path,
+             exemplars: str | Path = "") -> PipelineBackend:
+        """``exemplars``: the images of a Custom Diffusion fine-tune (``spec.custom_diffusion``), appended to the
+        training rows."""
+        from abu_explorer.model import custom_weights
+
         if spec.dtype not in DTYPES or spec.device != "cpu":
             raise ValueError(f"dtype {spec.dtype} on {spec.device}: this version runs the methods in fp32 on "
                              "the CPU (--dtype fp32 --device cpu)")
         vae, text_encoder, tokenizer, unet, sched = _load_components(spec)
+        if spec.custom_diffusion:
+            custom_weights.apply(spec.custom_diffusion, unet, text_encoder, tokenizer)
         size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-        ds = data.load_image_folder(data_folder, size, store=Path(root) / "data", progress=True)
+        ds = data.load_image_folder(data_folder, size, store=Path(root) / "data", progress=True,
+                                    extra=exemplars or None)
+        num = sum(code.startswith("extra:") for code in ds.codes)
         clip = load_clip(Path(spec.clip))[0] if spec.clip else None
-        return cls(spec, Path(root), vae, text_encoder, tokenizer, unet, sched, ds, str(Path(data_folder)), clip)
+        return cls(spec, Path(root), vae, text_encoder, tokenizer, unet, sched, ds, str(Path(data_folder)), clip,
+                   str(Path(exemplars)) if exemplars else "", num)
 
     @classmethod
     def from_precomputed(cls, root: str | Path) -> PipelineBackend:
         """Reload what ``precompute --model ... --out root`` recorded; the data must still hash the same."""
         root = Path(root)
         doc = artifacts.load_json(root / BACKEND_FILE)
-        backend = cls.load(PipelineSpec(**doc["spec"]), doc["data_folder"], root)
+        backend = cls.load(PipelineSpec(**doc["spec"]), doc["data_folder"], root, doc.get("exemplars_folder", ""))
         if backend.dataset.content_hash != doc["data_hash"]:
             raise artifacts.ArtifactError(
                 f"{doc['data_folder']} now hashes {backend.dataset.content_hash}, but {root} was computed on "
@@ -110,6 +123,7 @@ class PipelineBackend:
 
     def save_record(self) -> None:
         artifacts.save_json(self.root / BACKEND_FILE, {"spec": self.spec.to_dict(), "data_folder": self.data_folder,
+                                                       "exemplars_folder": self.exemplars_folder,
                                                        "data_hash": self.dataset.content_hash,
                                                        "provenance": self.provenance()})
 
