@@ -74,3 +74,25 @@ def test_run_resumes_and_the_command_writes_its_report(tiny_explorer, tmp_path, 
     bad = argparse.Namespace(**{**vars(args), "layouts": "diagonal"})
     with pytest.raises(ValueError, match="unknown layout"):
         boxes_report.main(bad)
+
+
+def test_generated_pairs_count_prompts_drawn_with_both_parts(tiny_explorer, tmp_path):
+    from abu_explorer.evaluation import generated_pairs as gp
+
+    result = gp.run(tiny_explorer, 2, progress=False)
+    rows = result["prompts"]
+    assert [r["prompt"] for r in rows] == [boxes.caption(tiny_explorer.dataset, a, b)
+                                           for a, b in boxes.choose_pairs(tiny_explorer, 2)]
+    for r in rows:
+        for m in ("clip", "pixel"):
+            ranks = [r[m]["rank_a"], r[m]["rank_b"]]
+            assert all(x is None or 1 <= x <= len(tiny_explorer.dataset) for x in ranks)
+            assert r[m]["both"] == all(x is not None and x <= gp.TOP for x in ranks)
+    gp.save(result, tmp_path, tiny_explorer)
+    assert (tmp_path / "boxes_generated.png").exists()
+    # hand-made rows: both / at least one, by method
+    made = [{"clip": {"rank_a": 1, "rank_b": 3, "both": True}, "pixel": {"rank_a": 12, "rank_b": None, "both": False}},
+            {"clip": {"rank_a": None, "rank_b": 10, "both": False}, "pixel": {"rank_a": 2, "rank_b": 9, "both": True}}]
+    s = gp.summarize(made)
+    assert (s["clip"]["both"], s["clip"]["at_least_one"]) == (1, 2)
+    assert (s["pixel"]["both"], s["pixel"]["at_least_one"]) == (1, 1)

@@ -101,7 +101,8 @@ def composite(ds, a: int, b: int, layout: str) -> tuple[Image.Image, list[tuple[
 def box_result(scores: np.ndarray, own: int, other: int) -> dict:
     """Own source above the other? Its rank among N (1 = top; ties count against it)."""
     return {"own_wins": bool(scores[own] > scores[other]), "own_rank": int((scores >= scores[own]).sum()),
-            "other_rank": int((scores >= scores[other]).sum())}
+            "other_rank": int((scores >= scores[other]).sum()), "own_score": float(scores[own]),
+            "other_score": float(scores[other])}
 
 
 def key_of(doc: dict) -> str:

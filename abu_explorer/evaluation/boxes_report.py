@@ -102,6 +102,15 @@ def main(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "generated", 0):
+        from abu_explorer.evaluation import generated_pairs
+
+        exp = load(args.precomputed)
+        result = generated_pairs.run(exp, args.generated, not args.quiet)
+        print(generated_pairs.line(result["summary"]))
+        if args.assets:
+            generated_pairs.save(result, Path(args.assets), exp)
+        return 0
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     for lay in layouts:
         if lay not in boxes.LAYOUTS:
