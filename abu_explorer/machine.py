@@ -60,12 +60,33 @@ def kind(device: str = "cpu") -> str:
     return f"{platform.machine()}-{cpu_vendor()}-{isa}-torch{torch.__version__}"
 
 
-def machine(threads: int | None = None) -> dict:
-    """Where this process computes: device with ISA and threads, machine kind, CPU model, library versions.
-    ``threads``: the thread count of the child process that did the work, where not this process's."""
+def machine(threads: int | None = None, device: str = "cpu") -> dict:
+    """Where this process computes: device with ISA and threads (or the GPU), machine kind, CPU model, library
+    versions. ``threads``: the thread count of the child process that did the work, where not this process's."""
     import diffusers
     import torch
 
     threads = threads or torch.get_num_threads()
-    return {"device": f"cpu ({vector_isa()}, {threads} threads)", "kind": kind(),
-            "cpu_model": cpu_name(), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    where = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else \
+        f"cpu ({vector_isa()}, {threads} threads)"
+    return {"device": where, "kind": kind(device), "cpu_model": cpu_name(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__}
+
+
+def use_device(device: str):
+    """Check ``device`` exists and, on CUDA, set full fp32 and repeatable kernels (no TF32, deterministic
+    cuDNN): a retrain on one GPU kind then differs from a CPU run only in the order of its arithmetic."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        if str(device) != "cpu":
+            raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device on this machine")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.device(device)

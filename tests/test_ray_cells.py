@@ -69,3 +69,35 @@ def test_a_filed_result_is_written_whole_and_never_replaced(tmp_path):
     ray_cells.store(tmp_path, {**payload, "files": {"result.json": b"[]"}})  # a filed result is never replaced
     assert (out / "result.json").read_bytes() == b"{}"
     assert counterfactual.find_result(tmp_path, "abc") == out
+
+
+def test_a_device_is_checked_before_any_work(tiny_model_dir, tiny_dataset, tmp_path, capsys, monkeypatch):
+    """--device cuda where there is none (or a device that does not exist) is one line, before any retrain."""
+    import pytest
+
+    from abu_explorer import cli
+    from abu_explorer.machine import use_device
+    from abu_explorer.model.embedded import Explorer
+
+    tiny_explorer = Explorer.load(_model_on_a_folder(tiny_model_dir, tiny_dataset, tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        use_device("cuda")
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        use_device("tpu")
+    assert use_device("cpu").type == "cpu"
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps(QUERIES))
+    capsys.readouterr()
+    code = cli.main(["evaluate", "counterfactual", "--queries", str(q), "--methods", "pixel", "--k", "3",
+                     "--device", "cuda", "--precomputed", str(tiny_explorer.root), "--results", str(tmp_path / "r"),
+                     "--assets", "", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no CUDA device" in err
+    assert not list((tmp_path / "r").rglob("result.json"))
+    # a CPU cell is filed under the CPU kind whatever the call's default was
+    recipe = tiny_recipes()[2]
+    query = ce.build_queries(tiny_explorer, QUERIES)[0]
+    r = counterfactual.run(tiny_explorer, query, "random", 2, tmp_path / "c", recipe, progress=False, device="cpu")
+    assert r["trained_on"]["kind"] == counterfactual.machine_kind("cpu")
+    assert (tmp_path / "c" / r["trained_on"]["kind"] / r["key"] / "result.json").exists()

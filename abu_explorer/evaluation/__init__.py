@@ -1,1 +1,1 @@
-"""Evaluations of attribution methods: leave-K-out remove-and-regenerate (``counterfactual``, one cell; ``counterfactual_table``, the table), its offload path to another machine, and the CLI commands."""
+"""Evaluations of attribution methods: leave-K-out remove-and-regenerate (``counterfactual``, one cell; ``counterfactual_table``, the table), its Ray runner for many machines (``ray_cells``), LDS, the box and customized-model benchmarks, and the CLI commands."""

@@ -1,9 +1,8 @@
 """The evaluation commands: ``counterfactual`` (one leave-K-out cell), ``evaluate counterfactual`` (the table,
-resumable), ``evaluate lds``, ``evaluate boxes`` (two-concept box queries), ``evaluate customized`` (customized models) and ``offload export|retrain|import`` (the retrains on another machine)."""
+resumable), ``evaluate lds``, ``evaluate boxes`` (two-concept box queries) and ``evaluate customized`` (customized models). Retrains on other machines (GPUs, a cluster) run as Ray tasks
+(``evaluate counterfactual --ray``)."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 from abu_explorer.cli_options import add_precomputed
@@ -52,36 +51,6 @@ def cmd_customized(args) -> int:
     return customized_report.main(args)
 
 
-def cmd_offload(args) -> int:
-    if args.step == "retrain":  # needs torch + diffusers only: no Explorer here
-        from abu_explorer.evaluation import offload_retrain
-
-        n = offload_retrain.retrain(Path(args.bundle), Path(args.lines), args.device, args.workers, args.threads,
-                                    args.deadline_min * 60 if args.deadline_min else None, stack=args.stack)
-        print(f"{n} cells retrained -> {args.lines}")
-        return 0
-    from abu_explorer.evaluation import counterfactual_table, offload
-    from abu_explorer.model import Explorer
-    from abu_explorer.training import train
-
-    exp = Explorer.load(args.precomputed)
-    if args.step == "export":
-        recipe = dataclasses.replace(train.UNET_RECIPE, epochs=args.epochs) if args.epochs else train.UNET_RECIPE
-        doc = offload.export(exp, counterfactual_table.load_queries(Path(args.queries)), _csv(args.methods),
-                             [int(k) for k in args.k.split(",")], args.draws, Path(args.bundle), recipe,
-                             full=not args.no_full)
-        print(f"{len(doc['cells'])} cells -> {args.bundle}/plan.json")
-        return 0
-    rep = offload.import_results(exp, Path(args.bundle), Path(args.lines), Path(args.results),
-                                 Path(args.report) if args.report else None)
-    print(json.dumps({k: v for k, v in rep.items() if k != "skipped_existing"}, indent=1))
-    return 0
-
-
-def _csv(text: str) -> list[str]:
-    return [m.strip() for m in text.split(",") if m.strip()]
-
-
 def add_commands(sub, default_model: str) -> None:
     from abu_explorer.attribution import names
 
@@ -111,6 +80,8 @@ def add_commands(sub, default_model: str) -> None:
     e.add_argument("--max-cells", type=int, default=None, help="stop after this many new retrains")
     e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); with Ray, the "
                    "threads (and CPUs reserved) per task")
+    e.add_argument("--device", default="cpu", help="where each UNet retrains: cpu, or cuda (with --ray: each task "
+                   "holds one GPU of a worker; the K = 0 floor retrains where this command runs, or pass --no-floor)")
     e.add_argument("--ray", action="store_true", help="run the missing cells as tasks on a local Ray instance")
     e.add_argument("--ray-address", default="", help="run them on a running Ray cluster instead (e.g. "
                    "ray://head:10001 or auto); its workers need this package and --precomputed's folder")
@@ -178,26 +149,3 @@ def add_commands(sub, default_model: str) -> None:
     cz.add_argument("--quiet", action="store_true")
     add_precomputed(cz, default_model)
     cz.set_defaults(func=cmd_customized)
-
-    o = sub.add_parser("offload", help="leave-K-out retrains on another machine: export here, retrain there "
-                       "(e.g. --device cuda), import here")
-    o.add_argument("step", choices=["export", "retrain", "import"])
-    o.add_argument("--bundle", default="runs/offload", help="folder of plan.json + bundle.safetensors")
-    o.add_argument("--lines", default="runs/offload/cells.jsonl", help="the retrains' JSON lines")
-    o.add_argument("--queries", default="evaluation/counterfactual_queries.json")
-    o.add_argument("--methods", default=all_methods)
-    o.add_argument("--k", default="17", help="comma-separated K values; the first runs first")
-    o.add_argument("--draws", type=int, default=2, help="random draws per query and K")
-    o.add_argument("--no-full", action="store_true", help="export: skip the K = 0 retrain (the floor)")
-    o.add_argument("--epochs", type=int, default=0, help="export: override the recipe's epochs (smoke tests; "
-                   "such results get other keys)")
-    o.add_argument("--device", default="cpu")
-    o.add_argument("--workers", type=int, default=1, help="retrain: parallel processes")
-    o.add_argument("--threads", type=int, default=1, help="retrain: torch threads per process")
-    o.add_argument("--stack", type=int, default=1, help="retrain: train up to this many cells of equal K in "
-                   "lockstep in one process (one batched model; for a GPU)")
-    o.add_argument("--deadline-min", type=float, default=0, help="retrain: stop after this many minutes")
-    o.add_argument("--results", default="results/counterfactual")
-    o.add_argument("--report", default="", help="import: save the import report (JSON) here")
-    add_precomputed(o, default_model)
-    o.set_defaults(func=cmd_offload)

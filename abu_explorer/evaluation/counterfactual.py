@@ -106,12 +106,13 @@ def find_result(results_dir: Path, key: str) -> Path | None:
 
 def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE,
         draw: int = 0, progress: bool = True, on_epoch=None, lock=None, ranker=None,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, device: str = "cpu") -> dict:
     """One remove-and-regenerate request on this machine; resumable (epoch checkpoints) and cached by its key.
 
     ``on_epoch(epoch, total, log)`` follows the retraining (it may raise to cancel: the checkpoint stays and
     a later call resumes); ``lock`` guards every use of the shared UNet (attribution and measuring);
-    ``threads``: retrain in a child process with that many torch threads (the app's retrains: one core)."""
+    ``threads``: retrain in a child process with that many torch threads (the app's retrains: one core);
+    ``device``: where the UNet retrains ("cuda" on a GPU worker); ranking, measuring and sampling stay here."""
     from abu_explorer.attribution import spec
     from abu_explorer.model.embedded import Explorer
 
@@ -122,7 +123,7 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
         ranker = ranker or spec(method).load(explorer)
     settings = removal_settings(explorer, method, ranker)
     key = request_key(explorer, query, method, k, draw, recipe, settings)
-    out = result_dir(results_dir, key)
+    out = result_dir(results_dir, key, machine_kind(device))  # filed under the kind of machine that retrains
     if (out / "result.json").exists():
         return artifacts.load_json(out / "result.json")
     # 1. what to remove
@@ -130,14 +131,14 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
         removed = removal(explorer, query, method, k, draw, ranker)
     # 2. retrain the UNet from scratch without them (same recipe, same seed)
     unet, log = retrain(explorer, set(removed), recipe, out / "ckpt", progress,
-                        (lambda e, lg: on_epoch(e, recipe.epochs, lg)) if on_epoch else None, threads)
+                        (lambda e, lg: on_epoch(e, recipe.epochs, lg)) if on_epoch else None, threads, device)
     # 3. regenerate with the same noise, prompt and sampler; measure
     context = explorer.encode_text([query.prompt])
     with lock:
         loss0 = query_loss(explorer.unet, explorer.scheduler, query.latent, context, query.mask)
     loss1 = query_loss(unet, explorer.scheduler, query.latent, context, query.mask)
     result = record(explorer, key, query, method, k, draw, removed, loss0, loss1, log["seconds"], recipe,
-                    machine(threads))
+                    machine(threads, device))
     result["removal_settings"] = settings
     src = query.source
     if src.get("type") == "generated":
@@ -155,13 +156,16 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
 
 
 def retrain(explorer, exclude: set[int], recipe: train.StageConfig, ckpt_dir: Path, progress: bool = True,
-            on_epoch_end=None, threads: int | None = None):
-    """The UNet retrained from scratch without ``exclude`` (same recipe, same seed); (unet, training log).
+            on_epoch_end=None, threads: int | None = None, device: str = "cpu"):
+    """The UNet retrained from scratch without ``exclude`` (same recipe, same seed); (unet on the CPU, training log).
 
     ``threads``: train in a child process with that many torch threads (``training.isolated``); the
-    arithmetic is that of a run in a process with that thread count."""
+    arithmetic is that of a run in a process with that thread count. ``device``: train there (a GPU)."""
+    from abu_explorer.machine import use_device
+
+    dev = use_device(device)
     cache = explorer.training_cache()
-    if threads:
+    if threads and dev.type == "cpu":
         from abu_explorer.training import isolated
 
         state, log = isolated.train_unet(dict(explorer.unet.config), explorer.scheduler_config, cache.latents,
@@ -174,22 +178,22 @@ def retrain(explorer, exclude: set[int], recipe: train.StageConfig, ckpt_dir: Pa
         return unet, log
     with components.seeded_global_rng(recipe.seed):  # the initial weights, as the shipped UNet's
         unet = components.build_unet(dict(explorer.unet.config))
-    log = train.train_unet(unet, explorer.scheduler, cache.latents, cache.text_states, cache.null_state, recipe,
-                           exclude=exclude, run_dir=ckpt_dir, progress=progress, on_epoch_end=on_epoch_end)
-    unet.eval()
+    log = train.train_unet(unet.to(dev), explorer.scheduler, cache.latents, cache.text_states, cache.null_state,
+                           recipe, exclude=exclude, run_dir=ckpt_dir, progress=progress, on_epoch_end=on_epoch_end)
+    unet.to("cpu").eval()
     return unet, log
 
 
 def floor(explorer, queries: list, results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE,
-          progress: bool = True) -> dict:
+          progress: bool = True, device: str = "cpu") -> dict:
     """The K = 0 cell of this machine: the recipe retrained on every row, and each query's dL under it.
 
     That dL is what the arithmetic alone gives: exactly 0 on the machine kind that trained the shipped
     weights, and the floor under every other cell of a table made elsewhere. One retrain serves every query;
     its weights stay beside the result (``unet.safetensors``, not committed), so that a query added later is
-    measured without another retrain."""
+    measured without another retrain. ``device``: retrain there (its table's machine kind)."""
     key = request_key(explorer, None, FULL, 0, 0, recipe, {})
-    out = result_dir(results_dir, key)
+    out = result_dir(results_dir, key, machine_kind(device))
     doc = artifacts.load_json(out / "result.json") if (out / "result.json").exists() else None
     ids = [json.dumps(q.describe(), sort_keys=True) for q in queries]
     if doc is not None and all(i in doc["queries"] for i in ids):
@@ -202,10 +206,10 @@ def floor(explorer, queries: list, results_dir: Path, recipe: train.StageConfig 
         unet.eval()
         seconds = doc["train_seconds"] if doc else None
     else:
-        unet, log = retrain(explorer, set(), recipe, out / "ckpt", progress)
+        unet, log = retrain(explorer, set(), recipe, out / "ckpt", progress, device=device)
         artifacts.save_safetensors(weights, unet.state_dict())
         seconds = log["seconds"]
-    doc = doc or {"key": key, "method": FULL, "k": 0, "recipe": recipe.to_dict(), "trained_on": machine(),
+    doc = doc or {"key": key, "method": FULL, "k": 0, "recipe": recipe.to_dict(), "trained_on": machine(None, device),
                   "train_seconds": seconds, "queries": {}}
     with torch.no_grad():
         same = all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), explorer.unet.state_dict().values()))

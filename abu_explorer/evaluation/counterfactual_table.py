@@ -21,6 +21,7 @@ import torch
 from abu_explorer import artifacts
 from abu_explorer.evaluation import counterfactual
 from abu_explorer.training import train
+from abu_explorer.machine import kind as machine_kind
 
 METRICS = ("delta_loss", "delta_g_mse", "delta_g_clip")
 LABELS = {"delta_loss": "dL x1e-3 (higher = more forgotten)", "delta_g_mse": "dG-MSE x1e-3 (higher = more changed)",
@@ -256,11 +257,13 @@ def slug(text: str) -> str:
 
 def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int, results_dir: Path,
         assets_dir: Path | None, progress: bool = True, max_cells: int | None = None,
-        recipe: train.StageConfig = train.UNET_RECIPE, with_floor: bool = True, ray: dict | None = None) -> dict:
+        recipe: train.StageConfig = train.UNET_RECIPE, with_floor: bool = True, ray: dict | None = None,
+        device: str = "cpu") -> dict:
     """Run (or read from the cache) every cell on this machine; ``max_cells`` bounds the retrains of this call.
     The table holds this machine kind's cells only; ``with_floor`` adds its K = 0 retrain first. ``ray``
     ({"address", "threads"}): the missing cells run as Ray tasks instead (``ray_cells``), and the table reads
-    them from the kind of machine that trained them."""
+    them from the kind of machine that trained them. ``device``: where each UNet retrains (with Ray: on the
+    workers, each task holding one GPU)."""
     from abu_explorer.attribution import spec
 
     rankers = {m: spec(m).load(explorer) for m in methods if m != "random"}  # unknown names fail here
@@ -273,9 +276,9 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
     cells = plan(len(queries), methods, ks, draws)
     keys = [counterfactual.request_key(explorer, built[c.query], c.method, c.k, c.draw, recipe, settings[c.method])
             for c in cells]
-    floor = counterfactual.floor(explorer, built, results_dir, recipe, progress) if with_floor else None
+    floor = counterfactual.floor(explorer, built, results_dir, recipe, progress, device) if with_floor else None
     if ray is not None:
-        _run_on_ray(explorer, queries, cells, keys, results_dir, recipe, max_cells, ray, progress)
+        _run_on_ray(explorer, queries, cells, keys, results_dir, recipe, max_cells, {**ray, "device": device}, progress)
     results, done_now = [], 0
     for i, (cell, key) in enumerate(zip(cells, keys)):
         if ray is not None:
@@ -283,7 +286,7 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
             if found is not None:
                 results.append({**artifacts.load_json(found / "result.json"), "query_index": cell.query})
             continue
-        cached = (counterfactual.result_dir(results_dir, key) / "result.json").exists()
+        cached = (counterfactual.result_dir(results_dir, key, machine_kind(device)) / "result.json").exists()
         if not cached and max_cells is not None and done_now >= max_cells:
             continue
         if not cached:
@@ -291,14 +294,15 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
                   f"draw {cell.draw}: retraining", flush=True)
             t0 = time.perf_counter()
         r = counterfactual.run(explorer, built[cell.query], cell.method, cell.k, results_dir, recipe=recipe,
-                               draw=cell.draw, progress=progress, ranker=rankers.get(cell.method))
+                               draw=cell.draw, progress=progress, ranker=rankers.get(cell.method), device=device)
         if not cached:
             done_now += 1
             print(f"  {counterfactual.show(r).splitlines()[0]} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
         results.append({**r, "query_index": cell.query})
         if assets_dir is not None and not cached:
-            write_report(explorer, queries, methods, results, results_dir, assets_dir, floor)
-    report = write_report(explorer, queries, methods, results, results_dir, assets_dir, floor) if assets_dir else None
+            write_report(explorer, queries, methods, results, results_dir, assets_dir, floor, device)
+    report = write_report(explorer, queries, methods, results, results_dir, assets_dir, floor, device) \
+        if assets_dir else None
     return {"cells": len(cells), "done": len(results), "report": report, "floor": floor}
 
 
@@ -310,15 +314,21 @@ def _run_on_ray(explorer, queries, cells, keys, results_dir: Path, recipe, max_c
     todo = todo[:max_cells] if max_cells is not None else todo
     threads = int(ray.get("threads") or 1)
     tasks = [ray_cells.CellTask(str(Path(explorer.root).resolve()), queries[c.query], c.method, c.k, c.draw,
-                                recipe.to_dict(), str(Path(ray.get("scratch") or results_dir).resolve()), threads, key)
+                                recipe.to_dict(), str(Path(ray.get("scratch") or results_dir).resolve()), threads, key,
+                                ray.get("device", "cpu"))
              for c, key in todo]
     ray_cells.run_cells(tasks, results_dir, ray.get("address"), ray.get("num_cpus"), progress)
 
 
 def write_report(explorer, queries, methods, results, results_dir: Path, assets_dir: Path,
-                 floor: dict | None = None) -> dict:
-    """Summary JSON + markdown table + plot + one regeneration strip per query (first draw, first K)."""
-    from abu_explorer.machine import kind
+                 floor: dict | None = None, device: str = "cpu") -> dict:
+    """Summary JSON + markdown table + plot + one regeneration strip per query (first draw, first K), of the
+    machine kind that retrains on ``device``."""
+    from functools import partial
+
+    from abu_explorer.machine import kind as machine_kind
+
+    kind = partial(machine_kind, device)
 
     n = len(explorer.dataset)
     assets_dir = Path(assets_dir)
@@ -367,8 +377,11 @@ def parse_ks(text: str, n: int) -> list[int]:
 
 
 def main(args) -> int:
+    from abu_explorer.machine import use_device
     from abu_explorer.model.embedded import Explorer
 
+    if not (args.ray or args.ray_address):
+        use_device(args.device)  # a missing GPU is one line before anything loads (Ray workers check their own)
     if args.threads:
         torch.set_num_threads(args.threads)
     exp = Explorer.load(args.precomputed)
@@ -378,7 +391,8 @@ def main(args) -> int:
     ray = {"address": args.ray_address or None, "threads": args.threads or 1, "scratch": args.ray_scratch or None} \
         if (args.ray or args.ray_address) else None
     out = run(exp, queries, methods, ks, args.draws, Path(args.results), Path(args.assets) if args.assets else None,
-              progress=not args.quiet, max_cells=args.max_cells, with_floor=not args.no_floor, ray=ray)
+              progress=not args.quiet, max_cells=args.max_cells, with_floor=not args.no_floor, ray=ray,
+              device=args.device)
     if out["report"]:
         print(table(out["report"], len(exp.dataset)))
     print(f"{out['done']}/{out['cells']} cells done")

@@ -1,7 +1,9 @@
 """Leave-K-out cells as Ray tasks: many retrains at once, on this machine or on a cluster.
 
 ``ray.init()`` starts a local Ray instance (one task per ``threads`` CPUs); ``--ray-address`` joins a running
-cluster instead (CPU or GPU machines; on SLURM, start Ray on the allocation first). Each cell is one task:
+cluster instead (CPU or GPU machines; on SLURM, start Ray on the allocation first). With ``--device cuda`` each
+task also asks Ray for one GPU and retrains the UNet on it (full fp32, deterministic kernels), so a GPU machine
+takes part by joining the cluster as a worker. Each cell is one task:
 
 1. the worker loads the model from ``precomputed`` (a path every worker can read) and builds the query;
 2. it runs ``counterfactual.run`` into ``scratch`` (resumable: its epoch checkpoints live there, so a task
@@ -33,6 +35,7 @@ class CellTask:
     scratch: str  # where the worker runs the cell (its checkpoints); the results folder when shared
     threads: int = 1
     key: str = ""  # the driver's key for this cell, checked by the driver
+    device: str = "cpu"  # "cuda": the task asks Ray for a GPU and retrains the UNet there
 
 
 def run_cell(task: CellTask) -> dict:
@@ -49,7 +52,7 @@ def run_cell(task: CellTask) -> dict:
     query = build_queries(explorer, [task.query])[0]
     recipe = train.StageConfig(**task.recipe)
     result = counterfactual.run(explorer, query, task.method, task.k, Path(task.scratch), recipe=recipe,
-                                draw=task.draw, progress=False)
+                                draw=task.draw, progress=False, device=task.device)
     kind = result["trained_on"]["kind"]
     folder = counterfactual.result_dir(Path(task.scratch), result["key"], kind)
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
@@ -87,7 +90,8 @@ def run_cells(tasks: list[CellTask], results_dir: Path, address: str | None = No
                  runtime_env=None if address else env, logging_level="ERROR", log_to_driver=False)
     try:
         remote = ray.remote(run_cell)
-        pending = {remote.options(num_cpus=t.threads, max_retries=2).remote(t): t for t in tasks}
+        pending = {remote.options(num_cpus=t.threads, num_gpus=1 if t.device.startswith("cuda") else 0,
+                                  max_retries=2).remote(t): t for t in tasks}
         done = []
         with tqdm(total=len(pending), desc="leave-K-out cells (Ray)", disable=not progress) as bar:
             while pending:

@@ -1,1 +1,1 @@
-"""Training the embedded model: the recipe and loop (``train``), stacked leave-K-out retrains (``stacked``), building the shipped folders (``build``), resumable checkpoints."""
+"""Training the embedded model: the recipe and loop (``train``), Custom Diffusion fine-tunes (``custom_diffusion``), building the shipped folders (``build``), resumable checkpoints."""

@@ -263,7 +263,7 @@ def unet_step_draws(step: int, batch_size: int, latent_shape, flips: bool, num_t
     """The random draws of UNet training step ``step``, from its own seeded CPU generator, in this order:
     flip side per row (None without flips), timestep per row, noise (batch, *latent_shape), caption dropout
     per row. They depend on the step alone, never on which rows are in the batch, so every leave-K-out
-    retrain (and ``train_stacked``) sees the same draws."""
+    retrain sees the same draws."""
     g = _gen(cfg.seed, 4, step)
     side = torch.randint(0, 2, (batch_size,), generator=g) if flips else None
     t = torch.randint(0, num_train_timesteps, (batch_size,), generator=g)
