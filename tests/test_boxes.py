@@ -43,7 +43,8 @@ def test_statistics_by_hand():
     assert boxes.clopper_pearson(0, 10)[0] == 0 and abs(boxes.clopper_pearson(0, 10)[1] - 0.3085) < 1e-3
     assert boxes.mcnemar_p(0, 5) == pytest.approx(2 / 32) and boxes.mcnemar_p(3, 3) == 1.0
     scores = np.array([0.1, 0.9, 0.5, 0.9])
-    assert boxes.box_result(scores, 2, 0) == {"own_wins": True, "own_rank": 3, "other_rank": 4}
+    assert boxes.box_result(scores, 2, 0) == {"own_wins": True, "own_rank": 3, "other_rank": 4, "own_score": 0.5,
+                                              "other_score": 0.1}
     assert boxes.box_result(scores, 1, 3)["own_wins"] is False  # a tie is not a win
 
 
@@ -62,7 +63,7 @@ def test_run_resumes_and_the_command_writes_its_report(tiny_explorer, tmp_path, 
     import abu_explorer.model as model
 
     monkeypatch.setattr(model, "load", lambda _: tiny_explorer)
-    args = argparse.Namespace(threads=0, layouts="halves,pasted", methods="pixel,random", mode="exact", pairs=2,
+    args = argparse.Namespace(threads=0, layouts="halves,pasted", methods="pixel,random", mode="exact", pairs=2, options="",
                               precomputed="unused", results=str(tmp_path / "r"), assets=str(tmp_path / "a"), quiet=True)
     assert boxes_report.main(args) == 0
     out = capsys.readouterr().out
@@ -96,3 +97,31 @@ def test_generated_pairs_count_prompts_drawn_with_both_parts(tiny_explorer, tmp_
     s = gp.summarize(made)
     assert (s["clip"]["both"], s["clip"]["at_least_one"]) == (1, 2)
     assert (s["pixel"]["both"], s["pixel"]["at_least_one"]) == (1, 1)
+
+
+def test_abu_box_contrast_is_the_box_minus_the_rest(tiny_app):
+    """Exact AbU with box_contrast on a halves composite: tau(box A) - tau(box B), bit for bit (the rest of a
+    half is the other half), and the contrast computed from a plain run's stored scores agrees with it."""
+    import torch
+
+    from abu_explorer.attribution import query as q
+    from abu_explorer.attribution import spec
+
+    exp = tiny_app.explorer
+    (a, b), = boxes.choose_pairs(exp, 1)
+    img, parts = boxes.composite(exp.dataset, a, b, "halves")
+    caption = boxes.caption(exp.dataset, a, b)
+    plain = spec("abu").load(exp)
+    contrast = spec("abu").load(exp, box_contrast=True)
+    qa, qb = (q.from_image(exp, img, caption, box) for box, _, _ in parts)
+    ta, tb = plain.score(qa, "exact").scores, plain.score(qb, "exact").scores
+    ca = contrast.score(qa, "exact")
+    assert torch.equal(ca.scores, ta - tb) and "box contrast" in ca.notes
+    assert "box_contrast" not in plain.settings()["config"]  # off: earlier results keep their keys
+    assert contrast.settings()["config"]["box_contrast"] is True
+    whole = q.from_image(exp, img, caption, (0, 0, exp.image_size, exp.image_size))
+    assert torch.equal(contrast.score(whole, "exact").scores, plain.score(whole, "exact").scores)  # nothing outside
+    rows = [{"layout": "halves", "pair": [a, b], "own": own, "other": other,
+             **boxes.box_result(s.numpy(), own, other)} for (_, own, other), s in zip(parts, (ta, tb))]
+    derived, = boxes.halves_contrast(rows)
+    assert derived["own_wins"] == bool(ca.scores[a] > ca.scores[b])

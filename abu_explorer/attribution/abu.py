@@ -19,6 +19,11 @@ cross-attention key/value weights, then measure how much each training image's l
 # row's text states). It needs no UNet pass and no stored features; the top-M rows are then rescored
 # exactly with theta_hat. (A first-order screen g_z . dtheta failed here: at the tuned alpha the step is
 # far from linear, Spearman(first-order, exact) ~ 0.1; see docs/methods.md.)
+#
+# Box contrast (ours, ``box_contrast``): a box query is unlearned twice, once with the loss inside the box and
+# once with the loss outside it, and a row scores tau_box - tau_rest. Both steps share the caption, so what the
+# caption alone drives (on the embedded model: the first-named concept) cancels, and what remains is what the
+# box's pixels add. Twice the cost of a plain box query.
 """
 from __future__ import annotations
 
@@ -129,36 +134,52 @@ class AbU:
     def screen(self, delta: torch.Tensor) -> torch.Tensor:
         return self.cache.per_image(value_shift(self.selected, delta, self.cache.text_states, self.cfg.selection))
 
+    def contrast_query(self, query):
+        """The query with its loss measured outside the box (None: no box, contrast off, or a box covering all)."""
+        from abu_explorer.attribution.query import Query
+
+        if not self.cfg.box_contrast or query.mask is None or float((1 - query.mask).sum()) <= 0:
+            return None
+        return Query(query.latent, query.prompt, query.source, query.image_size, query.box, 1 - query.mask)
+
     def score(self, query, mode: str = "fast", progress=None) -> Ranking:
         if mode not in ("fast", "exact"):
             raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
         phases = {}
         t0 = time.perf_counter()
-        # 1. unlearn the query
+        # 1. unlearn the query (and, for a box contrast, the rest of the image)
         delta = self.unlearn(query)
+        rest = self.contrast_query(query)
+        rest_delta = None if rest is None else self.unlearn(rest)
         phases["unlearn"] = time.perf_counter() - t0
+        note = "box contrast: loss change after unlearning the box minus after unlearning the rest; " if rest else ""
+
+        def measure(rows):
+            out = self.rescore(delta, rows, progress)
+            return out if rest_delta is None else out - self.rescore(rest_delta, rows)
+
         n = self.cache.num_images
         if mode == "exact":
             # 2. re-measure every training image at the fixed timesteps and noise
             t1 = time.perf_counter()
-            scores = self.rescore(delta, torch.arange(n), progress)
+            scores = measure(torch.arange(n))
             phases["scan"] = time.perf_counter() - t1
-            return Ranking(self.name, scores, time.perf_counter() - t0, "exact", phases)
+            return Ranking(self.name, scores, time.perf_counter() - t0, "exact", phases, notes=note.rstrip("; "))
         # 2. screen all rows by the value shift of their captions
         t1 = time.perf_counter()
-        predicted = self.last_screen = self.screen(delta)
+        predicted = self.last_screen = self.screen(delta) - (0 if rest_delta is None else self.screen(rest_delta))
         phases["screen"] = time.perf_counter() - t1
         # 3. rescore the top-M exactly; the rest are ranked below them in screen order
         t2 = time.perf_counter()
         m = min(self.cfg.screen_candidates, n)
         rows = torch.sort(-predicted, stable=True).indices[:m]
-        exact = self.rescore(delta, rows, progress)
+        exact = measure(rows)
         phases["rescore"] = time.perf_counter() - t2
         scores = fill_below(n, rows, exact, predicted)
         return Ranking(self.name, scores, time.perf_counter() - t0, "fast", phases, exact_rows=rows,
-                       notes=f"all {n} rows rescored exactly (fewer rows than screen candidates)" if m >= n else
-                             f"the {m} of {n} rows with the largest value shift rescored exactly; "
-                             f"the others are ranked below them by the screen (their scores are placeholders)")
+                       notes=note + (f"all {n} rows rescored exactly (fewer rows than screen candidates)" if m >= n else
+                                     f"the {m} of {n} rows with the largest value shift rescored exactly; "
+                                     "the others are ranked below them by the screen (their scores are placeholders)"))
 
 
 def value_shift(selected: dict, delta: torch.Tensor, states: torch.Tensor, selection: str,

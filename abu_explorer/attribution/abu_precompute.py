@@ -40,6 +40,7 @@ class AbUConfig:
     unlearn_seed: int = 0
     screen_candidates: int = 200  # M rows rescored exactly in fast mode
     batch_size: int = 256
+    box_contrast: bool = False  # box queries: tau(box) - tau(the rest of the image), see abu.py
 
     def __post_init__(self):
         from abu_explorer.attribution.params import SELECTIONS

@@ -10,8 +10,11 @@ from abu_explorer import artifacts
 
 # settings that change how the work is cut, not the ranking
 NEUTRAL = frozenset({"batch_size"})
+# options added after results were filed: in the key only when switched on, so those results keep their keys
+WHEN_ON = {"box_contrast": False}
 
 
 def method_settings(cfg, folder: Path | None) -> dict:
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NEUTRAL}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in NEUTRAL and not (k in WHEN_ON and v == WHEN_ON[k])}
     return {"config": config, "tables": artifacts.folder_hash(folder) if folder else ""}

@@ -110,14 +110,15 @@ def key_of(doc: dict) -> str:
 
 
 def run_method(explorer, name: str, pairs: list[tuple[int, int]], layouts: list[str], mode: str, folder: Path,
-               progress: bool = True) -> list[dict]:
-    """Every box of every composite ranked by one method; cached box by box under the method's settings."""
+               progress: bool = True, options: dict | None = None) -> list[dict]:
+    """Every box of every composite ranked by one method (loaded with ``options``); cached box by box under the
+    method's settings."""
     from tqdm.auto import tqdm
 
     from abu_explorer.attribution import query as q
     from abu_explorer.attribution import spec
 
-    ranker = spec(name).load(explorer)
+    ranker = spec(name).load(explorer, **(options or {}))
     mode = mode if mode in spec(name).modes else ""
     settings = {"method": name, "mode": mode, **ranker.settings(), "model": explorer.provenance()}
     path = folder / f"{name}-{key_of(settings)}.json"
@@ -148,3 +149,22 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     from abu_explorer.evaluation.lds import spearman as rank_corr
 
     return rank_corr(np.asarray(x, float), np.asarray(y, float))
+
+
+def halves_contrast(rows: list[dict]) -> list[dict]:
+    """AbU's box contrast on the halves layout, from a plain run's exact scores: the rest of a half is exactly
+    the other half (complementary masks), so contrast_A(X) = tau_A(X) - tau_B(X), and box A's own source wins iff
+    tau_A(A) - tau_B(A) > tau_A(B) - tau_B(B); box B's contrast is its negative and wins under the same condition.
+    One entry per composite whose two boxes both carry scores."""
+    by_pair = {}
+    for r in rows:
+        if r["layout"] == "halves" and "own_score" in r:
+            by_pair.setdefault(tuple(r["pair"]), {})[r["own"]] = r
+    out = []
+    for (a, b), boxes_ in by_pair.items():
+        if a in boxes_ and b in boxes_:
+            box_a, box_b = boxes_[a], boxes_[b]
+            margin = (box_a["own_score"] - box_b["other_score"]) - (box_a["other_score"] - box_b["own_score"])
+            out.append({"pair": [a, b], "own_wins": bool(margin > 0), "margin": margin,
+                        "plain_wins": [box_a["own_wins"], box_b["own_wins"]]})
+    return out

@@ -1,6 +1,7 @@
 """The two-concept box benchmark's table, plot and command (``boxes.py`` has the protocol)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,29 @@ def plot(summary: dict, path: Path, labels: dict[str, str], title: str) -> None:
     plt.close(fig)
 
 
+def contrast_notes(summary: dict, per_method: dict, labels: dict) -> str:
+    """For AbU and AbU+: the box contrast on the halves layout, derived from the plain run's exact scores
+    (``boxes.halves_contrast``), beside the plain boxes of the same composites (an exact McNemar test on the
+    composites where the two disagree; a composite's two plain boxes count as one win when both win)."""
+    lines = []
+    for name in ("abu", "abuplus"):
+        derived = boxes.halves_contrast(per_method.get(name, []))
+        if not derived:
+            continue
+        n, wins = len(derived), sum(d["own_wins"] for d in derived)
+        plain = sum(all(d["plain_wins"]) for d in derived)
+        only_c = sum(d["own_wins"] and not all(d["plain_wins"]) for d in derived)
+        only_p = sum(all(d["plain_wins"]) and not d["own_wins"] for d in derived)
+        lo, hi = clopper_pearson(wins, n)
+        summary["methods"][name]["halves_contrast"] = {
+            "composites": n, "own_wins": wins, "share": wins / n, "ci95": [lo, hi], "plain_both_win": plain,
+            "mcnemar_p": mcnemar_p(only_c, only_p)}
+        lines.append(f"{labels.get(name, name)}, halves, box contrast (tau_box - tau_rest): both boxes' own source "
+                     f"wins in {wins}/{n} composites = {wins / n:.2f} [{lo:.2f}, {hi:.2f}]; plain boxes: both win in "
+                     f"{plain}/{n} (McNemar p = {mcnemar_p(only_c, only_p):.3f})")
+    return "\n".join(lines)
+
+
 def main(args) -> int:
     import torch
 
@@ -125,15 +149,24 @@ def main(args) -> int:
     if not (folder / "protocol.json").exists():
         artifacts.save_json(folder / "protocol.json", {**doc, "pairs_chosen": boxes.choose_pairs(exp, args.pairs)})
     pairs = [tuple(p) for p in artifacts.load_json(folder / "protocol.json")["pairs_chosen"]]
-    per_method = {m: boxes.run_method(exp, m, pairs, layouts, args.mode, folder, not args.quiet) for m in methods}
+    options = json.loads(args.options) if args.options else {}
+    if not isinstance(options, dict) or set(options) - set(methods):
+        raise ValueError("--options takes a JSON object keyed by method names of --methods, e.g. "
+                         "'{\"abu\": {\"box_contrast\": true}}'")
+    per_method = {m: boxes.run_method(exp, m, pairs, layouts, args.mode, folder, not args.quiet, options.get(m))
+                  for m in methods}
     summary = summarize(per_method, layouts, len(exp.dataset))
     print(table(summary, labels))
+    notes = contrast_notes(summary, per_method, labels)
+    if notes:
+        print(notes)
     summary.update({"machine_kind": kind(), "mode": args.mode, "pairs": len(pairs), "layouts": layouts})
     if args.assets:
         out = Path(args.assets)
         stem = "boxes" if args.mode == "exact" else "boxes_fast"
         artifacts.save_json(out / f"{stem}_summary.json", summary)
-        artifacts.save_text(out / f"{stem}_table.md", table(summary, labels) + f"\n\n{len(pairs)} pairs x "
+        artifacts.save_text(out / f"{stem}_table.md", table(summary, labels) + (f"\n\n{notes}" if notes else "")
+                            + f"\n\n{len(pairs)} pairs x "
                             f"{len(layouts)} layouts x 2 boxes, {args.mode} mode where a method has it, on {kind()}.\n")
         plot(summary, out / f"{stem}_plot.png", labels,
              f"{len(pairs)} pairs, {args.mode} mode, {kind()}: 95% Clopper-Pearson intervals")

@@ -114,6 +114,8 @@ def add_commands(sub, default_model: str) -> None:
 
     bx.add_argument("--methods", default=",".join(m.name for m in METHODS if not m.generated_only),
                     help="default: every method that takes uploads (not Journey-TRAK)")
+    bx.add_argument("--options", default="", help='method options as JSON, e.g. \'{"abu": {"box_contrast": true}}\' '
+                    "(results are filed under the method's settings)")
     bx.add_argument("--generated", type=int, default=0, help="instead: generate the first N pairs' \"A and B\" "
                     "prompts and count those drawn with both parts recognisable (assets/boxes_generated.*)")
     bx.add_argument("--mode", default="exact", help="exact (the benchmark) or fast (a quick look; filed apart)")

@@ -63,7 +63,7 @@ def sheet(images, rows: list[dict], path: Path, ds) -> None:
     from PIL import Image, ImageDraw
 
     cell, cols = 64, 4
-    height = 3 * cell + 14
+    height = cell + 14
     canvas = Image.new("RGB", (cols * (3 * cell + 8), ((len(rows) + cols - 1) // cols) * (height + 4)), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (img, r) in enumerate(zip(images, rows)):
