@@ -72,7 +72,9 @@ def test_customized_model_is_a_delta_on_the_base(tiny_app, tmp_path):
     stamp = (tmp_path / "a" / "t0" / customized.DELTA).stat().st_mtime_ns
     assert cz.model_for(base, _concept(base), tmp_path / "a", cfg).provenance() == prov
     assert (tmp_path / "a" / "t0" / customized.DELTA).stat().st_mtime_ns == stamp
-    other = cz.model_for(base, _concept(base), tmp_path / "a", CustomConfig(steps=5, batch_size=2))
+    with pytest.raises(artifacts.ArtifactError, match="another concept, base or recipe"):
+        cz.model_for(base, _concept(base), tmp_path / "a", CustomConfig(steps=5, batch_size=2))  # never overwritten
+    other = cz.model_for(base, _concept(base), tmp_path / "c", CustomConfig(steps=5, batch_size=2))
     assert other.provenance()["unet_hash"] != prov["unet_hash"]
     # it generates with its token, deterministically
     g1, g2 = m.generate(f"<new1> {_concept(base)['word']}", seed=0, steps=4), m.generate(

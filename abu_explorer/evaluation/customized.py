@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +87,8 @@ def model_for(base, concept: dict, work: Path, cfg: custom_diffusion.CustomConfi
         stored = artifacts.load_json(path)
         if {k: stored.get(k) for k in spec} == spec:
             return customized.CustomizedExplorer.load(folder, base=base)
-        shutil.rmtree(folder)  # another concept, base or recipe: rebuilt below, never reused
+        raise artifacts.ArtifactError(f"{folder} holds a customized model of another concept, base or recipe; "
+                                      "remove it (or choose another --work folder) to build this one")
     images = extras.render_extras(concept["codes"], data.DataConfig(**base.meta["dataset"]["config"]))
     fresh = customized.fresh_copy(base)
     log = custom_diffusion.finetune(fresh, data.dataset.to_tensor(images), concept["word"], cfg, progress)
@@ -119,7 +119,7 @@ def prepare_tables(custom, base, methods: list[str], progress: bool = False) -> 
                                eval_timesteps(cfg.num_timesteps, custom.scheduler.config.num_train_timesteps),
                                cfg.noise_seed, cfg.batch_size, progress=None, caption_image=cache.caption_image)
             artifacts.save_npy(folder / "base_losses.npy", table.numpy())
-            shutil.copyfile(Path(base.root) / "abu" / "fisher.safetensors", folder / "fisher.safetensors")
+            artifacts.save_bytes(folder / "fisher.safetensors", (Path(base.root) / "abu" / "fisher.safetensors").read_bytes())
             artifacts.save_json(folder / "meta.json", {**meta, "done": ["base_losses", "fisher"]})
     if {"if", "abuplus"} & set(methods):
         base_meta = artifacts.load_json(Path(base.root) / "if" / "meta.json", influence.HINT)
@@ -127,8 +127,7 @@ def prepare_tables(custom, base, methods: list[str], progress: bool = False) -> 
                 "factors_of": base.provenance()}
         folder = root / "if"
         if not (folder / "meta.json").exists() or artifacts.load_json(folder / "meta.json") != meta:
-            folder.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(base.root) / "if" / "factors.safetensors", folder / "factors.safetensors")
+            artifacts.save_bytes(folder / "factors.safetensors", (Path(base.root) / "if" / "factors.safetensors").read_bytes())
             artifacts.save_json(folder / "meta.json", meta)
     if "dtrak" in methods:
         base_meta = artifacts.load_json(Path(base.root) / "dtrak" / "meta.json", dtrak.HINT)
