@@ -119,7 +119,8 @@ def prepare_tables(custom, base, methods: list[str], progress: bool = False) -> 
                                eval_timesteps(cfg.num_timesteps, custom.scheduler.config.num_train_timesteps),
                                cfg.noise_seed, cfg.batch_size, progress=None, caption_image=cache.caption_image)
             artifacts.save_npy(folder / "base_losses.npy", table.numpy())
-            artifacts.save_bytes(folder / "fisher.safetensors", (Path(base.root) / "abu" / "fisher.safetensors").read_bytes())
+            fisher = (Path(base.root) / "abu" / "fisher.safetensors").read_bytes()
+            artifacts.save_bytes(folder / "fisher.safetensors", fisher)
             artifacts.save_json(folder / "meta.json", {**meta, "done": ["base_losses", "fisher"]})
     if {"if", "abuplus"} & set(methods):
         base_meta = artifacts.load_json(Path(base.root) / "if" / "meta.json", influence.HINT)
@@ -127,7 +128,8 @@ def prepare_tables(custom, base, methods: list[str], progress: bool = False) -> 
                 "factors_of": base.provenance()}
         folder = root / "if"
         if not (folder / "meta.json").exists() or artifacts.load_json(folder / "meta.json") != meta:
-            artifacts.save_bytes(folder / "factors.safetensors", (Path(base.root) / "if" / "factors.safetensors").read_bytes())
+            factors = (Path(base.root) / "if" / "factors.safetensors").read_bytes()
+            artifacts.save_bytes(folder / "factors.safetensors", factors)
             artifacts.save_json(folder / "meta.json", meta)
     if "dtrak" in methods:
         base_meta = artifacts.load_json(Path(base.root) / "dtrak" / "meta.json", dtrak.HINT)
