@@ -101,3 +101,29 @@ def test_a_device_is_checked_before_any_work(tiny_model_dir, tiny_dataset, tmp_p
     r = counterfactual.run(tiny_explorer, query, "random", 2, tmp_path / "c", recipe, progress=False, device="cpu")
     assert r["trained_on"]["kind"] == counterfactual.machine_kind("cpu")
     assert (tmp_path / "c" / r["trained_on"]["kind"] / r["key"] / "result.json").exists()
+
+
+def test_lds_subset_models_as_ray_tasks_equal_the_in_process_run(tiny_model_dir, tiny_dataset, tmp_path,
+                                                                  monkeypatch):
+    from abu_explorer.evaluation import lds_table
+    from abu_explorer.model.embedded import Explorer
+
+    exp = Explorer.load(_model_on_a_folder(tiny_model_dir, tiny_dataset, tmp_path))
+    queries = [{"prompt": exp.dataset.captions[i], "seed": i, "steps": 3} for i in (2, 9)]
+    recipe = tiny_recipes()[2]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' arithmetic
+    try:
+        here = lds_table.run(exp, queries, ["pixel"], 2, tmp_path / "here", None, recipe, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    ray_opts = {"threads": 1, "num_cpus": 2}
+    there = lds_table.run(exp, queries, ["pixel"], 2, tmp_path / "ray", None, recipe, progress=False, ray=ray_opts)
+    assert not ray.is_initialized() and here["subsets_done"] == there["subsets_done"] == 2
+    for j in range(2):
+        a, b = (json.loads(next((tmp_path / w).glob(f"*/*/subset_{j:03d}.json")).read_text()) for w in ("here", "ray"))
+        assert a["losses"] == b["losses"] and a["rows_sha256"] == b["rows_sha256"]
+    assert not list((tmp_path / "ray").glob("*/*/ckpt/subset_*"))
+    monkeypatch.setattr(ray_cells, "run_subset", lambda task: (_ for _ in ()).throw(AssertionError("ran again")))
+    assert lds_table.run(exp, queries, ["pixel"], 2, tmp_path / "ray", None, recipe, progress=False,
+                         ray=ray_opts)["subsets_done"] == 2

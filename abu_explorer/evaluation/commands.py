@@ -100,7 +100,15 @@ def add_commands(sub, default_model: str) -> None:
     lds_cmd.add_argument("--methods", default=all_methods)
     lds_cmd.add_argument("--subsets", type=int, default=24, help="M: subset models, each on half of N")
     lds_cmd.add_argument("--max-subsets", type=int, default=None, help="stop after this many new subset models")
-    lds_cmd.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    lds_cmd.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); with Ray, "
+                         "the threads (and CPUs reserved) per subset task")
+    lds_cmd.add_argument("--device", default="cpu", help="where each subset UNet trains: cpu, or cuda (with --ray: "
+                         "one GPU per task)")
+    lds_cmd.add_argument("--ray", action="store_true", help="train the missing subset models as tasks on a local "
+                         "Ray instance")
+    lds_cmd.add_argument("--ray-address", default="", help="on a running Ray cluster instead (e.g. auto)")
+    lds_cmd.add_argument("--ray-scratch", default="", help="where Ray workers train (default: --results; a shared "
+                         "folder on a cluster)")
     lds_cmd.add_argument("--results", default="results/lds")
     lds_cmd.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
     lds_cmd.add_argument("--quiet", action="store_true")

@@ -92,21 +92,23 @@ def query_latents(explorer, queries: list[dict]) -> list:
 
 
 def train_subset(explorer, j: int, built: list, folder: Path, recipe: train.StageConfig,
-                 progress: bool = True) -> dict:
-    """Subset model j (resumable from its epoch checkpoints) and each query's loss under it; written once."""
+                 progress: bool = True, device: str = "cpu") -> dict:
+    """Subset model j (resumable from its epoch checkpoints; the UNet trained on ``device``) and each query's loss
+    under it; written once."""
     path = folder / f"subset_{j:03d}.json"
     if path.exists():
         return artifacts.load_json(path)
     n = len(explorer.dataset)
     kept = subset_rows(j, n)
     exclude = set(range(n)) - set(kept)
-    unet, log = counterfactual.retrain(explorer, exclude, recipe, folder / "ckpt" / f"subset_{j:03d}", progress)
+    unet, log = counterfactual.retrain(explorer, exclude, recipe, folder / "ckpt" / f"subset_{j:03d}", progress,
+                                       device=device)
     losses = []
     for query in built:
         ctx = explorer.encode_text([query.prompt])
         losses.append(counterfactual.query_loss(unet, explorer.scheduler, query.latent, ctx, query.mask, STRIDE))
     doc = {"subset": j, "kept": len(kept), "rows_sha256": hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16],
-           "losses": losses, "train_seconds": log["seconds"], "trained_on": machine()}
+           "losses": losses, "train_seconds": log["seconds"], "trained_on": machine(None, device)}
     artifacts.save_json(path, doc)
     import shutil
 

@@ -20,22 +20,32 @@ PUBLISHED = {"dtrak": (0.162, 0.226), "trak": (0.051, 0.121)}
 
 def run(explorer, queries: list[dict], methods: list[str], subsets: int, results_dir: Path,
         assets_dir: Path | None, recipe: train.StageConfig = train.UNET_RECIPE, max_subsets: int | None = None,
-        progress: bool = True, split: str = "test") -> dict:
-    """Train what is missing of subsets 0..subsets-1 (at most ``max_subsets`` in this call), then the report."""
+        progress: bool = True, split: str = "test", ray: dict | None = None, device: str = "cpu") -> dict:
+    """Train what is missing of subsets 0..subsets-1 (at most ``max_subsets`` in this call), then the report.
+    ``ray`` ({"address", "threads", "scratch", "num_cpus"}): the missing subsets run as Ray tasks; ``device``:
+    where each subset UNet trains (the table is that machine kind's)."""
     from tqdm.auto import tqdm
 
+    from abu_explorer.machine import kind
+
     doc = lds.protocol(explorer, queries, recipe)
-    folder = lds.results_folder(results_dir, doc)
+    folder = lds.results_folder(results_dir, doc, kind(device))
     if not (folder / "protocol.json").exists():
         artifacts.save_json(folder / "protocol.json", doc)
     built = lds.query_latents(explorer, queries)
-    done_now, bar = 0, tqdm(total=subsets, desc="LDS subset models", disable=not progress)
-    for j in range(subsets):
-        if not (folder / f"subset_{j:03d}.json").exists():
-            if max_subsets is not None and done_now >= max_subsets:
-                break
-            lds.train_subset(explorer, j, built, folder, recipe, progress=False)
-            done_now += 1
+    missing = [j for j in range(subsets) if not (folder / f"subset_{j:03d}.json").exists()]
+    missing = missing[:max_subsets] if max_subsets is not None else missing
+    if ray is not None:
+        from abu_explorer.evaluation import ray_cells
+
+        scratch = str(Path(ray.get("scratch") or results_dir).resolve())
+        tasks = [ray_cells.SubsetTask(str(Path(explorer.root).resolve()), queries, j, recipe.to_dict(), scratch,
+                                      int(ray.get("threads") or 1), lds.key_of(doc), device) for j in missing]
+        ray_cells.run_subsets(tasks, results_dir, ray.get("address"), ray.get("num_cpus"), progress)
+        missing = []
+    bar = tqdm(total=len(missing), desc="LDS subset models", disable=not progress)
+    for j in missing:
+        lds.train_subset(explorer, j, built, folder, recipe, progress=False, device=device)
         bar.update(1)
     bar.close()
     finished = sorted(folder.glob("subset_*.json"))
@@ -116,8 +126,11 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(args) -> int:
+    from abu_explorer.machine import use_device
     from abu_explorer.model.embedded import Explorer
 
+    if not (args.ray or args.ray_address):
+        use_device(args.device)  # a missing GPU is one line before anything loads
     if args.threads:
         torch.set_num_threads(args.threads)
     exp = Explorer.load(args.precomputed)
@@ -127,7 +140,9 @@ def main(args) -> int:
     queries = doc[args.split][:args.num_queries] if args.num_queries else doc[args.split]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = run(exp, queries, methods, args.subsets, Path(args.results), Path(args.assets) if args.assets else None,
-              max_subsets=args.max_subsets, progress=not args.quiet, split=args.split)
+              max_subsets=args.max_subsets, progress=not args.quiet, split=args.split, device=args.device,
+              ray={"address": args.ray_address or None, "threads": args.threads or 1, "scratch": args.ray_scratch
+                   or None} if (args.ray or args.ray_address) else None)
     if "methods" in out:
         print(table(out))
     print(f"{out['subsets_done']}/{out['subsets_planned']} subset models done ({out['folder']})")

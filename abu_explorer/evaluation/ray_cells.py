@@ -1,4 +1,4 @@
-"""Leave-K-out cells as Ray tasks: many retrains at once, on this machine or on a cluster.
+"""Leave-K-out cells and LDS subset models as Ray tasks: many retrains at once, on this machine or on a cluster.
 
 ``ray.init()`` starts a local Ray instance (one task per ``threads`` CPUs); ``--ray-address`` joins a running
 cluster instead (CPU or GPU machines; on SLURM, start Ray on the allocation first). With ``--device cuda`` each
@@ -14,6 +14,10 @@ takes part by joining the cluster as a worker. Each cell is one task:
 The worker computes the removal ranking and the cache key exactly as an in-process run does; the driver
 checks the key against its own, so a worker with other tables or settings fails loudly instead of filing a
 result under the wrong key. Task arguments and results are plain JSON-able values and bytes.
+
+An LDS subset model (``SubsetTask``) is one task the same way: the worker trains subset j on its kept rows and
+returns ``subset_JJJ.json`` (each query's loss under it), which the driver files under
+``RESULTS/<kind>/<protocol key>/`` after checking the protocol key.
 """
 from __future__ import annotations
 
@@ -36,6 +40,53 @@ class CellTask:
     threads: int = 1
     key: str = ""  # the driver's key for this cell, checked by the driver
     device: str = "cpu"  # "cuda": the task asks Ray for a GPU and retrains the UNet there
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetTask:
+    precomputed: str
+    queries: list  # the split's query dicts ({"prompt", "seed", ...})
+    subset: int
+    recipe: dict
+    scratch: str  # where the worker trains (its checkpoints)
+    threads: int = 1
+    key: str = ""  # the driver's protocol key, checked by the driver
+    device: str = "cpu"
+
+
+def run_subset(task: SubsetTask) -> dict:
+    """In the worker: subset model ``task.subset`` and its query losses; {"kind", "key", "doc"}."""
+    import torch
+
+    from abu_explorer.evaluation import lds
+    from abu_explorer.machine import kind as machine_kind
+    from abu_explorer.model import load
+    from abu_explorer.training import train
+
+    torch.set_num_threads(task.threads)
+    explorer = load(task.precomputed)
+    recipe = train.StageConfig(**task.recipe)
+    doc = lds.protocol(explorer, task.queries, recipe)
+    kind = machine_kind(task.device)
+    folder = lds.results_folder(Path(task.scratch), doc, kind)
+    built = lds.query_latents(explorer, task.queries)
+    result = lds.train_subset(explorer, task.subset, built, folder, recipe, progress=False, device=task.device)
+    return {"kind": kind, "key": lds.key_of(doc), "doc": result}
+
+
+def run_subsets(tasks: list[SubsetTask], results_dir: Path, address: str | None = None,
+                num_cpus: int | None = None, progress: bool = True) -> list[dict]:
+    """Every subset task on Ray; each ``subset_JJJ.json`` filed atomically as it finishes (never replaced)."""
+    def file(task, payload):
+        if task.key and payload["key"] != task.key:
+            raise RuntimeError(f"a Ray worker filed LDS subset {task.subset} under protocol {payload['key']}, the "
+                               f"driver expects {task.key}: the worker's model or queries differ")
+        out = Path(results_dir) / payload["kind"] / payload["key"] / f"subset_{task.subset:03d}.json"
+        if not out.exists():
+            artifacts.save_json(out, payload["doc"])
+        return payload["doc"]
+
+    return _run(run_subset, tasks, file, address, num_cpus, progress, "LDS subset models (Ray)")
 
 
 def run_cell(task: CellTask) -> dict:
@@ -76,6 +127,20 @@ def store(results_dir: Path, payload: dict) -> Path:
 def run_cells(tasks: list[CellTask], results_dir: Path, address: str | None = None, num_cpus: int | None = None,
               progress: bool = True) -> list[dict]:
     """Run every task on Ray (a local instance unless ``address``); results in the order they finish."""
+    def file(task, payload):
+        if task.key and payload["key"] != task.key:
+            raise RuntimeError(f"a Ray worker filed {task.method} K={task.k} under key {payload['key']}, "
+                               f"the driver expects {task.key}: the worker's model, tables or settings differ "
+                               f"from {task.precomputed} here")
+        store(results_dir, payload)
+        return artifacts.load_json(Path(results_dir) / payload["kind"] / payload["key"] / "result.json")
+
+    return _run(run_cell, tasks, file, address, num_cpus, progress, "leave-K-out cells (Ray)")
+
+
+def _run(fn, tasks: list, file, address: str | None, num_cpus: int | None, progress: bool, desc: str) -> list:
+    """``fn`` on every task as a Ray task (``threads`` CPUs and, on CUDA, one GPU each); ``file(task, payload)``
+    as each finishes, in the driver. A local instance is started (and shut down) unless one is running."""
     import ray
     from tqdm import tqdm
 
@@ -89,22 +154,15 @@ def run_cells(tasks: list[CellTask], results_dir: Path, address: str | None = No
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
                  runtime_env=None if address else env, logging_level="ERROR", log_to_driver=False)
     try:
-        remote = ray.remote(run_cell)
+        remote = ray.remote(fn)
         pending = {remote.options(num_cpus=t.threads, num_gpus=1 if t.device.startswith("cuda") else 0,
                                   max_retries=2).remote(t): t for t in tasks}
         done = []
-        with tqdm(total=len(pending), desc="leave-K-out cells (Ray)", disable=not progress) as bar:
+        with tqdm(total=len(pending), desc=desc, disable=not progress) as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 task = pending.pop(ready[0])
-                payload = ray.get(ready[0])
-                if task.key and payload["key"] != task.key:
-                    raise RuntimeError(f"a Ray worker filed {task.method} K={task.k} under key {payload['key']}, "
-                                       f"the driver expects {task.key}: the worker's model, tables or settings differ "
-                                       f"from {task.precomputed} here")
-                store(results_dir, payload)
-                done.append(artifacts.load_json(
-                    Path(results_dir) / payload["kind"] / payload["key"] / "result.json"))
+                done.append(file(task, ray.get(ready[0])))
                 bar.update(1)
         return done
     finally:
