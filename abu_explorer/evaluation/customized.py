@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +81,14 @@ def model_for(base, concept: dict, work: Path, cfg: custom_diffusion.CustomConfi
               progress: bool = False):
     """The concept's customized model: loaded from ``work/<id>`` when its spec matches, else fine-tuned there."""
     folder = Path(work) / concept["id"]
-    spec = {"base": str(base.root), "base_provenance": base.provenance(), "token": cfg.token,
-            "init_word": concept["word"], "codes": concept["codes"], "config": cfg.to_dict()}
+    # the base as a path relative to the folder (a committed example moves with the repository); its identity is
+    # its provenance, not its path
+    spec = {"base": os.path.relpath(Path(base.root).resolve(), folder.resolve()), "base_provenance": base.provenance(),
+            "token": cfg.token, "init_word": concept["word"], "codes": concept["codes"], "config": cfg.to_dict()}
     path = folder / customized.SPEC
     if path.exists():
         stored = artifacts.load_json(path)
-        if {k: stored.get(k) for k in spec} == spec:
+        if all(stored.get(k) == v for k, v in spec.items() if k != "base"):
             return customized.CustomizedExplorer.load(folder, base=base)
         raise artifacts.ArtifactError(f"{folder} holds a customized model of another concept, base or recipe; "
                                       "remove it (or choose another --work folder) to build this one")

@@ -4,7 +4,7 @@ Custom Diffusion (Kumari et al., CVPR 2023) fine-tunes only the cross-attention 
 embedding of one new modifier token (``<new1>``). That is all a customized model stores (``delta.safetensors``,
 0.7 MB on the embedded model), beside its exemplars as an image folder and ``customized.json``:
 
-    FOLDER/customized.json      {"base": ..., "token": "<new1>", "init_word": ..., "caption": ..., "config": ...}
+    FOLDER/customized.json      {"base": (relative to FOLDER), "base_provenance", "token": "<new1>", "init_word", ...}
     FOLDER/delta.safetensors    the fine-tuned attn2.to_k / to_v weights and the token's embedding
     FOLDER/exemplars/           metadata.jsonl + images: what the model was customized on
 
@@ -93,7 +93,7 @@ class CustomizedExplorer(Explorer):
         folder = Path(folder)
         spec = artifacts.load_json(folder / SPEC, HINT)
         delta = artifacts.load_safetensors(folder / DELTA, HINT)
-        base = base or Explorer.load(spec["base"])
+        base = base or Explorer.load(folder / spec["base"])  # relative to the folder (an absolute path stays)
         if base.provenance() != spec["base_provenance"]:
             raise artifacts.ArtifactError(f"{folder / SPEC}: customized from another base model "
                                           f"({spec['base_provenance']}); retrain it with: {HINT}")
