@@ -99,7 +99,7 @@ def test_generated_pairs_count_prompts_drawn_with_both_parts(tiny_explorer, tmp_
     assert (s["pixel"]["both"], s["pixel"]["at_least_one"]) == (1, 1)
 
 
-def test_abu_box_contrast_is_the_box_minus_the_rest(tiny_app):
+def test_abu_box_contrast_is_the_box_minus_the_rest(tiny_app, tmp_path):
     """Exact AbU with box_contrast on a halves composite: tau(box A) - tau(box B), bit for bit (the rest of a
     half is the other half), and the contrast computed from a plain run's stored scores agrees with it."""
     import torch
@@ -124,4 +124,17 @@ def test_abu_box_contrast_is_the_box_minus_the_rest(tiny_app):
     rows = [{"layout": "halves", "pair": [a, b], "own": own, "other": other,
              **boxes.box_result(s.numpy(), own, other)} for (_, own, other), s in zip(parts, (ta, tb))]
     derived, = boxes.halves_contrast(rows)
-    assert derived["own_wins"] == bool(ca.scores[a] > ca.scores[b])
+    assert derived["own_wins"] == bool(ca.scores[a] > ca.scores[b]) and "own_ranks" not in derived
+    # with every row's scores saved (as exact runs of AbU do), the contrast's own ranks follow too
+    from abu_explorer import artifacts
+
+    for r, s in zip(rows, (ta, tb)):
+        r["scores_file"] = f"v/{r['own']}.npy"
+        artifacts.save_npy(tmp_path / r["scores_file"], s.numpy().astype(np.float64))
+    derived, = boxes.halves_contrast(rows, tmp_path)
+    c = (ta - tb).double().numpy()
+    assert derived["own_ranks"] == [int((c >= c[a]).sum()), int((-c >= -c[b]).sum())]
+    run = boxes.run_method(exp, "abu", [(a, b)], ["halves"], "exact", tmp_path / "run", progress=False)
+    assert all((tmp_path / "run" / r["scores_file"]).exists() for r in run)
+    again, = boxes.halves_contrast(run, tmp_path / "run")
+    assert again["own_ranks"] == derived["own_ranks"] and again["own_wins"] == derived["own_wins"]

@@ -123,6 +123,7 @@ def run_method(explorer, name: str, pairs: list[tuple[int, int]], layouts: list[
     settings = {"method": name, "mode": mode, **ranker.settings(), "model": explorer.provenance()}
     path = folder / f"{name}-{key_of(settings)}.json"
     doc = artifacts.load_json(path) if path.exists() else {"settings": settings, "boxes": {}}
+    keep_scores = mode == "exact" and name in ("abu", "abuplus")
     ds = explorer.dataset
     todo = [(a, b, lay) for a, b in pairs for lay in layouts]
     for a, b, lay in tqdm(todo, desc=f"{name} composites", disable=not progress):
@@ -134,8 +135,12 @@ def run_method(explorer, name: str, pairs: list[tuple[int, int]], layouts: list[
         for box_id, (box, own, other) in zip(ids, parts):
             query = q.from_image(explorer, img, caption(ds, a, b), box)
             scores.append(ranker.score(query, mode).scores.numpy())
+            if keep_scores:  # every row's score: what a box contrast's ranks are computed from
+                artifacts.save_npy(path.with_suffix("") / f"{box_id}.npy", scores[-1].astype(np.float64))
             doc["boxes"][box_id] = {"pair": [a, b], "layout": lay, "box": list(box), "own": own, "other": other,
                                     **box_result(scores[-1], own, other)}
+            if keep_scores:
+                doc["boxes"][box_id]["scores_file"] = f"{path.stem}/{box_id}.npy"
         agreement = spearman(scores[0], scores[1])  # does the box change the ranking at all?
         for box_id in ids:
             doc["boxes"][box_id]["boxes_spearman"] = agreement
@@ -151,11 +156,12 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return rank_corr(np.asarray(x, float), np.asarray(y, float))
 
 
-def halves_contrast(rows: list[dict]) -> list[dict]:
+def halves_contrast(rows: list[dict], folder: Path | None = None) -> list[dict]:
     """AbU's box contrast on the halves layout, from a plain run's exact scores: the rest of a half is exactly
     the other half (complementary masks), so contrast_A(X) = tau_A(X) - tau_B(X), and box A's own source wins iff
     tau_A(A) - tau_B(A) > tau_A(B) - tau_B(B); box B's contrast is its negative and wins under the same condition.
-    One entry per composite whose two boxes both carry scores."""
+    One entry per composite whose two boxes both carry scores; where the run saved every row's scores (their files
+    relative to ``folder``), also the own sources' ranks among N under the contrast."""
     by_pair = {}
     for r in rows:
         if r["layout"] == "halves" and "own_score" in r:
@@ -165,6 +171,12 @@ def halves_contrast(rows: list[dict]) -> list[dict]:
         if a in boxes_ and b in boxes_:
             box_a, box_b = boxes_[a], boxes_[b]
             margin = (box_a["own_score"] - box_b["other_score"]) - (box_a["other_score"] - box_b["own_score"])
-            out.append({"pair": [a, b], "own_wins": bool(margin > 0), "margin": margin,
-                        "plain_wins": [box_a["own_wins"], box_b["own_wins"]]})
+            entry = {"pair": [a, b], "own_wins": bool(margin > 0), "margin": margin,
+                     "plain_wins": [box_a["own_wins"], box_b["own_wins"]]}
+            files = [Path(folder or ".") / x["scores_file"] for x in (box_a, box_b) if "scores_file" in x]
+            if folder is not None and len(files) == 2 and all(f.exists() for f in files):
+                ta, tb = (artifacts.load_npy(f) for f in files)
+                c = ta - tb
+                entry["own_ranks"] = [int((c >= c[a]).sum()), int((-c >= -c[b]).sum())]
+            out.append(entry)
     return out

@@ -94,15 +94,16 @@ def plot(summary: dict, path: Path, labels: dict[str, str], title: str) -> None:
     plt.close(fig)
 
 
-def contrast_notes(summary: dict, per_method: dict, labels: dict) -> str:
+def contrast_notes(summary: dict, per_method: dict, labels: dict, folder: Path | None = None) -> str:
     """For AbU and AbU+: the box contrast on the halves layout, derived from the plain run's exact scores
     (``boxes.halves_contrast``), beside the plain boxes of the same composites (an exact McNemar test on the
     composites where the two disagree; a composite's two plain boxes count as one win when both win)."""
     lines = []
     for name in ("abu", "abuplus"):
-        derived = boxes.halves_contrast(per_method.get(name, []))
+        derived = boxes.halves_contrast(per_method.get(name, []), folder)
         if not derived:
             continue
+        ranks = [r for d in derived for r in d.get("own_ranks", [])]
         n, wins = len(derived), sum(d["own_wins"] for d in derived)
         plain = sum(all(d["plain_wins"]) for d in derived)
         only_c = sum(d["own_wins"] and not all(d["plain_wins"]) for d in derived)
@@ -110,10 +111,12 @@ def contrast_notes(summary: dict, per_method: dict, labels: dict) -> str:
         lo, hi = clopper_pearson(wins, n)
         summary["methods"][name]["halves_contrast"] = {
             "composites": n, "own_wins": wins, "share": wins / n, "ci95": [lo, hi], "plain_both_win": plain,
-            "mcnemar_p": mcnemar_p(only_c, only_p)}
+            "mcnemar_p": mcnemar_p(only_c, only_p),
+            "mean_own_rank": float(np.mean(ranks)) if ranks else None, "ranked_boxes": len(ranks)}
         lines.append(f"{labels.get(name, name)}, halves, box contrast (tau_box - tau_rest): both boxes' own source "
                      f"wins in {wins}/{n} composites = {wins / n:.2f} [{lo:.2f}, {hi:.2f}]; plain boxes: both win in "
-                     f"{plain}/{n} (McNemar p = {mcnemar_p(only_c, only_p):.3f})")
+                     f"{plain}/{n} (McNemar p = {mcnemar_p(only_c, only_p):.3f})"
+                     + (f"; mean own rank under the contrast {np.mean(ranks):.0f} ({len(ranks)} boxes)" if ranks else ""))
     return "\n".join(lines)
 
 
@@ -157,7 +160,7 @@ def main(args) -> int:
                   for m in methods}
     summary = summarize(per_method, layouts, len(exp.dataset))
     print(table(summary, labels))
-    notes = contrast_notes(summary, per_method, labels)
+    notes = contrast_notes(summary, per_method, labels, folder)
     if notes:
         print(notes)
     summary.update({"machine_kind": kind(), "mode": args.mode, "pairs": len(pairs), "layouts": layouts})
