@@ -216,13 +216,17 @@ def _query_from_args(exp, args):
 def _method_options(args) -> dict:
     """The per-query settings a method takes from the command line; a flag for another method is an error."""
     if args.method == "if":
-        if any(v is not None for v in (args.alpha, args.unlearn_steps, args.unlearn_samples)):
-            raise ValueError("--alpha, --unlearn-steps and --unlearn-samples only apply to --method abu")
+        if any(v is not None for v in (args.alpha, args.unlearn_steps, args.unlearn_samples)) or args.box_contrast:
+            raise ValueError("--alpha, --unlearn-steps, --unlearn-samples and --box-contrast only apply to --method "
+                             "abu or abuplus")
         return {k: v for k, v in (("damping", args.damping), ("screen_candidates", args.candidates)) if v is not None}
     damping = "damping" if args.method == "abuplus" else "fisher_damping"  # AbU+: of the EK-FAC curvature
     options = {k: v for k, v in (("alpha", args.alpha), ("unlearn_steps", args.unlearn_steps),
                                  ("unlearn_samples", args.unlearn_samples), (damping, args.damping),
-                                 ("screen_candidates", args.candidates)) if v is not None}
+                                 ("screen_candidates", args.candidates),
+                                 ("box_contrast", True if args.box_contrast else None)) if v is not None}
+    if args.box_contrast and not args.box:
+        raise ValueError("--box-contrast needs a --box")
     if options and args.method not in ("abu", "abuplus"):
         raise ValueError(f"{', '.join(options)} only apply to --method abu or abuplus (and --damping, --candidates "
                          "to if)")
@@ -324,6 +328,8 @@ def _attribution_commands(sub) -> None:
     a.add_argument("--damping", type=float, help="abu: added to the Fisher before inverting (default 0: the paper); "
                    "if, abuplus: EK-FAC damping (default 0.1 x mean eigenvalue)")
     a.add_argument("--candidates", type=int, help="fast mode: rows rescored exactly (default 200)")
+    a.add_argument("--box-contrast", action="store_true", help="abu, abuplus: rank a box by its loss change minus "
+                   "that of the rest of the image (twice the time; see docs/evaluation.md)")
     a.add_argument("--clip-model", default="", help="clip: any open_clip model name instead of the project's CLIP")
     a.add_argument("--dino-model", default="", help="dino: a DINO / DINOv2 folder or Hub id (else ABU_DINO_MODEL)")
     a.add_argument("--clip-pretrained", default="", help="clip: its pretrained tag (open_clip download) or a "

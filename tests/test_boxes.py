@@ -138,3 +138,17 @@ def test_abu_box_contrast_is_the_box_minus_the_rest(tiny_app, tmp_path):
     assert all((tmp_path / "run" / r["scores_file"]).exists() for r in run)
     again, = boxes.halves_contrast(run, tmp_path / "run")
     assert again["own_ranks"] == derived["own_ranks"] and again["own_wins"] == derived["own_wins"]
+
+
+def test_box_contrast_on_the_command_line_is_checked(capsys):
+    from abu_explorer import cli
+    from conftest import PRECOMPUTED
+
+    base = ["attribute", "--precomputed", str(PRECOMPUTED), "--prompt", "red apple", "--steps", "2"]
+    for extra, match in ((["--method", "abu", "--box-contrast"], "needs a --box"),
+                         (["--method", "pixel", "--box-contrast", "--box", "0", "0", "16", "32"], "abu or abuplus"),
+                         (["--method", "if", "--box-contrast", "--box", "0", "0", "16", "32"], "abu or abuplus")):
+        capsys.readouterr()
+        assert cli.main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err, (extra, err)
