@@ -67,11 +67,11 @@ def overrides(method: str) -> dict:
     return dict(CUSTOM_ABU) if method == "abu" else {}
 
 
-
 def protocol(base, concepts_path: str | Path = CONCEPTS) -> dict:
     """Everything a result depends on besides the method's own settings (which key each result file)."""
     return {"prompts": list(PROMPTS), "query_seed": QUERY_SEED,
-            "custom_diffusion": custom_diffusion.CustomConfig().to_dict(), "concepts": artifacts.file_hash(Path(concepts_path)), "base": base.provenance()}
+            "custom_diffusion": custom_diffusion.CustomConfig().to_dict(),
+            "concepts": artifacts.file_hash(Path(concepts_path)), "base": base.provenance()}
 
 
 # --- 1. customized models ------------------------------------------------------------------------------
