@@ -356,7 +356,18 @@ def _attribution_commands(sub) -> None:
     ls.set_defaults(func=_cmd_methods)
 
 
+def pins_isa(argv: list[str]) -> bool:
+    """Evaluations (and ``bench isa``) run pinned to AVX2 unless ``--native-isa`` is given (see ``machine``)."""
+    head = [a for a in argv if not a.startswith("-")][:2]
+    return bool(head) and (head[0] == "evaluate" or head == ["bench", "isa"]) and "--native-isa" not in argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    from abu_explorer import machine
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if pins_isa(argv) and ("torch" not in sys.modules or machine.isa_pinned()):  # in-process callers: as loaded
+        machine.pin_isa()
     from abu_explorer.artifacts import ArtifactError
     from abu_explorer.cli_options import OLD_MODEL_HINT
     from abu_explorer.model.tokenizer import PromptError

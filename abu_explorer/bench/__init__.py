@@ -13,7 +13,7 @@ from abu_explorer.cli_options import add_precomputed
 
 
 def add_commands(sub, default_model: str) -> None:
-    b = sub.add_parser("bench", help="measure and print: bench model | abu | methods | load | scale")
+    b = sub.add_parser("bench", help="measure and print: bench model | abu | methods | load | scale | isa")
     group = b.add_subparsers(dest="bench", required=True)
 
     m = group.add_parser("model", help="the embedded model's quality and speed")
@@ -74,6 +74,18 @@ def add_commands(sub, default_model: str) -> None:
     s.add_argument("--json", default="")
     s.add_argument("--plot", default="", help="draw the loss-scan curve here")
     s.set_defaults(func=lambda args: _run("scale", args))
+
+    i = group.add_parser("isa", help="does this CPU, pinned to AVX2 (as evaluations run), round like AVX2 hardware?")
+    i.add_argument("--write", action="store_true", help="record this AVX2 machine's fingerprints as the reference")
+    i.add_argument("--force", action="store_true", help="replace a recorded reference that differs")
+    i.set_defaults(func=_isa)
+
+
+def _isa(args) -> int:
+    from abu_explorer.evaluation import isa_pin
+
+    isa_pin.report(args)
+    return 0
 
 
 def _run(name: str, args) -> int:

@@ -45,6 +45,11 @@ def cmd_boxes(args) -> int:
     return boxes_report.main(args)
 
 
+def add_native_isa(p) -> None:
+    p.add_argument("--native-isa", action="store_true", help="do not pin the math libraries to AVX2 (results are "
+                   "then filed under this CPU's own kind; see `bench isa`)")
+
+
 def cmd_customized(args) -> int:
     from abu_explorer.evaluation import customized_report
 
@@ -91,6 +96,7 @@ def add_commands(sub, default_model: str) -> None:
     e.add_argument("--assets", default="assets", help="where the table, plot and strips go ('' for none)")
     e.add_argument("--quiet", action="store_true")
     add_precomputed(e, default_model)
+    add_native_isa(e)
     e.set_defaults(func=cmd_evaluate)
 
     lds_cmd = group.add_parser("lds", help="the linear datamodeling score: models on random halves, every method")
@@ -113,6 +119,7 @@ def add_commands(sub, default_model: str) -> None:
     lds_cmd.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
     lds_cmd.add_argument("--quiet", action="store_true")
     add_precomputed(lds_cmd, default_model)
+    add_native_isa(lds_cmd)
     lds_cmd.set_defaults(func=cmd_lds)
 
     bx = group.add_parser("boxes", help="two-concept composites: does a box rank its own source above the other?")
@@ -132,6 +139,7 @@ def add_commands(sub, default_model: str) -> None:
     bx.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
     bx.add_argument("--quiet", action="store_true")
     add_precomputed(bx, default_model)
+    add_native_isa(bx)
     bx.set_defaults(func=cmd_boxes)
 
     cz = group.add_parser("customized", help="customized models (Custom Diffusion on held-out glyphs): does each "
@@ -158,4 +166,5 @@ def add_commands(sub, default_model: str) -> None:
     cz.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
     cz.add_argument("--quiet", action="store_true")
     add_precomputed(cz, default_model)
+    add_native_isa(cz)
     cz.set_defaults(func=cmd_customized)

@@ -150,9 +150,13 @@ def _run(fn, tasks: list, file, address: str | None, num_cpus: int | None, progr
     if started:
         # local workers import this package from the same checkout; a cluster's workers must have it installed
         root = str(Path(__file__).resolve().parents[2])
-        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
+        from abu_explorer.machine import PIN_ENV, isa_pinned
+
+        pin = dict(PIN_ENV) if isa_pinned() else {}  # workers round as the driver's evaluation does
+        local = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        env = {"env_vars": pin if address else {**local, **pin}}
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 runtime_env=None if address else env, logging_level="ERROR", log_to_driver=False)
+                 runtime_env=env if env["env_vars"] else None, logging_level="ERROR", log_to_driver=False)
     try:
         remote = ray.remote(fn)
         pending = {remote.options(num_cpus=t.threads, num_gpus=1 if t.device.startswith("cuda") else 0,
