@@ -1,5 +1,6 @@
 """The linear datamodeling score: its arithmetic on hand-checked cases, and the resumable runner (tiny model)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,3 +68,25 @@ def test_runner_is_resumable_and_reports_every_method(tiny_app, tmp_path):
     assert "AbU" in (tmp_path / "assets" / "lds_table.md").read_text()
     proto = json.loads(next(folder.glob("*/*/protocol.json")).read_text())
     assert proto["subset_seed"] == lds.SUBSET_SEED and proto["queries"] == queries
+
+
+def test_one_set_of_subset_models_serves_both_splits(tiny_app, tmp_path):
+    from conftest import tiny_recipes
+
+    exp = tiny_app.explorer
+    queries = [{"prompt": exp.dataset.captions[i], "seed": i, "steps": 3, "split": s}
+               for i, s in ((2, "test"), (9, "tune"), (17, "test"), (23, "tune"))]
+    recipe = tiny_recipes()[2]
+    test = lds_table.run(exp, queries, ["pixel"], 3, tmp_path, None, recipe, progress=False, split="test")
+    tune = lds_table.run(exp, queries, ["pixel"], 3, tmp_path, None, recipe, progress=False, split="tune")
+    assert test["folder"] == tune["folder"] and test["num_queries"] == tune["num_queries"] == 2
+    first = lds_table.run(exp, queries, ["pixel"], 3, tmp_path, None, recipe, progress=False, split="tune",
+                          num_queries=1)
+    assert first["num_queries"] == 1
+    assert first["methods"]["pixel"]["per_query"] == tune["methods"]["pixel"]["per_query"][:1]
+    # each split's LDS equals the evaluation of its own columns alone
+    docs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/*/subset_*.json"))]
+    assert len(docs) == 3 and all(len(d["losses"]) == 4 for d in docs)
+    built = lds.query_latents(exp, [queries[1], queries[3]])
+    alone = lds_table.evaluate(exp, ["pixel"], built, Path(test["folder"]), docs, [1, 3], [queries[1], queries[3]])
+    assert alone["methods"]["pixel"]["per_query"] == tune["methods"]["pixel"]["per_query"]

@@ -7,8 +7,9 @@ Protocol (every seed is written here; ``protocol()`` records all of it beside th
    generator seeded ``SUBSET_SEED + j``, sorted.
 2. **Subset models.** The UNet recipe of the shipped weights (same epochs, same initial weights, same
    batch-order seed), trained on the kept rows only; the autoencoder and CLIP stay fixed.
-3. **Queries.** A split's (prompt, seed) list (``evaluation/lds_queries.json``, built by ``split_queries``),
-   generated once by the full model (DDIM, default guidance). The output of query q under model j is the
+3. **Queries.** The test and tuning splits' (prompt, seed) lists (``evaluation/lds_queries.json``, built by
+   ``split_queries``), generated once by the full model (DDIM, default guidance); every subset model measures
+   both splits, so one set of models serves tuning and the report. The output of query q under model j is the
    query's DDPM loss at timesteps stride/2, stride/2 + 5, ... with fixed noise (``counterfactual.query_loss``,
    the loss dL uses).
 4. **Scores.** Every registry method, in exact mode where it has one, scores all N rows for each query
@@ -116,13 +117,15 @@ def train_subset(explorer, j: int, built: list, folder: Path, recipe: train.Stag
     return doc
 
 
-def method_scores(explorer, name: str, built: list, folder: Path) -> np.ndarray:
-    """(Q, N) scores of one method, exact mode where it has one; cached under its settings' hash."""
+def method_scores(explorer, name: str, built: list, folder: Path, described: list[dict] | None = None) -> np.ndarray:
+    """(Q, N) scores of one method, exact mode where it has one; cached under the hash of its settings and of the
+    queries (``described``: their records; default: the built queries' own descriptions)."""
     from abu_explorer.attribution import spec
 
     ranker = spec(name).load(explorer)
     settings = {"mode": counterfactual.removal_mode(name), **ranker.settings()}
-    path = folder / "scores" / f"{name}-{key_of(settings)}.npy"
+    which = described if described is not None else [q.describe() for q in built]
+    path = folder / "scores" / f"{name}-{key_of({**settings, 'queries': which})}.npy"
     if path.exists():
         return artifacts.load_npy(path)
     rows = [ranker.score(query, counterfactual.removal_mode(name)).scores.numpy() for query in built]

@@ -20,8 +20,11 @@ PUBLISHED = {"dtrak": (0.162, 0.226), "trak": (0.051, 0.121)}
 
 def run(explorer, queries: list[dict], methods: list[str], subsets: int, results_dir: Path,
         assets_dir: Path | None, recipe: train.StageConfig = train.UNET_RECIPE, max_subsets: int | None = None,
-        progress: bool = True, split: str = "test", ray: dict | None = None, device: str = "cpu") -> dict:
+        progress: bool = True, split: str = "test", ray: dict | None = None, device: str = "cpu",
+        num_queries: int = 0) -> dict:
     """Train what is missing of subsets 0..subsets-1 (at most ``max_subsets`` in this call), then the report.
+    Every subset model measures all of ``queries`` (both splits, each tagged with its ``split``); the report
+    covers those of ``split`` (untagged queries count as any split), the first ``num_queries`` of them if > 0.
     ``ray`` ({"address", "threads", "scratch", "num_cpus"}): the missing subsets run as Ray tasks; ``device``:
     where each subset UNet trains (the table is that machine kind's)."""
     from tqdm.auto import tqdm
@@ -50,29 +53,36 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
     bar.close()
     finished = sorted(folder.glob("subset_*.json"))
     report = {"subsets_done": len(finished), "subsets_planned": subsets, "folder": str(folder)}
-    if len(finished) >= 3:
-        report.update(evaluate(explorer, methods, built, folder, [artifacts.load_json(p) for p in finished]))
+    chosen = [i for i, q in enumerate(queries) if q.get("split", split) == split]
+    chosen = chosen[:num_queries] if num_queries else chosen
+    if len(finished) >= 3 and chosen:
+        report.update(evaluate(explorer, methods, [built[i] for i in chosen], folder,
+                               [artifacts.load_json(p) for p in finished], chosen, [queries[i] for i in chosen]))
         report["split"] = split
         if assets_dir is not None:
             write(report, Path(assets_dir), len(explorer.dataset))
     return report
 
 
-def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_docs: list[dict]) -> dict:
-    """LDS per method (mean over queries, bootstrap 95% interval), with all M subsets and with the first M/2."""
+def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_docs: list[dict],
+             columns: list[int] | None = None, described: list[dict] | None = None) -> dict:
+    """LDS per method (mean over queries, bootstrap 95% interval), with all M subsets and with the first M/2.
+    ``columns``: which of each subset's losses ``built`` are (default: all, in order); ``described``: the
+    query records, part of the score cache's key."""
     from abu_explorer.attribution import spec
 
     n = len(explorer.dataset)
     masks = np.zeros((len(subset_docs), n))
     for row, d in enumerate(subset_docs):
         masks[row, lds.subset_rows(d["subset"], n)] = 1.0
-    losses = np.array([d["losses"] for d in subset_docs])  # (M, Q)
+    losses = np.array([d["losses"] for d in subset_docs])  # (M, all queries)
+    losses = losses[:, columns] if columns is not None else losses  # (M, Q)
     kinds = {d["trained_on"]["kind"] for d in subset_docs}
     if len(kinds) > 1:
         raise ValueError(f"one LDS table holds one machine kind; these subsets come from {sorted(kinds)}")
     rows, half = {}, max(3, len(subset_docs) // 2)
     for name in methods:
-        scores = lds.method_scores(explorer, name, built, folder)
+        scores = lds.method_scores(explorer, name, built, folder, described)
         per_query = lds.lds_per_query(scores, masks, losses)
         mean, lo, hi = lds.bootstrap_mean_ci(per_query)
         half_mean = float(lds.lds_per_query(scores, masks[:half], losses[:half]).mean())
@@ -137,10 +147,12 @@ def main(args) -> int:
     doc = artifacts.load_json(Path(args.queries))
     if args.split not in ("test", "tune"):
         raise ValueError(f"--split must be test or tune, got {args.split!r}")
-    queries = doc[args.split][:args.num_queries] if args.num_queries else doc[args.split]
+    # every subset model measures both splits' queries: one set of models serves tuning and the report
+    queries = [{**q, "split": name} for name in ("test", "tune") for q in doc[name]]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = run(exp, queries, methods, args.subsets, Path(args.results), Path(args.assets) if args.assets else None,
               max_subsets=args.max_subsets, progress=not args.quiet, split=args.split, device=args.device,
+              num_queries=args.num_queries,
               ray={"address": args.ray_address or None, "threads": args.threads or 1, "scratch": args.ray_scratch
                    or None} if (args.ray or args.ray_address) else None)
     if "methods" in out:
