@@ -1,4 +1,5 @@
 """Evaluations pin the math libraries to AVX2; an AVX-512 machine joins the AVX2 kind only on a matching fingerprint."""
+import json
 import os
 import subprocess
 import sys
@@ -74,8 +75,38 @@ def test_verified_needs_every_thread_count_to_match(avx512, monkeypatch):
     assert isa_pin.verified() is False  # not pinned: never the AVX2 kind
 
 
+def test_write_on_a_pinned_avx512_machine_records_a_match_only(avx512, monkeypatch, tmp_path):
+    ref = tmp_path / "isa_fingerprints.json"
+    kind = isa_pin.avx2_kind()
+    ref.write_text(json.dumps({"kinds": {kind: {"cpu_models": ["x"], "fingerprints": {"t1": "aaaa"}}}}))
+    monkeypatch.setattr(isa_pin, "REFERENCE", ref)
+    monkeypatch.setattr(isa_pin, "thread_counts", lambda: [1])
+    with pytest.raises(ValueError, match="not pinned"):
+        isa_pin.write()
+    for k, v in machine.PIN_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(isa_pin, "cached", lambda t: "bbbb")
+    with pytest.raises(ValueError, match="does not match"):
+        isa_pin.write()
+    assert not isa_pin.pinned_match_recorded()
+    monkeypatch.setattr(isa_pin, "cached", lambda t: "aaaa")
+    isa_pin.write()
+    isa_pin.write()  # recorded once
+    entry = json.loads(ref.read_text())["kinds"][kind]
+    assert entry["fingerprints"] == {"t1": "aaaa"} and len(entry["pinned_matches"]) == 1  # the reference untouched
+    assert isa_pin.pinned_match_recorded()
+
+
 @pytest.mark.slow
-def test_this_avx2_machine_matches_the_recorded_fingerprint():
-    if machine.vector_isa() != "AVX2" or "t1" not in isa_pin.reference():
-        pytest.skip(f"no AVX2 reference for this machine ({machine.vector_isa()}, {isa_pin.avx2_kind()})")
-    assert isa_pin.compute(1) == isa_pin.reference()["t1"]
+def test_this_machine_pinned_matches_the_avx2_reference():
+    """AVX2 hardware reproduces the recorded reference; a CPU model recorded as matching when pinned still does."""
+    if "t1" not in isa_pin.reference():
+        pytest.skip(f"no AVX2 reference for {isa_pin.avx2_kind()}")
+    if machine.vector_isa() != "AVX2" and not isa_pin.pinned_match_recorded():
+        pytest.skip(f"{machine.cpu_name()} ({machine.vector_isa()}) is not recorded as matching; run `bench isa`")
+    code = ("from abu_explorer import machine; assert machine.pin_isa(); "
+            "from abu_explorer.evaluation import isa_pin; print(isa_pin.compute(1))")
+    env = {k: v for k, v in os.environ.items() if k not in machine.PIN_ENV}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == isa_pin.reference()["t1"]

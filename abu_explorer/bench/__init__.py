@@ -76,7 +76,8 @@ def add_commands(sub, default_model: str) -> None:
     s.set_defaults(func=lambda args: _run("scale", args))
 
     i = group.add_parser("isa", help="does this CPU, pinned to AVX2 (as evaluations run), round like AVX2 hardware?")
-    i.add_argument("--write", action="store_true", help="record this AVX2 machine's fingerprints as the reference")
+    i.add_argument("--write", action="store_true", help="on AVX2 hardware: record its fingerprints as the "
+                   "reference; on other hardware: record that this CPU model, pinned, matched it")
     i.add_argument("--force", action="store_true", help="replace a recorded reference that differs")
     i.set_defaults(func=_isa)
 

@@ -50,6 +50,22 @@ def add_native_isa(p) -> None:
                    "then filed under this CPU's own kind; see `bench isa`)")
 
 
+def add_retrain_options(p, unit: str, results: str) -> None:
+    """Where and how the retrains of a leave-K-out or LDS evaluation run (one per ``unit``), and where results go."""
+    p.add_argument("--threads", type=int, default=0, help=f"torch threads (0: torch's default); with Ray, the "
+                   f"threads (and CPUs reserved) per {unit} task")
+    p.add_argument("--device", default="cpu", help="where each UNet retrains: cpu, or cuda (with --ray: each task "
+                   "holds one GPU of a worker; work outside the tasks, such as the K = 0 floor, runs where this "
+                   "command runs)")
+    p.add_argument("--ray", action="store_true", help=f"run the missing {unit}s as tasks on a local Ray instance")
+    p.add_argument("--ray-address", default="", help="on a running Ray cluster instead (e.g. ray://head:10001 or "
+                   "auto); its workers need this package and --precomputed's folder")
+    p.add_argument("--ray-scratch", default="", help="where Ray workers retrain and keep checkpoints (default: "
+                   "--results; give a shared folder on a cluster)")
+    p.add_argument("--results", default=results)
+    p.add_argument("--quiet", action="store_true")
+
+
 def cmd_customized(args) -> int:
     from abu_explorer.evaluation import customized_report
 
@@ -83,18 +99,8 @@ def add_commands(sub, default_model: str) -> None:
     e.add_argument("--no-floor", action="store_true", help="skip the K = 0 retrain (the arithmetic floor)")
     e.add_argument("--draws", type=int, default=2, help="random draws per query")
     e.add_argument("--max-cells", type=int, default=None, help="stop after this many new retrains")
-    e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); with Ray, the "
-                   "threads (and CPUs reserved) per task")
-    e.add_argument("--device", default="cpu", help="where each UNet retrains: cpu, or cuda (with --ray: each task "
-                   "holds one GPU of a worker; the K = 0 floor retrains where this command runs, or pass --no-floor)")
-    e.add_argument("--ray", action="store_true", help="run the missing cells as tasks on a local Ray instance")
-    e.add_argument("--ray-address", default="", help="run them on a running Ray cluster instead (e.g. "
-                   "ray://head:10001 or auto); its workers need this package and --precomputed's folder")
-    e.add_argument("--ray-scratch", default="", help="where Ray workers run cells and keep checkpoints "
-                   "(default: --results; give a shared folder on a cluster)")
-    e.add_argument("--results", default="results/counterfactual")
+    add_retrain_options(e, "cell", "results/counterfactual")
     e.add_argument("--assets", default="assets", help="where the table, plot and strips go ('' for none)")
-    e.add_argument("--quiet", action="store_true")
     add_precomputed(e, default_model)
     add_native_isa(e)
     e.set_defaults(func=cmd_evaluate)
@@ -106,18 +112,8 @@ def add_commands(sub, default_model: str) -> None:
     lds_cmd.add_argument("--methods", default=all_methods)
     lds_cmd.add_argument("--subsets", type=int, default=24, help="M: subset models, each on half of N")
     lds_cmd.add_argument("--max-subsets", type=int, default=None, help="stop after this many new subset models")
-    lds_cmd.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); with Ray, "
-                         "the threads (and CPUs reserved) per subset task")
-    lds_cmd.add_argument("--device", default="cpu", help="where each subset UNet trains: cpu, or cuda (with --ray: "
-                         "one GPU per task)")
-    lds_cmd.add_argument("--ray", action="store_true", help="train the missing subset models as tasks on a local "
-                         "Ray instance")
-    lds_cmd.add_argument("--ray-address", default="", help="on a running Ray cluster instead (e.g. auto)")
-    lds_cmd.add_argument("--ray-scratch", default="", help="where Ray workers train (default: --results; a shared "
-                         "folder on a cluster)")
-    lds_cmd.add_argument("--results", default="results/lds")
+    add_retrain_options(lds_cmd, "subset model", "results/lds")
     lds_cmd.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
-    lds_cmd.add_argument("--quiet", action="store_true")
     add_precomputed(lds_cmd, default_model)
     add_native_isa(lds_cmd)
     lds_cmd.set_defaults(func=cmd_lds)

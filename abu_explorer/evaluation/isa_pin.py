@@ -116,24 +116,45 @@ def verified() -> bool:
 
 
 def write(force: bool = False) -> dict:
-    """Record this AVX2 machine's fingerprints as the reference of its kind."""
-    from abu_explorer.machine import cpu_name, vector_isa
+    """On AVX2 hardware: record this machine's fingerprints as the reference of its kind. On other hardware,
+    pinned: record this CPU model as one that matched the reference (what the slow test re-checks)."""
+    from abu_explorer.machine import cpu_name, isa_pinned, vector_isa
 
-    if vector_isa() != "AVX2":
-        raise ValueError(f"the reference is recorded on AVX2 hardware; this CPU has {vector_isa()}")
     doc = artifacts.load_json(REFERENCE) if REFERENCE.exists() else {"kinds": {}}
     entry = doc["kinds"].get(avx2_kind(), {"fingerprints": {}, "cpu_models": []})
-    for t in thread_counts():
-        value = cached(t)  # computed once: the report below reads the same value
-        old = entry["fingerprints"].get(f"t{t}")
-        if old is not None and old != value and not force:
-            raise ValueError(f"this AVX2 machine's fingerprint at {t} thread(s) is {value}, the recorded one {old}: "
-                             "AVX2 machines of this kind disagree (pass --force to replace it)")
-        entry["fingerprints"][f"t{t}"] = value
-    entry["cpu_models"] = sorted(set(entry["cpu_models"]) | {cpu_name()})
+    if vector_isa() != "AVX2":
+        if not isa_pinned():
+            raise ValueError(f"this CPU has {vector_isa()} and is not pinned: run `bench isa --write` without "
+                             "--native-isa")
+        bad = [t for t in thread_counts() if entry["fingerprints"].get(f"t{t}") != cached(t)]
+        if bad:
+            raise ValueError(f"this {vector_isa()} CPU pinned to AVX2 does not match the AVX2 reference at "
+                             f"{bad} thread(s): its evaluations are filed under a kind of their own")
+        seen = {(m["cpu_model"], m["isa"]) for m in entry.get("pinned_matches", [])}
+        if (cpu_name(), vector_isa()) not in seen:
+            entry.setdefault("pinned_matches", []).append(
+                {"cpu_model": cpu_name(), "isa": vector_isa(), "threads": thread_counts()})
+    else:
+        for t in thread_counts():
+            value = cached(t)  # computed once: the report below reads the same value
+            old = entry["fingerprints"].get(f"t{t}")
+            if old is not None and old != value and not force:
+                raise ValueError(f"this AVX2 machine's fingerprint at {t} thread(s) is {value}, the recorded one "
+                                 f"{old}: AVX2 machines of this kind disagree (pass --force to replace it)")
+            entry["fingerprints"][f"t{t}"] = value
+        entry["cpu_models"] = sorted(set(entry["cpu_models"]) | {cpu_name()})
     doc["kinds"][avx2_kind()] = entry
     artifacts.save_json(REFERENCE, doc)
     return entry
+
+
+def pinned_match_recorded() -> bool:
+    """Whether this (non-AVX2) CPU model is recorded as matching the AVX2 reference when pinned."""
+    from abu_explorer.machine import cpu_name, vector_isa
+
+    doc = artifacts.load_json(REFERENCE) if REFERENCE.exists() else {"kinds": {}}
+    matches = doc["kinds"].get(avx2_kind(), {}).get("pinned_matches", [])
+    return any(m["cpu_model"] == cpu_name() and m["isa"] == vector_isa() for m in matches)
 
 
 def report(args) -> None:

@@ -48,7 +48,7 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
         missing = []
     bar = tqdm(total=len(missing), desc="LDS subset models", disable=not progress)
     for j in missing:
-        lds.train_subset(explorer, j, built, folder, recipe, progress=False, device=device)
+        lds.train_subset(explorer, j, built, folder, recipe, progress=progress, device=device)  # nested bar
         bar.update(1)
     bar.close()
     finished = sorted(folder.glob("subset_*.json"))
