@@ -35,7 +35,13 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
     folder = lds.results_folder(results_dir, doc, kind(device))
     if not (folder / "protocol.json").exists():
         artifacts.save_json(folder / "protocol.json", doc)
-    built = lds.query_latents(explorer, queries)
+    built: list = []  # the queries' latents, generated only when a subset trains here or the report runs
+
+    def latents() -> list:
+        if not built:
+            built.extend(lds.query_latents(explorer, queries))
+        return built
+
     missing = [j for j in range(subsets) if not (folder / f"subset_{j:03d}.json").exists()]
     missing = missing[:max_subsets] if max_subsets is not None else missing
     if ray is not None:
@@ -48,7 +54,7 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
         missing = []
     bar = tqdm(total=len(missing), desc="LDS subset models", disable=not progress)
     for j in missing:
-        lds.train_subset(explorer, j, built, folder, recipe, progress=progress, device=device)  # nested bar
+        lds.train_subset(explorer, j, latents(), folder, recipe, progress=progress, device=device)  # nested bar
         bar.update(1)
     bar.close()
     finished = sorted(folder.glob("subset_*.json"))
@@ -56,7 +62,7 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
     chosen = [i for i, q in enumerate(queries) if q.get("split", split) == split]
     chosen = chosen[:num_queries] if num_queries else chosen
     if len(finished) >= 3 and chosen:
-        report.update(evaluate(explorer, methods, [built[i] for i in chosen], folder,
+        report.update(evaluate(explorer, methods, [latents()[i] for i in chosen], folder,
                                [artifacts.load_json(p) for p in finished], chosen, [queries[i] for i in chosen]))
         report["split"] = split
         if assets_dir is not None:
