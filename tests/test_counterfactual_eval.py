@@ -117,3 +117,28 @@ def test_k_as_a_share_of_n():
     assert ce.parse_ks("0.4%,0.84%,3.37%", 2015) == [8, 17, 68] and ce.parse_ks("17, 5", 2015) == [17, 5]
     with pytest.raises(ValueError, match="share of N"):
         ce.parse_ks("lots", 2015)
+
+
+def test_strip_has_one_row_per_k_and_a_blank_for_a_missing_cell(tmp_path):
+    from PIL import Image
+
+    from abu_explorer.data.sheet import grid
+
+    results = []
+    for k, method, shade in [(8, "abu", 10), (8, "random", 60), (17, "abu", 110)]:
+        key = f"{method}-{k}"
+        (tmp_path / key).mkdir()
+        Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / key / "original.png")
+        Image.new("RGB", (32, 32), (shade, shade, shade)).save(tmp_path / key / "regenerated.png")
+        results.append({"key": key, "k": k, "method": method, "query": {"prompt": "red apple"},
+                        "delta_loss": 0.01, "delta_g_clip": 0.5})
+    path = tmp_path / "strip.png"
+    counterfactual.strip(tmp_path, results, path)
+    sheet = Image.open(path).convert("RGB")
+    blank = Image.new("RGB", (32, 32))
+    assert sheet.size == grid([blank] * 6, ["x"] * 6, cols=3, scale=5, caption_lines=3).size  # 2 rows (K) x 3
+    tile = 32 * 5 + 6  # tile plus padding; row 2 (K = 17): original, abu, then random's blank tile
+    row2 = sheet.height // 2 + 6
+    assert sheet.getpixel((6 + 80, row2 + 80)) == (200, 0, 0)
+    assert sheet.getpixel((6 + tile + 80, row2 + 80)) == (110, 110, 110)
+    assert sheet.getpixel((6 + 2 * tile + 80, row2 + 80)) == (255, 255, 255)

@@ -254,15 +254,25 @@ def show(result: dict) -> str:
 
 
 def strip(results_dir: Path, results: list[dict], path: Path) -> None:
-    """Original, then each result's regenerated image, captioned with method, K and its metrics."""
+    """One row per K: the original, then each method's regenerated image (in the order of ``results``' first
+    appearance), captioned with method, K and its metrics; a method without a cell at that K gets a blank tile."""
     from PIL import Image
 
     from abu_explorer.data.sheet import grid
 
-    first = Path(results_dir) / results[0]["key"]
-    images = [Image.open(first / "original.png").convert("RGB")]
-    captions = [f"original: {results[0]['query']['prompt']}"]
-    for r in results:
-        images.append(Image.open(Path(results_dir) / r["key"] / "regenerated.png").convert("RGB"))
-        captions.append(f"-{r['method']} K={r['k']}: dL {r['delta_loss']:+.4f} CLIP {r['delta_g_clip']:.2f}")
-    artifacts.save_png(path, grid(images, captions, cols=len(images), scale=5, caption_lines=3))
+    original = Image.open(Path(results_dir) / results[0]["key"] / "original.png").convert("RGB")
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    by_cell = {(r["k"], r["method"]): r for r in results}
+    images, captions = [], []
+    for k in sorted({r["k"] for r in results}):
+        images.append(original)
+        captions.append(f"original: {results[0]['query']['prompt']} (K = {k})")
+        for m in methods:
+            r = by_cell.get((k, m))
+            if r is None:
+                images.append(Image.new("RGB", original.size, "white"))
+                captions.append(f"-{m} K={k}: not run")
+                continue
+            images.append(Image.open(Path(results_dir) / r["key"] / "regenerated.png").convert("RGB"))
+            captions.append(f"-{m} K={k}: dL {r['delta_loss']:+.4f} CLIP {r['delta_g_clip']:.2f}")
+    artifacts.save_png(path, grid(images, captions, cols=len(methods) + 1, scale=5, caption_lines=3))

@@ -322,7 +322,7 @@ def _run_on_ray(explorer, queries, cells, keys, results_dir: Path, recipe, max_c
 
 def write_report(explorer, queries, methods, results, results_dir: Path, assets_dir: Path,
                  floor: dict | None = None, device: str = "cpu") -> dict:
-    """Summary JSON + markdown table + plot + one regeneration strip per query (first draw, first K), of the
+    """Summary JSON + markdown table + plot + one regeneration strip per query (first draw; a row per K), of the
     machine kind that retrains on ``device``."""
     from functools import partial
 
