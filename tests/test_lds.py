@@ -90,3 +90,30 @@ def test_one_set_of_subset_models_serves_both_splits(tiny_app, tmp_path):
     built = lds.query_latents(exp, [queries[1], queries[3]])
     alone = lds_table.evaluate(exp, ["pixel"], built, Path(test["folder"]), docs, [1, 3], [queries[1], queries[3]])
     assert alone["methods"]["pixel"]["per_query"] == tune["methods"]["pixel"]["per_query"]
+
+
+def test_scores_resume_query_by_query(tiny_app, tmp_path, monkeypatch):
+    """A scoring run stopped after its first query keeps that row; the rerun scores only the rest and gathers
+    the same matrix as an uninterrupted run."""
+    from abu_explorer.attribution import spec
+
+    exp = tiny_app.explorer
+    built = lds.query_latents(exp, [{"prompt": exp.dataset.captions[i], "seed": i, "steps": 3} for i in (2, 9)])
+    whole = lds.method_scores(exp, "pixel", built, tmp_path / "whole")
+    ranker_cls = type(spec("pixel").load(exp))
+    real, calls = ranker_cls.score, []
+
+    def flaky(self, query, mode=None):
+        calls.append(query.describe()["prompt"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stopped during the second query
+        return real(self, query, mode) if mode else real(self, query)
+
+    monkeypatch.setattr(ranker_cls, "score", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        lds.method_scores(exp, "pixel", built, tmp_path / "stopped")
+    assert len(list((tmp_path / "stopped").glob("scores/*.parts/*.npy"))) == 1
+    again = lds.method_scores(exp, "pixel", built, tmp_path / "stopped")
+    assert calls == [built[0].describe()["prompt"], built[1].describe()["prompt"], built[1].describe()["prompt"]]
+    assert np.array_equal(again, whole) and not list((tmp_path / "stopped").glob("scores/*.parts"))
+    assert json.loads(next((tmp_path / "stopped").glob("scores/*.json")).read_text())["computed_on"]["kind"]

@@ -117,9 +117,13 @@ def train_subset(explorer, j: int, built: list, folder: Path, recipe: train.Stag
     return doc
 
 
-def method_scores(explorer, name: str, built: list, folder: Path, described: list[dict] | None = None) -> np.ndarray:
+def method_scores(explorer, name: str, built: list, folder: Path, described: list[dict] | None = None,
+                  progress: bool = False) -> np.ndarray:
     """(Q, N) scores of one method, exact mode where it has one; cached under the hash of its settings and of the
-    queries (``described``: their records; default: the built queries' own descriptions)."""
+    queries (``described``: their records; default: the built queries' own descriptions). Resumable: each
+    query's row is written as it comes (``<name>-<key>.parts/``, gathered into one ``.npy`` at the end)."""
+    from tqdm.auto import tqdm
+
     from abu_explorer.attribution import spec
 
     ranker = spec(name).load(explorer)
@@ -128,10 +132,20 @@ def method_scores(explorer, name: str, built: list, folder: Path, described: lis
     path = folder / "scores" / f"{name}-{key_of({**settings, 'queries': which})}.npy"
     if path.exists():
         return artifacts.load_npy(path)
-    rows = [ranker.score(query, counterfactual.removal_mode(name)).scores.numpy() for query in built]
-    scores = np.stack(rows).astype(np.float64)
+    parts = path.with_suffix(".parts")
+    rows = []
+    for i, query in enumerate(tqdm(built, desc=f"{name} scores", disable=not progress)):
+        part = parts / f"{i:03d}.npy"
+        if not part.exists():
+            artifacts.save_npy(part, ranker.score(query, settings["mode"]).scores.numpy().astype(np.float64))
+        rows.append(artifacts.load_npy(part))
+    scores = np.stack(rows)
     artifacts.save_npy(path, scores)
-    artifacts.save_json(path.with_suffix(".json"), {"method": name, "settings": settings})
+    artifacts.save_json(path.with_suffix(".json"), {"method": name, "settings": settings,
+                                                    "computed_on": machine(torch.get_num_threads())})
+    import shutil
+
+    shutil.rmtree(parts, ignore_errors=True)
     return scores
 
 

@@ -63,7 +63,8 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
     chosen = chosen[:num_queries] if num_queries else chosen
     if len(finished) >= 3 and chosen:
         report.update(evaluate(explorer, methods, [latents()[i] for i in chosen], folder,
-                               [artifacts.load_json(p) for p in finished], chosen, [queries[i] for i in chosen]))
+                               [artifacts.load_json(p) for p in finished], chosen, [queries[i] for i in chosen],
+                               progress))
         report["split"] = split
         if assets_dir is not None:
             write(report, Path(assets_dir), len(explorer.dataset))
@@ -71,7 +72,7 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
 
 
 def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_docs: list[dict],
-             columns: list[int] | None = None, described: list[dict] | None = None) -> dict:
+             columns: list[int] | None = None, described: list[dict] | None = None, progress: bool = False) -> dict:
     """LDS per method (mean over queries, bootstrap 95% interval), with all M subsets and with the first M/2.
     ``columns``: which of each subset's losses ``built`` are (default: all, in order); ``described``: the
     query records, part of the score cache's key."""
@@ -88,7 +89,7 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
         raise ValueError(f"one LDS table holds one machine kind; these subsets come from {sorted(kinds)}")
     rows, half = {}, max(3, len(subset_docs) // 2)
     for name in methods:
-        scores = lds.method_scores(explorer, name, built, folder, described)
+        scores = lds.method_scores(explorer, name, built, folder, described, progress)
         per_query = lds.lds_per_query(scores, masks, losses)
         mean, lo, hi = lds.bootstrap_mean_ci(per_query)
         half_mean = float(lds.lds_per_query(scores, masks[:half], losses[:half]).mean())
