@@ -117,3 +117,45 @@ def test_scores_resume_query_by_query(tiny_app, tmp_path, monkeypatch):
     assert calls == [built[0].describe()["prompt"], built[1].describe()["prompt"], built[1].describe()["prompt"]]
     assert np.array_equal(again, whole) and not list((tmp_path / "stopped").glob("scores/*.parts"))
     assert json.loads(next((tmp_path / "stopped").glob("scores/*.json")).read_text())["computed_on"]["kind"]
+
+
+def test_sweep_pairs_every_setting_with_the_default(tiny_app, tmp_path, capsys):
+    from abu_explorer import cli
+    from abu_explorer.evaluation import lds_tuning
+    from conftest import tiny_recipes
+
+    exp = tiny_app.explorer
+    queries = [{"prompt": exp.dataset.captions[i], "seed": i, "steps": 3, "split": "tune"} for i in (2, 9, 17)]
+    recipe = tiny_recipes()[2]
+    lds_table.run(exp, queries, ["pixel"], 3, tmp_path, None, recipe, progress=False, split="tune")  # 3 subsets
+    built, calls = [], []
+
+    def evaluate_setting(name, combo):
+        calls.append(combo)
+        out = lds_table.run(exp, queries, [name], 3, tmp_path, None, recipe, max_subsets=0, progress=False,
+                            split="tune", options={name: combo}, built=built)
+        return out["methods"][name]
+
+    default = lds_tuning.defaults(exp, "abu", ["alpha"])["alpha"]
+    rows = lds_tuning.sweep(evaluate_setting, exp, {"abu": {"alpha": [default * 5, default]}})
+    assert [r["settings"]["alpha"] for r in rows] == [default, default * 5]  # the default first, once
+    assert rows[0]["default"] and rows[0]["versus_default"] is None
+    v = rows[1]["versus_default"]
+    diff = np.array(rows[1]["per_query"]) - np.array(rows[0]["per_query"])
+    assert v["diff"] == pytest.approx(diff.mean()) and v["wins"] == int((diff > 0).sum()) and 0 < v["sign_p"] <= 1
+    saved = [json.loads(p.read_text())["settings"]["config"]["alpha"] for p in tmp_path.glob("*/*/scores/abu-*.json")]
+    assert sorted(saved) == sorted([default, default * 5])  # each setting scored, and filed under its settings
+    assert len(built) == 3  # the queries' latents made once for the whole sweep
+    md = lds_tuning.table(rows, 3, 3)
+    assert "(default)" in md and md.count("\n") == 3
+    with pytest.raises(ValueError, match="no setting"):
+        lds_tuning.defaults(exp, "abu", ["alhpa"])
+    for bad in ['{"abu": {"alpha": 0.01}}', '{"nope": {"alpha": [1]}}', "[]"]:
+        with pytest.raises(ValueError, match="--sweep takes"):
+            lds_tuning.parse_grid(bad, ["abu"])
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps({"test": queries[:1], "tune": queries[1:]}))
+    code = cli.main(["evaluate", "lds", "--queries", str(q), "--precomputed", str(exp.root), "--methods", "abu",
+                     "--sweep", '{"abu": {"alpha": [0.1]}}', "--results", str(tmp_path / "r"), "--assets", ""])
+    err = capsys.readouterr().err
+    assert code == 2 and "--split tune" in err and err.count("\n") == 1

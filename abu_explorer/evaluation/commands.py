@@ -112,6 +112,11 @@ def add_commands(sub, default_model: str) -> None:
     lds_cmd.add_argument("--methods", default=all_methods)
     lds_cmd.add_argument("--subsets", type=int, default=24, help="M: subset models, each on half of N")
     lds_cmd.add_argument("--max-subsets", type=int, default=None, help="stop after this many new subset models")
+    lds_cmd.add_argument("--options", default="", help='method settings instead of the defaults, as JSON, e.g. '
+                         '\'{"abu": {"alpha": 0.003}}\' (scores are filed under their settings)')
+    lds_cmd.add_argument("--sweep", default="", help="with --split tune: the LDS of every combination, e.g. "
+                         '\'{"abu": {"alpha": [0.003, 0.01, 0.03]}}\', each paired against the default '
+                         "(assets/lds_tuning.*); trains no subset model")
     add_retrain_options(lds_cmd, "subset model", "results/lds")
     lds_cmd.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
     add_precomputed(lds_cmd, default_model)

@@ -118,15 +118,16 @@ def train_subset(explorer, j: int, built: list, folder: Path, recipe: train.Stag
 
 
 def method_scores(explorer, name: str, built: list, folder: Path, described: list[dict] | None = None,
-                  progress: bool = False) -> np.ndarray:
+                  progress: bool = False, options: dict | None = None) -> np.ndarray:
     """(Q, N) scores of one method, exact mode where it has one; cached under the hash of its settings and of the
-    queries (``described``: their records; default: the built queries' own descriptions). Resumable: each
+    queries (``described``: their records; default: the built queries' own descriptions); ``options``: settings
+    the method is loaded with instead of its defaults (part of the key through its settings). Resumable: each
     query's row is written as it comes (``<name>-<key>.parts/``, gathered into one ``.npy`` at the end)."""
     from tqdm.auto import tqdm
 
     from abu_explorer.attribution import spec
 
-    ranker = spec(name).load(explorer)
+    ranker = spec(name).load(explorer, **(options or {}))
     settings = {"mode": counterfactual.removal_mode(name), **ranker.settings()}
     which = described if described is not None else [q.describe() for q in built]
     path = folder / "scores" / f"{name}-{key_of({**settings, 'queries': which})}.npy"

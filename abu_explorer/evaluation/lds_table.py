@@ -3,6 +3,7 @@ score every method on the split's queries, and write the LDS table and plot (``l
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,13 @@ PUBLISHED = {"dtrak": (0.162, 0.226), "trak": (0.051, 0.121)}
 def run(explorer, queries: list[dict], methods: list[str], subsets: int, results_dir: Path,
         assets_dir: Path | None, recipe: train.StageConfig = train.UNET_RECIPE, max_subsets: int | None = None,
         progress: bool = True, split: str = "test", ray: dict | None = None, device: str = "cpu",
-        num_queries: int = 0) -> dict:
+        num_queries: int = 0, options: dict | None = None, built: list | None = None) -> dict:
     """Train what is missing of subsets 0..subsets-1 (at most ``max_subsets`` in this call), then the report.
     Every subset model measures all of ``queries`` (both splits, each tagged with its ``split``); the report
     covers those of ``split`` (untagged queries count as any split), the first ``num_queries`` of them if > 0.
     ``ray`` ({"address", "threads", "scratch", "num_cpus"}): the missing subsets run as Ray tasks; ``device``:
-    where each subset UNet trains (the table is that machine kind's)."""
+    where each subset UNet trains (the table is that machine kind's); ``options``: {method: settings} the methods
+    are scored with instead of their defaults; ``built``: a list the queries' latents are kept in between calls."""
     from tqdm.auto import tqdm
 
     from abu_explorer.machine import kind
@@ -35,7 +37,7 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
     folder = lds.results_folder(results_dir, doc, kind(device))
     if not (folder / "protocol.json").exists():
         artifacts.save_json(folder / "protocol.json", doc)
-    built: list = []  # the queries' latents, generated only when a subset trains here or the report runs
+    built = built if built is not None else []  # the latents, made when a subset trains here or the report runs
 
     def latents() -> list:
         if not built:
@@ -64,7 +66,7 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
     if len(finished) >= 3 and chosen:
         report.update(evaluate(explorer, methods, [latents()[i] for i in chosen], folder,
                                [artifacts.load_json(p) for p in finished], chosen, [queries[i] for i in chosen],
-                               progress))
+                               progress, options))
         report["split"] = split
         if assets_dir is not None:
             write(report, Path(assets_dir), len(explorer.dataset))
@@ -72,7 +74,8 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
 
 
 def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_docs: list[dict],
-             columns: list[int] | None = None, described: list[dict] | None = None, progress: bool = False) -> dict:
+             columns: list[int] | None = None, described: list[dict] | None = None, progress: bool = False,
+             options: dict | None = None) -> dict:
     """LDS per method (mean over queries, bootstrap 95% interval), with all M subsets and with the first M/2.
     ``columns``: which of each subset's losses ``built`` are (default: all, in order); ``described``: the
     query records, part of the score cache's key."""
@@ -89,7 +92,7 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
         raise ValueError(f"one LDS table holds one machine kind; these subsets come from {sorted(kinds)}")
     rows, half = {}, max(3, len(subset_docs) // 2)
     for name in methods:
-        scores = lds.method_scores(explorer, name, built, folder, described, progress)
+        scores = lds.method_scores(explorer, name, built, folder, described, progress, (options or {}).get(name))
         per_query = lds.lds_per_query(scores, masks, losses)
         mean, lo, hi = lds.bootstrap_mean_ci(per_query)
         half_mean = float(lds.lds_per_query(scores, masks[:half], losses[:half]).mean())
@@ -157,12 +160,44 @@ def main(args) -> int:
     # every subset model measures both splits' queries: one set of models serves tuning and the report
     queries = [{**q, "split": name} for name in ("test", "tune") for q in doc[name]]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    options = json.loads(args.options) if args.options else {}
+    if not isinstance(options, dict) or set(options) - set(methods):
+        raise ValueError("--options takes a JSON object keyed by method names of --methods, e.g. "
+                         '\'{"abu": {"alpha": 0.003}}\'')
+    ray = {"address": args.ray_address or None, "threads": args.threads or 1,
+           "scratch": args.ray_scratch or None} if (args.ray or args.ray_address) else None
+    common = dict(progress=not args.quiet, split=args.split, device=args.device, num_queries=args.num_queries)
+    if args.sweep:
+        return sweep(exp, queries, methods, options, args, common)
     out = run(exp, queries, methods, args.subsets, Path(args.results), Path(args.assets) if args.assets else None,
-              max_subsets=args.max_subsets, progress=not args.quiet, split=args.split, device=args.device,
-              num_queries=args.num_queries,
-              ray={"address": args.ray_address or None, "threads": args.threads or 1, "scratch": args.ray_scratch
-                   or None} if (args.ray or args.ray_address) else None)
+              max_subsets=args.max_subsets, ray=ray, options=options, **common)
     if "methods" in out:
         print(table(out))
     print(f"{out['subsets_done']}/{out['subsets_planned']} subset models done ({out['folder']})")
+    return 0
+
+
+def sweep(exp, queries: list[dict], methods: list[str], options: dict, args, common: dict) -> int:
+    """``--sweep``: LDS of every setting in the grid on the tuning split, with the subset models trained so far."""
+    from abu_explorer.evaluation import lds_tuning
+
+    if args.split != "tune":
+        raise ValueError("--sweep chooses settings on the tuning split: pass --split tune")
+    grid = lds_tuning.parse_grid(args.sweep, methods)
+    built, last = [], {}
+
+    def evaluate_setting(name: str, combo: dict) -> dict:
+        out = run(exp, queries, [name], args.subsets, Path(args.results), None, max_subsets=0,
+                  options={name: {**options.get(name, {}), **combo}}, built=built, **common)
+        if "methods" not in out:
+            raise ValueError(f"the sweep needs at least 3 subset models; {out['subsets_done']} are trained "
+                             "(run evaluate lds without --sweep first)")
+        last.update(out)
+        return out["methods"][name]
+
+    rows = lds_tuning.sweep(evaluate_setting, exp, grid)
+    report = {k: last[k] for k in ("num_subsets", "num_queries", "machine_kind", "folder")}
+    if args.assets:
+        lds_tuning.write(rows, report, Path(args.assets))
+    print(lds_tuning.table(rows, report["num_queries"], report["num_subsets"]))
     return 0
