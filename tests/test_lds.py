@@ -77,6 +77,8 @@ def test_one_set_of_subset_models_serves_both_splits(tiny_app, tmp_path):
     queries = [{"prompt": exp.dataset.captions[i], "seed": i, "steps": 3, "split": s}
                for i, s in ((2, "test"), (9, "tune"), (17, "test"), (23, "tune"))]
     recipe = tiny_recipes()[2]
+    trained = lds_table.run(exp, queries, ["pixel"], 3, tmp_path, None, recipe, progress=False, report=False)
+    assert trained["subsets_done"] == 3 and "methods" not in trained and not list(tmp_path.rglob("scores"))
     test = lds_table.run(exp, queries, ["pixel"], 3, tmp_path, None, recipe, progress=False, split="test")
     tune = lds_table.run(exp, queries, ["pixel"], 3, tmp_path, None, recipe, progress=False, split="tune")
     assert test["folder"] == tune["folder"] and test["num_queries"] == tune["num_queries"] == 2

@@ -112,6 +112,8 @@ def add_commands(sub, default_model: str) -> None:
     lds_cmd.add_argument("--methods", default=all_methods)
     lds_cmd.add_argument("--subsets", type=int, default=24, help="M: subset models, each on half of N")
     lds_cmd.add_argument("--max-subsets", type=int, default=None, help="stop after this many new subset models")
+    lds_cmd.add_argument("--train-only", action="store_true", help="train the missing subset models and stop "
+                         "(no scores, no table)")
     lds_cmd.add_argument("--options", default="", help='method settings instead of the defaults, as JSON, e.g. '
                          '\'{"abu": {"alpha": 0.003}}\' (scores are filed under their settings)')
     lds_cmd.add_argument("--sweep", default="", help="with --split tune: the LDS of every combination, e.g. "

@@ -22,13 +22,14 @@ PUBLISHED = {"dtrak": (0.162, 0.226), "trak": (0.051, 0.121)}
 def run(explorer, queries: list[dict], methods: list[str], subsets: int, results_dir: Path,
         assets_dir: Path | None, recipe: train.StageConfig = train.UNET_RECIPE, max_subsets: int | None = None,
         progress: bool = True, split: str = "test", ray: dict | None = None, device: str = "cpu",
-        num_queries: int = 0, options: dict | None = None, built: list | None = None) -> dict:
+        num_queries: int = 0, options: dict | None = None, built: list | None = None, report: bool = True) -> dict:
     """Train what is missing of subsets 0..subsets-1 (at most ``max_subsets`` in this call), then the report.
     Every subset model measures all of ``queries`` (both splits, each tagged with its ``split``); the report
     covers those of ``split`` (untagged queries count as any split), the first ``num_queries`` of them if > 0.
     ``ray`` ({"address", "threads", "scratch", "num_cpus"}): the missing subsets run as Ray tasks; ``device``:
     where each subset UNet trains (the table is that machine kind's); ``options``: {method: settings} the methods
-    are scored with instead of their defaults; ``built``: a list the queries' latents are kept in between calls."""
+    are scored with instead of their defaults; ``built``: a list the queries' latents are kept in between calls;
+    ``report=False``: train only (no scores, no table)."""
     from tqdm.auto import tqdm
 
     from abu_explorer.machine import kind
@@ -60,17 +61,17 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
         bar.update(1)
     bar.close()
     finished = sorted(folder.glob("subset_*.json"))
-    report = {"subsets_done": len(finished), "subsets_planned": subsets, "folder": str(folder)}
+    out = {"subsets_done": len(finished), "subsets_planned": subsets, "folder": str(folder)}
     chosen = [i for i, q in enumerate(queries) if q.get("split", split) == split]
     chosen = chosen[:num_queries] if num_queries else chosen
-    if len(finished) >= 3 and chosen:
-        report.update(evaluate(explorer, methods, [latents()[i] for i in chosen], folder,
-                               [artifacts.load_json(p) for p in finished], chosen, [queries[i] for i in chosen],
-                               progress, options))
-        report["split"] = split
+    if report and len(finished) >= 3 and chosen:
+        out.update(evaluate(explorer, methods, [latents()[i] for i in chosen], folder,
+                            [artifacts.load_json(p) for p in finished], chosen, [queries[i] for i in chosen],
+                            progress, options))
+        out["split"] = split
         if assets_dir is not None:
-            write(report, Path(assets_dir), len(explorer.dataset))
-    return report
+            write(out, Path(assets_dir), len(explorer.dataset))
+    return out
 
 
 def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_docs: list[dict],
@@ -170,7 +171,7 @@ def main(args) -> int:
     if args.sweep:
         return sweep(exp, queries, methods, options, args, common)
     out = run(exp, queries, methods, args.subsets, Path(args.results), Path(args.assets) if args.assets else None,
-              max_subsets=args.max_subsets, ray=ray, options=options, **common)
+              max_subsets=args.max_subsets, ray=ray, options=options, report=not args.train_only, **common)
     if "methods" in out:
         print(table(out))
     print(f"{out['subsets_done']}/{out['subsets_planned']} subset models done ({out['folder']})")
