@@ -160,9 +160,9 @@ def add_commands(sub, default_model: str) -> None:
     from abu_explorer.evaluation.customized import BENCHMARK_METHODS
 
     cz.add_argument("--methods", default=",".join(m for m in BENCHMARK_METHODS if m in all_methods.split(",")))
-    cz.add_argument("--abu-settings", default="", help='AbU (and AbU+) settings instead of the paper\'s for '
-                    'customized models, as JSON, e.g. \'{"alpha": 0.01, "unlearn_steps": 1, "unlearn_samples": 512}\' '
-                    '(tuning; results are filed under their settings)')
+    cz.add_argument("--abu-settings", default="", help='AbU (and AbU+) settings instead of the chosen one for '
+                    'customized models, as JSON, e.g. the paper\'s \'{"alpha": 0.1, "unlearn_steps": 100, '
+                    '"unlearn_samples": 160}\' (tuning; results are filed under their settings)')
     cz.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     cz.add_argument("--work", default="runs/customized", help="where the customized models and their tables go")
     cz.add_argument("--results", default="results/customized")
