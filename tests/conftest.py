@@ -35,6 +35,12 @@ TINY_UNET = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _gradient_tables_stay_in_the_session(tmp_path_factory):
+    """IF's per-row gradient tables (``attribution.gradient_table``) go to a temporary folder, not the user cache."""
+    os.environ.setdefault("ABU_GRADIENT_TABLES", str(tmp_path_factory.mktemp("gradient_tables")))
+
+
 @pytest.fixture(autouse=True)
 def _thread_count_is_left_alone():
     """A test that changes torch's (process-wide) thread count changes the arithmetic of every test after it."""

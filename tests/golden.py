@@ -45,8 +45,9 @@ def kind_key(kind: dict) -> str:
     return f"{kind['arch']}-{kind['vendor']}-{kind['isa']}-torch{kind['torch']}-t{kind['threads']}"
 
 
-def compute(modes=("fast",), progress=print) -> dict:
-    """The record for ``modes``: per query the generated pixels' hash and per (method, mode) the top-20."""
+def compute(modes=("fast",), progress=print, only: tuple[str, ...] = ()) -> dict:
+    """The record for ``modes``: per query the generated pixels' hash and per (method, mode) the top-20
+    (of the methods in ``only``, or all)."""
     from abu_explorer.attribution import METHODS, spec
     from abu_explorer.attribution import query as q
     from abu_explorer.model.embedded import Explorer
@@ -55,7 +56,8 @@ def compute(modes=("fast",), progress=print) -> dict:
     torch.set_num_threads(1)
     try:
         exp = Explorer.load(ROOT / "precomputed")
-        methods = {m.name: spec(m.name).load(exp) for m in METHODS}  # every method offered (the registry's)
+        methods = {m.name: spec(m.name).load(exp) for m in METHODS  # every method offered (the registry's)
+                   if not only or m.name in only}
         moded = {m.name for m in METHODS if "exact" in m.modes}  # a fast and an exact mode; the others have one
         out = {}
         for name, prompt, seed, box in QUERIES:
@@ -83,12 +85,12 @@ def load() -> dict:
     return json.loads(path.read_text()) if path.exists() else {"kinds": {}}
 
 
-def write(modes) -> None:
+def write(modes, only: tuple[str, ...] = ()) -> None:
     doc = load()
     kind = machine_kind()
     key = kind_key(kind)
     entry = doc["kinds"].setdefault(key, {"machine": kind, "queries": {}})
-    for name, rec in compute(modes).items():
+    for name, rec in compute(modes, only=only).items():
         pixels = rec.pop("pixels")
         png = GOLDEN / f"{name}.png"
         if not png.exists() or list(doc["kinds"]) == [key]:  # the only kind pinned: its pixels are the picture
@@ -101,7 +103,7 @@ def write(modes) -> None:
     tmp = GOLDEN / "embedded.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, GOLDEN / "embedded.json")
-    print(f"pinned {key}: {', '.join(modes)}")
+    print(f"pinned {key}: {', '.join(modes)}" + (f" of {', '.join(only)}" if only else ""))
 
 
 if __name__ == "__main__":
@@ -109,5 +111,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", required=True)
     ap.add_argument("--exact", action="store_true", help="pin exact mode too (minutes)")
+    ap.add_argument("--methods", default="", help="re-pin only these methods (comma-separated; default: all)")
     args = ap.parse_args()
-    write(("fast", "exact") if args.exact else ("fast",))
+    write(("fast", "exact") if args.exact else ("fast",), tuple(m for m in args.methods.split(",") if m))

@@ -23,12 +23,17 @@ def _pearson(a, b):
     return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
 
 
-def test_scores_equal_a_dense_torch_func_reference(tiny_explorer, full_if):
+def test_scores_equal_a_dense_torch_func_reference(tiny_explorer, full_if, tmp_path, monkeypatch):
+    monkeypatch.setenv("ABU_GRADIENT_TABLES", str(tmp_path))
     # the tiny model's losses change little along v: a step of 2% of ||theta|| keeps float32 rounding small
     # (the embedded model's default 1% matches forward-mode AD at Pearson 0.9999996; README)
-    method = influence.InfluenceFunctions.load(tiny_explorer, full_if, fd_step=2e-2)
+    method = influence.InfluenceFunctions.load(tiny_explorer, full_if, fd_step=2e-2, exact_scan="difference")
     query = q.from_generation(tiny_explorer, "red apple", seed=5, steps=3, box=(0, 0, 20, 24))
     ranking = method.score(query, "exact")
+    table = influence.InfluenceFunctions.load(tiny_explorer, full_if)  # "auto": the tiny table fits
+    assert table.cfg.exact_scan == "gradients" and table.settings() != method.settings()
+    by_table = table.score(query, "exact")
+    assert len(list(tmp_path.glob("*.npy"))) == 1
 
     # reference: torch.func gradients one example at a time, a dense (H + delta)^-1 per layer
     unet, sched = tiny_explorer.unet, tiny_explorer.scheduler
@@ -67,10 +72,13 @@ def test_scores_equal_a_dense_torch_func_reference(tiny_explorer, full_if):
     assert _pearson(ranking.scores, ref) > 0.999
     # a central difference in float32: a few per cent of the largest score at most
     assert float((ranking.scores.double() - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    # the gradient table: the same directional derivatives up to float32 rounding
+    assert float((by_table.scores.double() - ref).abs().max()) < 1e-4 * float(ref.abs().max())
     assert "box" in ranking.notes
 
     # fast mode: the screened rows carry exactly the exact mode's scores, the rest rank below them
-    fast = influence.InfluenceFunctions.load(tiny_explorer, full_if, fd_step=2e-2, screen_candidates=6).score(query, "fast")
+    fast = influence.InfluenceFunctions.load(tiny_explorer, full_if, fd_step=2e-2, screen_candidates=6,
+                                             exact_scan="difference").score(query, "fast")
     rows = fast.exact_rows
     assert len(rows) == 6
     torch.testing.assert_close(fast.scores[rows], ranking.scores[rows])
@@ -139,3 +147,35 @@ def test_mismatched_or_overridden_artifacts_fail_loudly(tiny_explorer, full_if, 
         influence.InfluenceFunctions.load(tiny_explorer, full_if, fit_draws=3)
     with pytest.raises(ValueError, match="mode"):
         influence.InfluenceFunctions.load(tiny_explorer, full_if).score(q.from_training_image(tiny_explorer, 0), "slow")
+
+
+def test_gradient_table_is_built_once_and_matches_per_item_autograd(tiny_explorer, full_if, tmp_path, monkeypatch):
+    from abu_explorer.attribution import gradient_table
+    from abu_explorer.attribution.ddpm_loss import ddpm_losses
+
+    # per-item gradients from one backward pass equal one autograd call per item
+    unet, sched = tiny_explorer.unet, tiny_explorer.scheduler
+    cache = tiny_explorer.training_cache()
+    modules = influence.tracked_modules(unet, "cross-attn")
+    sel = select(unet, "cross-attn")
+    ts = torch.tensor([100, 500, 900])
+    x0, ctx = cache.latents[:3], cache.text_states[:3]
+    noise = torch.stack([item_noise(0, i, 0, int(ts[i]), tuple(x0.shape[1:])) for i in range(3)])
+    from abu_explorer.attribution.params import only_grad_for
+
+    with only_grad_for(unet, sel):
+        batch = gradient_table.item_gradients(unet, sched, x0, ts, noise, ctx, modules)
+        for i in range(3):
+            loss = ddpm_losses(unet, sched, x0[i:i + 1], ts[i:i + 1], noise[i:i + 1], ctx[i:i + 1]).sum()
+            one = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(sel.values()))])
+            torch.testing.assert_close(batch[i], one, rtol=1e-4, atol=1e-7)
+
+    # built on the first exact query, read back (never rebuilt) by the next method object
+    monkeypatch.setenv("ABU_GRADIENT_TABLES", str(tmp_path))
+    query = q.from_generation(tiny_explorer, "banana", seed=1, steps=3)
+    first = influence.InfluenceFunctions.load(tiny_explorer, full_if, exact_scan="gradients").score(query, "exact")
+    monkeypatch.setattr(gradient_table, "_build", lambda *a, **k: pytest.fail("rebuilt the gradient table"))
+    again = influence.InfluenceFunctions.load(tiny_explorer, full_if, exact_scan="gradients").score(query, "exact")
+    assert torch.equal(first.scores, again.scores)
+    with pytest.raises(ValueError, match="exact_scan must be one of"):
+        influence.InfluenceFunctions.load(tiny_explorer, full_if, exact_scan="fast")

@@ -10,11 +10,14 @@
 #   v        = (H + delta)^-1 grad m(q)                                                -> inverse-HVP
 #   score(z) = grad L(z) . v   -> removing z raises m(q) by about score / N: higher = more influential,
 #              in the same sense as AbU
-# grad L(z) . v is a directional derivative, measured by a central difference of L(z) along v (two loss
-# passes, no per-example gradients, nothing stored per training row). A d = 1024 random projection of
+# grad L(z) . v is a directional derivative. Exact mode reads it from a table of every row's gradient
+# (``gradient_table``: built once per model, then one matrix-vector product per query) when the table fits
+# (``exact_scan="auto"``: at most GRADIENT_TABLE_MAX_BYTES), otherwise measures it by a central difference of
+# L(z) along v (two loss passes, nothing stored per row; ``exact_scan="difference"``). A d = 1024 random projection of
 # the preconditioned gradients (TRAK-style storage) was tried first and failed: Spearman 0.02-0.16 against
 # these exact scores (see docs/methods.md). Fast mode rescores only the rows that AbU's value-shift screen picks
-# for the direction v; exact mode measures every row.
+# for the direction v, always by the central difference (cheaper than building the table); exact mode measures
+# every row.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 
 from abu_explorer import artifacts
-from abu_explorer.attribution import Ranking, distributed, params
+from abu_explorer.attribution import Ranking, distributed, gradient_table, params
 from abu_explorer.attribution.ddpm_loss import (
     ddpm_losses,
     eval_timesteps,
@@ -42,6 +45,8 @@ from abu_explorer.attribution.gradients import random_draw
 from abu_explorer.attribution.settings import method_settings
 
 HINT = "python -m abu_explorer precompute --method if"
+GRADIENT_TABLE_MAX_BYTES = 4 * 2**30  # exact_scan="auto" builds the gradient table up to this size
+SCANS = ("auto", "gradients", "difference")
 
 
 @dataclass(frozen=True)
@@ -55,14 +60,16 @@ class IFConfig:
     fd_step: float = 1e-2  # central-difference step, as ||h v|| / ||theta||
     screen_candidates: int = 200  # fast mode: rows measured exactly
     batch_size: int = 160
+    exact_scan: str = "auto"  # exact mode: "gradients" (a per-row gradient table), "difference", or "auto"
 
-    QUERY_TIME = ("damping", "fd_step", "screen_candidates")  # settings a query may change
+    QUERY_TIME = ("damping", "fd_step", "screen_candidates", "exact_scan")  # settings a query may change
 
     def __post_init__(self):
         checks = [(self.damping is None or (math.isfinite(self.damping) and self.damping >= 0),
                    f"damping must be a finite number >= 0 (or unset), got {self.damping}"),
                   (math.isfinite(self.fd_step) and self.fd_step > 0, f"fd_step must be a finite number > 0, got {self.fd_step}"),
                   (self.screen_candidates >= 1, "screen_candidates must be >= 1"),
+                  (self.exact_scan in SCANS, f"exact_scan must be one of {', '.join(SCANS)}, got {self.exact_scan!r}"),
                   (self.num_timesteps >= 1 and self.fit_draws >= 1 and self.batch_size >= 1,
                    "num_timesteps, fit_draws and batch_size must be >= 1")]
         for ok, msg in checks:
@@ -253,7 +260,11 @@ class InfluenceFunctions:
     name = "if"
 
     def __init__(self, explorer, cfg: IFConfig, factors: dict[str, torch.Tensor]):
+        if cfg.exact_scan == "auto":  # resolved here, so the settings (and every cache key) name the scan used
+            fits = gradient_table.table_bytes(explorer, cfg) <= GRADIENT_TABLE_MAX_BYTES
+            cfg = dataclasses.replace(cfg, exact_scan="gradients" if fits else "difference")
         self.explorer, self.cfg = explorer, cfg
+        self._table = None
         self.factors = {k: v.double() for k, v in factors.items()}
         self.cache = explorer.training_cache()
         self.selected = params.select(explorer.unet, cfg.selection)
@@ -283,6 +294,21 @@ class InfluenceFunctions:
         """What changes this method's ranking: its settings and a hash of its precomputed tables."""
         return method_settings(self.cfg, self.folder)
 
+    def prepare_exact(self, progress=None) -> None:
+        """Open what exact mode reads, building it on first use: the gradient table (nothing for the difference)."""
+        if self.cfg.exact_scan == "gradients" and self._table is None:
+            modules = tracked_modules(self.explorer.unet, self.cfg.selection)
+            self._table = gradient_table.load_or_build(self.explorer, self.cfg, modules, progress)
+
+    def exact_derivatives(self, v: torch.Tensor, progress=None) -> torch.Tensor:
+        """grad L(z) . v for every image: from the gradient table (built on first use) or by the difference."""
+        n = self.cache.num_images
+        if self.cfg.exact_scan == "difference":
+            return directional_derivatives(self.explorer, self.cache, v, torch.arange(n), self.cfg, progress)
+        self.prepare_exact(progress)
+        values = gradient_table.directional_derivatives(self._table, v, self.cache.caption_rows(torch.arange(n)))
+        return self.cache.per_image(values).max(dim=1).values
+
     def score(self, query, mode: str = "fast", progress=None) -> Ranking:
         if mode not in ("fast", "exact", ""):
             raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
@@ -296,7 +322,7 @@ class InfluenceFunctions:
         t1 = time.perf_counter()
         if mode == "exact":
             # 2. every row's directional derivative along v
-            scores = directional_derivatives(self.explorer, self.cache, v, torch.arange(n), self.cfg, progress)
+            scores = self.exact_derivatives(v, progress)
             phases["scan"] = time.perf_counter() - t1
             return Ranking("if", scores, time.perf_counter() - t0, "exact", phases, notes=notes.rstrip("; "))
         # 2. screen every row by how far v moves its caption's values; 3. measure the top-M exactly
