@@ -60,10 +60,13 @@ def item_gradients(unet, scheduler, x0, t, noise, context, modules: list[str]) -
 
 
 def table_key(explorer, cfg) -> str:
+    from abu_explorer.machine import kind
     from abu_explorer.model.backend import provenance
 
     cache = explorer.training_cache()
-    doc = {"version": VERSION, **provenance(explorer), "selection": cfg.selection, "num_timesteps": cfg.num_timesteps,
+    device = str(getattr(explorer, "device", "cpu"))
+    # the machine kind too: a table computed with other float rounding must not serve another kind's results
+    doc = {"version": VERSION, "machine_kind": kind(device), **provenance(explorer), "selection": cfg.selection, "num_timesteps": cfg.num_timesteps,
            "noise_seed": cfg.noise_seed, "rows": len(cache.text_states), "latents": list(cache.latents.shape)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
