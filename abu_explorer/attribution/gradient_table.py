@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from abu_explorer.attribution.ddpm_loss import ddpm_losses, eval_timesteps, item
 
 VERSION = 1
 ROWS_PER_BATCH = 16  # (caption row, flip) groups per backward pass; x num_timesteps items
+_LOCKS: dict[str, threading.Lock] = {}
 
 
 def item_gradients(unet, scheduler, x0, t, noise, context, modules: list[str]) -> torch.Tensor:
@@ -84,14 +86,15 @@ def load_or_build(explorer, cfg, modules: list[str], progress=None, folder: Path
 
     folder = Path(folder or os.environ.get("ABU_GRADIENT_TABLES") or cache_dir() / "if_gradients")
     path = folder / f"{table_key(explorer, cfg)}.npy"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-        try:
-            _build(explorer, cfg, modules, tmp, progress)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with _LOCKS.setdefault(str(path), threading.Lock()):  # concurrent requests of one process build it once
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+            try:
+                _build(explorer, cfg, modules, tmp, progress)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
