@@ -105,8 +105,10 @@ def test_every_method_finds_or_misses_the_exemplars_on_a_tiny_customized_model(t
     monkeypatch.setattr(cz, "CUSTOM_ABU", {"alpha": 0.1, "unlearn_steps": 3, "unlearn_samples": 8})
     methods = ["abu", "abuplus", "if", "dtrak", "pixel", "clip", "random"]
     cfg = CustomConfig(steps=4, batch_size=2)
+    monkeypatch.setenv("ABU_GRADIENT_TABLES", str(tmp_path / "tables"))
     docs = cz.run_concept(base, _concept(base), methods, tmp_path / "work", tmp_path / "res", cfg=cfg)
     assert len(docs) == len(methods) * len(cz.PROMPTS)
+    assert (tmp_path / "tables").is_dir() and not list((tmp_path / "tables").iterdir())  # IF's table not kept
     n = len(base.dataset)
     for d in docs:
         assert d["exemplars"] == [n, n + 1]

@@ -80,12 +80,22 @@ def table_bytes(explorer, cfg) -> int:
     return len(cache.text_states) * flips * size * 4
 
 
-def load_or_build(explorer, cfg, modules: list[str], progress=None, folder: Path | None = None) -> np.ndarray:
-    """The (R, F, P) table, memory-mapped read-only; built on first use (atomic: temp file + rename)."""
+def table_path(explorer, cfg) -> Path:
     from abu_explorer.data.dataset import cache_dir
 
-    folder = Path(folder or os.environ.get("ABU_GRADIENT_TABLES") or cache_dir() / "if_gradients")
-    path = folder / f"{table_key(explorer, cfg)}.npy"
+    folder = Path(os.environ.get("ABU_GRADIENT_TABLES") or cache_dir() / "if_gradients")
+    return folder / f"{table_key(explorer, cfg)}.npy"
+
+
+def discard(explorer, cfg) -> None:
+    """Delete the model's table (for throwaway models, e.g. one customized model per concept)."""
+    table_path(explorer, cfg).unlink(missing_ok=True)
+
+
+def load_or_build(explorer, cfg, modules: list[str], progress=None) -> np.ndarray:
+    """The (R, F, P) table, memory-mapped read-only; built on first use (atomic: temp file + rename)."""
+    path = table_path(explorer, cfg)
+    folder = path.parent
     with _LOCKS.setdefault(str(path), threading.Lock()):  # concurrent requests of one process build it once
         if not path.exists():
             folder.mkdir(parents=True, exist_ok=True)

@@ -300,6 +300,12 @@ class InfluenceFunctions:
             modules = tracked_modules(self.explorer.unet, self.cfg.selection)
             self._table = gradient_table.load_or_build(self.explorer, self.cfg, modules, progress)
 
+    def discard_exact(self) -> None:
+        """Delete this model's gradient table (rebuilt on the next exact query)."""
+        self._table = None
+        if self.cfg.exact_scan == "gradients":
+            gradient_table.discard(self.explorer, self.cfg)
+
     def exact_derivatives(self, v: torch.Tensor, progress=None) -> torch.Tensor:
         """grad L(z) . v for every image: from the gradient table (built on first use) or by the difference."""
         n = self.cache.num_images

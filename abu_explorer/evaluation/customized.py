@@ -164,7 +164,13 @@ def run_concept(base, concept: dict, methods: list[str], work: Path, folder: Pat
     custom = model_for(base, concept, work, cfg, progress)
     prepare_tables(custom, base, [m for m in methods if m in GRADIENT], progress)
     about = {"concept": concept["id"], "kind": concept["kind"], "split": concept["split"]}
-    return score_prompts(custom, about, prompts(concept), methods, folder)
+    try:
+        return score_prompts(custom, about, prompts(concept), methods, folder)
+    finally:  # IF's gradient table of this one model (1.45 GB here) is not kept: it rebuilds in minutes
+        if "if" in methods:
+            from abu_explorer.attribution import spec
+
+            spec("if").load(custom, **overrides("if")).discard_exact()
 
 
 def score_prompts(model, about: dict, texts: list[str], methods: list[str], folder: Path,
