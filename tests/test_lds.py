@@ -150,6 +150,23 @@ def test_sweep_pairs_every_setting_with_the_default(tiny_app, tmp_path, capsys):
     assert len(built) == 3  # the queries' latents made once for the whole sweep
     md = lds_tuning.table(rows, 3, 3)
     assert "(default)" in md and md.count("\n") == 3
+    # one factor at a time, not every combination; the default once
+    assert lds_tuning.combos({"alpha": [1, 2], "unlearn_steps": [1, 3]}, {"alpha": 1, "unlearn_steps": 1}) == [
+        {"alpha": 1, "unlearn_steps": 1}, {"alpha": 2, "unlearn_steps": 1}, {"alpha": 1, "unlearn_steps": 3}]
+    # rank stability: every setting again with the next draw seed, the top-10 overlap of the two rankings
+    calls.clear()
+    rows = lds_tuning.sweep(evaluate_setting, exp, {"abu": {"alpha": [default * 5]}}, stability=True)
+    assert [c.get("unlearn_seed") for c in calls] == [None, 1, None, 1]
+    assert all(0 <= r["stability"]["top10_overlap"] <= 1 for r in rows)
+    seeds = [json.loads(p.read_text())["settings"]["config"]["unlearn_seed"] for p in tmp_path.glob("*/*/scores/abu-*.json")]
+    assert sorted(seeds) == [0, 0, 1, 1]  # both settings scored with both draw seeds, each filed apart
+    assert lds_tuning.top_overlap([[1, 2, 3, 4]], [[4, 3, 9, 8]]) == 0.5
+    # a setting fixed by AbU's tables (the loss timesteps) gets tables of its own, built under the results folder
+    row = evaluate_setting("abu", {"num_timesteps": 3})
+    (tables,) = tmp_path.glob("*/*/tables/abu-*")
+    assert json.loads((tables / "meta.json").read_text())["config"]["num_timesteps"] == 3
+    assert len(row["per_query"]) == 3
+    assert "next draw seed" in lds_tuning.table(rows, 3, 3)
     with pytest.raises(ValueError, match="no setting"):
         lds_tuning.defaults(exp, "abu", ["alhpa"])
     for bad in ['{"abu": {"alpha": 0.01}}', '{"nope": {"alpha": [1]}}', "[]"]:

@@ -116,9 +116,11 @@ def add_commands(sub, default_model: str) -> None:
                          "(no scores, no table)")
     lds_cmd.add_argument("--options", default="", help='method settings instead of the defaults, as JSON, e.g. '
                          '\'{"abu": {"alpha": 0.003}}\' (scores are filed under their settings)')
-    lds_cmd.add_argument("--sweep", default="", help="with --split tune: the LDS of every combination, e.g. "
-                         '\'{"abu": {"alpha": [0.003, 0.01, 0.03]}}\', each paired against the default '
-                         "(assets/lds_tuning.*); trains no subset model")
+    lds_cmd.add_argument("--sweep", default="", help="with --split tune: the LDS of each setting, one factor at a "
+                         'time, e.g. \'{"abu": {"alpha": [0.003, 0.03], "unlearn_samples": [2048]}}\', each paired '
+                         "against the default (assets/lds_tuning.*); trains no subset model")
+    lds_cmd.add_argument("--stability", action="store_true", help="with --sweep: score each setting again with the "
+                         "next draw seed and report the top-10 overlap of the two rankings (twice the scoring)")
     add_retrain_options(lds_cmd, "subset model", "results/lds")
     lds_cmd.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
     add_precomputed(lds_cmd, default_model)

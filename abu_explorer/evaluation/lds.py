@@ -117,6 +117,27 @@ def train_subset(explorer, j: int, built: list, folder: Path, recipe: train.Stag
     return doc
 
 
+def load_with(explorer, name: str, options: dict | None, folder: Path, progress: bool = False):
+    """The method loaded with ``options``. AbU settings that its precomputed tables fix (``TABLE_FIELDS``, e.g.
+    the loss timesteps) get tables of their own, built (resumably) under ``folder/tables/`` (their hash is then part
+    of the method's settings, so of every score key)."""
+    import dataclasses
+
+    from abu_explorer.attribution import spec
+
+    options = dict(options or {})
+    if name == "abu":
+        from abu_explorer.attribution.abu_precompute import TABLE_FIELDS, AbUConfig
+
+        bound = {k: options.pop(k) for k in list(options) if k in TABLE_FIELDS}
+        if bound:
+            cfg = AbUConfig(**bound)
+            tables = folder / "tables" / f"abu-{key_of(dataclasses.asdict(cfg))}"
+            spec("abu").precompute(explorer, cfg, tables, progress)  # resumes; finished stages are kept
+            return spec("abu").load(explorer, folder=tables, **options)
+    return spec(name).load(explorer, **options)
+
+
 def method_scores(explorer, name: str, built: list, folder: Path, described: list[dict] | None = None,
                   progress: bool = False, options: dict | None = None) -> np.ndarray:
     """(Q, N) scores of one method, exact mode where it has one; cached under the hash of its settings and of the
@@ -125,9 +146,7 @@ def method_scores(explorer, name: str, built: list, folder: Path, described: lis
     query's row is written as it comes (``<name>-<key>.parts/``, gathered into one ``.npy`` at the end)."""
     from tqdm.auto import tqdm
 
-    from abu_explorer.attribution import spec
-
-    ranker = spec(name).load(explorer, **(options or {}))
+    ranker = load_with(explorer, name, options, folder, progress)
     settings = {"mode": counterfactual.removal_mode(name), **ranker.settings()}
     which = described if described is not None else [q.describe() for q in built]
     path = folder / "scores" / f"{name}-{key_of({**settings, 'queries': which})}.npy"

@@ -100,6 +100,7 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
         m = spec(name)
         rows[name] = {"label": m.label, "lds": mean, "ci95": [lo, hi], "lds_half": half_mean,
                       "per_query": per_query.tolist(), "mode": "exact" if "exact" in m.modes else "",
+                      "top10": [np.argsort(-row, kind="stable")[:10].tolist() for row in scores],
                       "note": NN_NOTE if m.module.endswith(".nearest") else ""}
     return {"methods": rows, "num_subsets": len(subset_docs), "half": half, "num_queries": len(built),
             "machine_kind": next(iter(kinds)), "num_train": n}
@@ -196,7 +197,7 @@ def sweep(exp, queries: list[dict], methods: list[str], options: dict, args, com
         last.update(out)
         return out["methods"][name]
 
-    rows = lds_tuning.sweep(evaluate_setting, exp, grid)
+    rows = lds_tuning.sweep(evaluate_setting, exp, grid, stability=args.stability)
     report = {k: last[k] for k in ("num_subsets", "num_queries", "machine_kind", "folder")}
     if args.assets:
         lds_tuning.write(rows, report, Path(args.assets))

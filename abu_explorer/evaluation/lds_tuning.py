@@ -1,15 +1,17 @@
 """``evaluate lds --split tune --sweep JSON``: choose a method's settings by LDS on the tuning split.
 
-Every setting in the grid is scored on the tuning queries with the subset models already trained (the sweep
-trains none), its LDS reported with a bootstrap interval, and paired query by query against the method's
-current default (the mean LDS difference with its bootstrap interval, and a two-sided sign test of the
-per-query differences). Whatever is chosen becomes the code default and is then reported on the test split,
-never on the queries it was chosen on.
+The grid varies one factor at a time: the method's current default, then each listed value of each setting with
+the others at their defaults. Every setting is scored on the tuning queries with the subset models already
+trained (the sweep trains none), its LDS reported with a bootstrap interval, and paired query by query against
+the default (the mean LDS difference with its bootstrap interval, and a two-sided sign test of the per-query
+differences). With ``stability``, a method with a draw seed (``SEED_OF``) is scored again with the next seed
+and the mean top-10 overlap of the two rankings is reported: how much of a ranking is the draw's noise.
+Whatever is chosen becomes the code default and is then reported on the test split, never on the queries it
+was chosen on.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from pathlib import Path
 
@@ -42,11 +44,23 @@ def defaults(explorer, name: str, keys) -> dict:
     return {k: values[k] for k in keys}
 
 
+SEED_OF = {"abu": "unlearn_seed", "abuplus": "unlearn_seed"}  # the seed of the unlearning step's random draws
+
+
 def combos(grid: dict[str, list], default: dict) -> list[dict]:
-    """Every combination of the grid's values, the default first (added if the grid lacks it)."""
-    keys = sorted(grid)
-    out = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
-    return [default] + [c for c in out if c != default]
+    """The default first, then one factor at a time: each other value of each setting, the rest at the default."""
+    out = [dict(default)]
+    for key in sorted(grid):
+        for value in grid[key]:
+            combo = {**default, key: value}
+            if combo not in out:
+                out.append(combo)
+    return out
+
+
+def top_overlap(a: list[list[int]], b: list[list[int]]) -> float:
+    """Mean over queries of |top(a) & top(b)| / len(top(a)): rankings' agreement at the top."""
+    return float(np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b)]))
 
 
 def compare(per_query: np.ndarray, base: np.ndarray) -> dict:
@@ -58,31 +72,43 @@ def compare(per_query: np.ndarray, base: np.ndarray) -> dict:
             "sign_p": stats.mcnemar_p(wins, losses)}
 
 
-def sweep(evaluate_setting, explorer, grid: dict[str, dict[str, list]]) -> list[dict]:
-    """``evaluate_setting(name, settings) -> LDS row`` for every combination of every method's grid."""
+def sweep(evaluate_setting, explorer, grid: dict[str, dict[str, list]], stability: bool = False) -> list[dict]:
+    """``evaluate_setting(name, settings) -> LDS row`` (with "per_query" and "top10") for every setting of every
+    method's grid; with ``stability``, each again with the next draw seed where the method has one."""
     rows = []
     for name, g in grid.items():
         base = None
+        seed_key = SEED_OF.get(name) if stability else None
+        seed = defaults(explorer, name, [seed_key])[seed_key] if seed_key else None
         for i, combo in enumerate(combos(g, defaults(explorer, name, g))):
             r = evaluate_setting(name, combo)
             row = {"method": name, "settings": combo, "default": i == 0, "lds": r["lds"], "ci95": r["ci95"],
                    "per_query": r["per_query"]}
             base = base if base is not None else np.array(r["per_query"])
             row["versus_default"] = compare(np.array(r["per_query"]), base) if i else None
+            if seed_key:
+                other = evaluate_setting(name, {**combo, seed_key: combo.get(seed_key, seed) + 1})
+                row["stability"] = {"top10_overlap": top_overlap(r["top10"], other["top10"]),
+                                    "lds_next_seed": other["lds"]}
             rows.append(row)
     return rows
 
 
 def table(rows: list[dict], num_queries: int, num_subsets: int) -> str:
+    stab = any("stability" in r for r in rows)
     lines = [f"| method | settings | LDS (tuning split, {num_queries} queries, M = {num_subsets}) | 95% interval "
-             "| minus the default, 95% interval | queries better / worse | sign test p |", "|---|---|---|---|---|---|---|"]
+             "| minus the default, 95% interval | queries better / worse | sign test p |"
+             + (" top-10 overlap with the next draw seed | LDS, next seed |" if stab else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if stab else "")]
     for r in rows:
         s = ", ".join(f"{k} = {v}" for k, v in r["settings"].items()) + (" (default)" if r["default"] else "")
         v = r["versus_default"]
         vs = "-" if v is None else (f"{v['diff']:+.3f} [{v['diff_ci95'][0]:+.3f}, {v['diff_ci95'][1]:+.3f}] | "
                                     f"{v['wins']} / {v['losses']} | {v['sign_p']:.3f}")
+        st = r.get("stability")
+        extra = (f" {st['top10_overlap']:.2f} | {st['lds_next_seed']:+.3f} |" if st else " - | - |") if stab else ""
         lines.append(f"| {r['method']} | {s} | {r['lds']:+.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | "
-                     + (vs if v is not None else "- | - | -") + " |")
+                     + (vs if v is not None else "- | - | -") + " |" + extra)
     return "\n".join(lines)
 
 
