@@ -89,3 +89,26 @@ def test_bench_scale_pieces_on_the_tiny_model(tiny_explorer):
     proj = scale.projections(cost, captions=5, n=1000, gpu_tflops=50)
     base = proj["AbU base losses (= one exact AbU query)"]
     assert base["items"] == 1000 * 5 * 10 and abs(base["cpu_hours"] - 50_000 * cost["forward_s"] / 3600) < 1e-9
+
+
+def test_methods_bench_builds_the_if_table_in_a_throwaway_folder(tiny_app, tiny_dataset, tmp_path, monkeypatch):
+    """``bench methods --exact --precompute`` times IF's table build apart, in a folder of its own that is
+    removed afterwards; the user's table folder setting is untouched."""
+    import os
+    from argparse import Namespace
+
+    from abu_explorer.bench import methods
+    from abu_explorer.model.embedded import Explorer
+
+    load = Explorer.load.__func__
+    monkeypatch.setattr(Explorer, "load", classmethod(lambda cls, path, **k: load(cls, path, dataset=tiny_dataset)))
+    monkeypatch.setenv("ABU_GRADIENT_TABLES", str(tmp_path / "kept"))
+    args = Namespace(precomputed=str(tiny_app.explorer.root), queries=1, methods=["if"], exact=True, precompute=True,
+                     json=str(tmp_path / "bench.json"))
+    report = methods.main(args)
+    rows = {r["mode"]: r for r in report["methods"]}
+    assert rows["fast"]["precompute_seconds"] > 0 and rows["exact"]["exact_setup_seconds"] > 0
+    assert rows["exact"]["count"] == 1 and rows["exact"]["median_seconds"] > 0
+    assert not (tmp_path / "kept").exists()  # the table was built elsewhere
+    assert os.environ["ABU_GRADIENT_TABLES"] == str(tmp_path / "kept")
+    assert (tmp_path / "bench.json").exists()

@@ -1,6 +1,8 @@
 """EK-FAC influence functions: equal to a dense torch.func reference and to kronfluence's own scores."""
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +181,22 @@ def test_gradient_table_is_built_once_and_matches_per_item_autograd(tiny_explore
     assert torch.equal(first.scores, again.scores)
     with pytest.raises(ValueError, match="exact_scan must be one of"):
         influence.InfluenceFunctions.load(tiny_explorer, full_if, exact_scan="fast")
+
+
+def test_directional_derivatives_read_slices_and_gathers_alike(tmp_path, monkeypatch):
+    from abu_explorer.attribution import gradient_table
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "t.npy"
+    np.save(path, rng.standard_normal((11, 2, 7)).astype(np.float32))
+    table = np.load(path, mmap_mode="r", allow_pickle=False)
+    v = torch.from_numpy(rng.standard_normal(7).astype(np.float32))
+    dense = torch.from_numpy(np.asarray(table, dtype=np.float64)) @ v.double()
+    for rows in ([*range(11)], [3, 4, 5], [0, 2, 3, 10, 1], [7]):
+        got = gradient_table.directional_derivatives(table, v, torch.tensor(rows), block=3)
+        torch.testing.assert_close(got, dense[rows].float(), rtol=1e-6, atol=1e-7)
+    # a benchmark's throwaway folder is used inside the block and the setting restored after it
+    monkeypatch.setenv("ABU_GRADIENT_TABLES", "/before")
+    with gradient_table.tables_in(tmp_path / "bench"):
+        assert os.environ["ABU_GRADIENT_TABLES"] == str(tmp_path / "bench")
+    assert os.environ["ABU_GRADIENT_TABLES"] == "/before"

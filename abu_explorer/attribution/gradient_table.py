@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from abu_explorer.attribution import params
 from abu_explorer.attribution.ddpm_loss import ddpm_losses, eval_timesteps, item_noise
 
 VERSION = 1
+FOLDER_ENV = "ABU_GRADIENT_TABLES"  # where tables live; default: the user cache's if_gradients/
 ROWS_PER_BATCH = 16  # (caption row, flip) groups per backward pass; x num_timesteps items
 _LOCKS: dict[str, threading.Lock] = {}
 
@@ -68,8 +70,9 @@ def table_key(explorer, cfg) -> str:
     cache = explorer.training_cache()
     device = str(getattr(explorer, "device", "cpu"))
     # the machine kind too: a table computed with other float rounding must not serve another kind's results
-    doc = {"version": VERSION, "machine_kind": kind(device), **provenance(explorer), "selection": cfg.selection, "num_timesteps": cfg.num_timesteps,
-           "noise_seed": cfg.noise_seed, "rows": len(cache.text_states), "latents": list(cache.latents.shape)}
+    doc = {"version": VERSION, "machine_kind": kind(device), **provenance(explorer),
+           "selection": cfg.selection, "num_timesteps": cfg.num_timesteps, "noise_seed": cfg.noise_seed,
+           "rows": len(cache.text_states), "latents": list(cache.latents.shape)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -83,8 +86,23 @@ def table_bytes(explorer, cfg) -> int:
 def table_path(explorer, cfg) -> Path:
     from abu_explorer.data.dataset import cache_dir
 
-    folder = Path(os.environ.get("ABU_GRADIENT_TABLES") or cache_dir() / "if_gradients")
+    folder = Path(os.environ.get(FOLDER_ENV) or cache_dir() / "if_gradients")
     return folder / f"{table_key(explorer, cfg)}.npy"
+
+
+@contextlib.contextmanager
+def tables_in(folder: Path):
+    """Tables are read and built in ``folder`` inside the block (e.g. a benchmark's throwaway folder);
+    the previous setting is restored on exit."""
+    before = os.environ.get(FOLDER_ENV)
+    os.environ[FOLDER_ENV] = str(folder)
+    try:
+        yield Path(folder)
+    finally:
+        if before is None:
+            os.environ.pop(FOLDER_ENV, None)
+        else:
+            os.environ[FOLDER_ENV] = before
 
 
 def discard(explorer, cfg) -> None:
@@ -139,11 +157,15 @@ def _build(explorer, cfg, modules: list[str], path: Path, progress) -> None:
 
 def directional_derivatives(table: np.ndarray, v: torch.Tensor, caption_rows: torch.Tensor,
                             block: int = 256) -> torch.Tensor:
-    """(len(caption_rows), F) values G[r, f] . v, in float64 block by block, returned as float32."""
+    """(len(caption_rows), F) values G[r, f] . v, in float64 block by block, returned as float32.
+    A run of consecutive rows (the whole-table scan) is read as a slice of the memory map, so the block is
+    copied once (to float64), not gathered first."""
     vd = v.double()
+    rows = caption_rows.numpy()
     out = []
-    for s in range(0, len(caption_rows), block):
-        idx = caption_rows[s:s + block].numpy()
-        g = torch.from_numpy(np.ascontiguousarray(table[idx]))
-        out.append((g.double() @ vd).float())
+    for s in range(0, len(rows), block):
+        idx = rows[s:s + block]
+        consecutive = idx[-1] - idx[0] == len(idx) - 1 and bool((np.diff(idx) == 1).all())
+        part = table[idx[0]:idx[-1] + 1] if consecutive else table[idx]
+        out.append((torch.from_numpy(np.asarray(part, dtype=np.float64)) @ vd).float())
     return torch.cat(out) if out else torch.zeros((0, table.shape[1]))

@@ -15,6 +15,7 @@ import torch
 
 from abu_explorer import artifacts
 from abu_explorer.attribution import METHODS, spec
+from abu_explorer.attribution import gradient_table
 from abu_explorer.attribution import query as q
 
 # every method once in its default mode, then the exact scans (one query each)
@@ -33,17 +34,18 @@ def time_precompute(exp, name: str) -> float:
 
 
 def main(args) -> dict:
-    from abu_explorer.machine import cpu_name
     from abu_explorer.model.embedded import Explorer
 
-    if args.precompute:  # rebuilt and timed too: IF's gradient table goes to a fresh folder, removed at exit
-        import atexit
-        import os
-        import shutil
+    if not args.precompute:
+        return _measure(args, Explorer.load(args.precomputed))
+    # rebuilt and timed too: IF's gradient table is built in a fresh folder, removed afterwards
+    with tempfile.TemporaryDirectory(prefix="abu-bench-tables-") as tables, gradient_table.tables_in(tables):
+        return _measure(args, Explorer.load(args.precomputed))
 
-        os.environ["ABU_GRADIENT_TABLES"] = tempfile.mkdtemp(prefix="abu-bench-tables-")
-        atexit.register(shutil.rmtree, os.environ["ABU_GRADIENT_TABLES"], True)
-    exp = Explorer.load(args.precomputed)
+
+def _measure(args, exp) -> dict:
+    from abu_explorer.machine import cpu_name
+
     caps = exp.dataset.captions
     n = len(caps)
     queries = [q.from_generation(exp, caps[(53 + 211 * i) % n], seed=3000 + i) for i in range(args.queries)]
