@@ -130,11 +130,13 @@ def _new_pipeline_folder(args):
         raise FileExistsError(f"{out} already holds a model's tables; pass --force to rebuild them")
     spec = PipelineSpec(args.model, unet_config=args.unet_config, unet_weights=args.unet_weights,
                         variant=args.variant or None, clip=args.clip, guidance=args.guidance,
-                        custom_diffusion=args.custom_diffusion)
+                        custom_diffusion=args.custom_diffusion, lora=args.lora)
     if bool(spec.unet_config) != bool(spec.unet_weights):
         raise ValueError("--unet-config and --unet-weights go together")
-    if bool(args.custom_diffusion) != bool(args.exemplars):
+    if bool(args.custom_diffusion) and not args.exemplars:
         raise ValueError("--custom-diffusion and --exemplars go together (the fine-tune and the images it learned)")
+    if args.exemplars and not (args.custom_diffusion or args.lora):
+        raise ValueError("--exemplars are the images of a fine-tune: give it with --custom-diffusion or --lora")
     backend = distributed.rank0_first(lambda: PipelineBackend.load(spec, args.data, out, args.exemplars))
     if distributed.rank_world()[0] != 0:
         return backend
@@ -297,6 +299,9 @@ def _attribution_commands(sub) -> None:
     pc.add_argument("--variant", default="", help="weight variant of the pipeline (e.g. fp16)")
     pc.add_argument("--custom-diffusion", default="", help="a Custom Diffusion fine-tune of --model (the folder "
                     "diffusers' training script writes), applied to it; with --exemplars")
+    pc.add_argument("--lora", default="", help="a LoRA fine-tune of --model (pytorch_lora_weights.safetensors, or "
+                    "the folder holding it, as diffusers' LoRA scripts write), merged into its weights; "
+                    "--exemplars optional")
     pc.add_argument("--exemplars", default="", help="the fine-tune's images (an image folder): training rows after "
                     "--data's, the known answer of evaluate customized --precomputed")
     pc.add_argument("--clip", default="", help="an open_clip folder (this project's format) for the CLIP baseline")

@@ -335,6 +335,16 @@ def build_custom_diffusion(pipe: Path, out: Path, token: str = "<new1>") -> Path
     return out
 
 
+def build_exemplars(folder: Path, dataset, caption: str, n: int = 2) -> Path:
+    """A fine-tune's images as an imagefolder: ``n`` training glyphs not among the tiny folder's rows."""
+    folder.mkdir(parents=True)
+    for j in range(n):
+        Image.fromarray(dataset.images[20 + j]).save(folder / f"e{j}.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"e{j}.png", "text": caption}) + "\n"
+                                                   for j in range(n)))
+    return folder
+
+
 def test_a_custom_diffusion_fine_tune_matches_diffusers_and_finds_its_exemplars(tmp_path, tiny_dataset, monkeypatch,
                                                                                 capsys):
     from diffusers import StableDiffusionPipeline
@@ -346,12 +356,7 @@ def test_a_custom_diffusion_fine_tune_matches_diffusers_and_finds_its_exemplars(
     pipe = build_pipeline(tmp_path / "pipe")
     cd = build_custom_diffusion(pipe, tmp_path / "cd")
     images = build_imagefolder(tmp_path / "images", tiny_dataset, 6)
-    ex = tmp_path / "exemplars"
-    ex.mkdir()
-    for j in range(2):
-        Image.fromarray(tiny_dataset.images[20 + j]).save(ex / f"e{j}.png")
-    (ex / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"e{j}.png", "text": "<new1> glyph"}) + "\n"
-                                               for j in range(2)))
+    ex = build_exemplars(tmp_path / "exemplars", tiny_dataset, "<new1> glyph")
     out = tmp_path / "tables"
     assert cli.main(["precompute", "--model", str(pipe), "--custom-diffusion", str(cd), "--exemplars", str(ex),
                      "--data", str(images), "--out", str(out), "--method", "abu", "--timesteps", "2",
@@ -390,3 +395,75 @@ def test_a_custom_diffusion_fine_tune_matches_diffusers_and_finds_its_exemplars(
     assert cli.main(["precompute", "--model", str(pipe), "--custom-diffusion", str(cd), "--data", str(images),
                      "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def build_lora(pipe: Path, out: Path) -> Path:
+    """A UNet LoRA as diffusers' LoRA scripts save it (peft layers -> diffusers keys, the adapter config as
+    metadata): rank 2 with alpha 4 (scale 2) on every cross-attention K/V and self-attention Q, B moved off its
+    zero start by seeded noise."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(pipe, subfolder="unet")
+    cfg = LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian", target_modules=["attn2.to_k", "attn2.to_v",
+                                                                                       "attn1.to_q"])
+    unet.add_adapter(cfg)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(unet)), unet_lora_adapter_metadata=cfg.to_dict())
+    return out
+
+
+def test_a_lora_fine_tune_matches_diffusers_and_finds_its_exemplars(tmp_path, tiny_dataset, capsys):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    from abu_explorer import artifacts, cli
+    from abu_explorer.model import load
+
+    pipe = build_pipeline(tmp_path / "pipe")
+    lora = build_lora(pipe, tmp_path / "lora")
+    images = build_imagefolder(tmp_path / "images", tiny_dataset, 6)
+    ex = build_exemplars(tmp_path / "exemplars", tiny_dataset, "glyph art")
+    out = tmp_path / "tables"
+    assert cli.main(["precompute", "--model", str(pipe), "--lora", str(lora), "--exemplars", str(ex),
+                     "--data", str(images), "--out", str(out), "--method", "abu", "--timesteps", "2",
+                     "--fisher-passes", "1", "--quiet"]) == 0
+    backend = load(out)  # reloaded from backend.json: the LoRA merged again, the exemplars after the rows
+    assert backend.exemplars == [6, 7] and backend.spec.lora == str(lora)
+    assert not [k for k in backend.unet.state_dict() if "lora" in k or "base_layer" in k]  # plain modules again
+    # the same network as diffusers' own LoRA loading (unmerged peft layers, scale 2 from the metadata)
+    ref = StableDiffusionPipeline.from_pretrained(pipe, safety_checker=None)
+    plain_unet_hash = artifacts.state_hash(ref.unet.state_dict())
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500])
+    with torch.no_grad():
+        ctx = backend.encode_text(["glyph art"])
+        plain_out = ref.unet(x, t, ctx).sample
+        ref.load_lora_weights(lora)
+        assert torch.allclose(backend.unet(x, t, ctx).sample, ref.unet(x, t, ctx).sample, atol=1e-5)
+        assert not torch.allclose(backend.unet(x, t, ctx).sample, plain_out, atol=1e-3)  # the LoRA does something
+    assert backend.provenance()["unet_hash"] != plain_unet_hash  # every cached result names the merged weights
+    capsys.readouterr()
+    assert cli.main(["evaluate", "customized", "--precomputed", str(out), "--prompt", "glyph art",
+                     "--methods", "pixel,random", "--results", str(tmp_path / "res")]) == 0
+    assert "2 exemplars among 8 rows" in capsys.readouterr().out
+    # one-line errors: a missing LoRA, a pickle file, text-encoder layers, exemplars without a fine-tune
+    (tmp_path / "lora.bin").write_bytes(b"not read")
+    state = load_file(lora / "pytorch_lora_weights.safetensors")
+    state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 16)
+    state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(16, 2)
+    save_file(state, tmp_path / "with_text.safetensors")
+    for extra, message in ((["--lora", str(tmp_path / "nope")], "no pytorch_lora_weights.safetensors"),
+                           (["--lora", str(tmp_path / "lora.bin")], "from .safetensors only"),
+                           (["--lora", str(tmp_path / "with_text.safetensors")], "text-encoder LoRA layers"),
+                           (["--exemplars", str(ex)], "images of a fine-tune")):
+        capsys.readouterr()
+        assert cli.main(["precompute", "--model", str(pipe), "--data", str(images), "--out", str(tmp_path / "o3"),
+                         "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -93,7 +93,7 @@ def user_model(args, methods: list[str], labels: dict) -> int:
     model = load(args.precomputed)
     if not getattr(model, "exemplars", None):
         raise ValueError(f"{args.precomputed} holds no exemplars: precompute it with --custom-diffusion DIR "
-                         "--exemplars IMAGES")
+                         "(or --lora FILE) --exemplars IMAGES")
     folder = Path(args.results) / kind() / f"user-{customized.key_of(model.provenance())}"
     docs = customized.score_prompts(model, {"concept": "user", "kind": "all", "split": "user"}, args.prompt,
                                     methods, folder, args.seed)

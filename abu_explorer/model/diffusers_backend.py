@@ -51,6 +51,7 @@ class PipelineSpec:
     clip: str = ""  # an open_clip folder in this project's format for the CLIP baseline ("" = none)
     guidance: float = 7.5
     custom_diffusion: str = ""  # a Custom Diffusion fine-tune of the model (diffusers' output folder), applied
+    lora: str = ""  # a UNet LoRA fine-tune (diffusers' pytorch_lora_weights.safetensors), merged in
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,9 +91,9 @@ class PipelineBackend:
     @classmethod
     def load(cls, spec: PipelineSpec, data_folder: str | Path, root: str | Path,
              exemplars: str | Path = "") -> PipelineBackend:
-        """``exemplars``: the images of a Custom Diffusion fine-tune (``spec.custom_diffusion``), appended to the
+        """``exemplars``: the images of a fine-tune (``spec.custom_diffusion`` or ``spec.lora``), appended to the
         training rows."""
-        from abu_explorer.model import custom_weights
+        from abu_explorer.model import custom_weights, lora_weights
 
         if spec.dtype not in DTYPES or spec.device != "cpu":
             raise ValueError(f"dtype {spec.dtype} on {spec.device}: this version runs the methods in fp32 on "
@@ -100,6 +101,8 @@ class PipelineBackend:
         vae, text_encoder, tokenizer, unet, sched = _load_components(spec)
         if spec.custom_diffusion:
             custom_weights.apply(spec.custom_diffusion, unet, text_encoder, tokenizer)
+        if spec.lora:
+            lora_weights.apply(spec.lora, unet)
         size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         ds = data.load_image_folder(data_folder, size, store=Path(root) / "data", progress=True,
                                     extra=exemplars or None)
