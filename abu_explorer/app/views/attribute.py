@@ -62,7 +62,8 @@ def build(app) -> QueryInputs:
                                       label="methods")
             mode = gr.Radio(["fast", "exact"], value="fast", label=" / ".join(m.label.split(" (")[0] for m in METHODS
                                                                            if "exact" in m.modes) + " mode",
-                            info="exact measures every training image (about 30-120 s)")
+                            info="exact measures every training image: AbU about 20 s on 2 CPU cores; IF builds "
+                                 "its gradient table on first use (about a minute), then about 2 s")
             attr_btn = gr.Button("Attribute", variant="primary", elem_id="attribute")
     columns, heads, galleries, states = {}, {}, {}, {}
     for start in range(0, len(METHODS), PER_ROW):  # rows of a few methods: a lone wrapped column would be huge
