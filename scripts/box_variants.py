@@ -7,6 +7,7 @@ The box benchmark's 40 pairs stay untouched: this uses the next ``--pairs`` pair
     contrast  ``box_contrast``: unlearn the box and the rest apart, rank by the difference
     crop      the box cut out and resized to the model's size, queried as a whole image (same caption)
     box-nocap, crop-nocap   the same with the empty caption (the model's unconditional input)
+    alpha-0.001, alpha-0.1  the plain box with a 10x smaller / larger unlearning step than the shipped 0.01
 
 Fast mode (the screen + 200 rescored rows), so a source outside the rescored rows keeps its screen rank: a
 quick look to choose what the exact benchmark should run, not a result. Prints the own-source wins per
@@ -45,6 +46,7 @@ def main() -> None:
     exp = Explorer.load("precomputed")
     ds, size = exp.dataset, exp.image_size
     plain, contrast = AbU.load(exp), AbU.load(exp, box_contrast=True)
+    stepped = {alpha: AbU.load(exp, alpha=alpha) for alpha in (0.001, 0.1)}
     pairs = boxes.choose_pairs(exp, BENCHMARK_PAIRS + args.pairs)[BENCHMARK_PAIRS:]
     if args.steps:
         return step_cosines(exp, plain, pairs[:args.steps])
@@ -59,6 +61,8 @@ def main() -> None:
                 asks = {"plain": (plain, boxed), "contrast": (contrast, boxed), "crop": (plain, cropped),
                         "box-nocap": (plain, dataclasses.replace(boxed, prompt="")),
                         "crop-nocap": (plain, dataclasses.replace(cropped, prompt=""))}
+                for alpha in (0.001, 0.1):
+                    asks[f"alpha-{alpha}"] = (stepped[alpha], boxed)
                 asks = {k: asks[k] for k in args.variants.split(",")}
                 for name, (method, query) in asks.items():
                     s = method.score(query, "fast").scores.numpy()
