@@ -156,6 +156,9 @@ def test_a_box_example_shows_its_known_sources_through_the_api(tiny_app, tmp_pat
         gallery = out[[i for i, o in enumerate(out) if o is pixel][0] + 1]
         framed = [t["caption"] for t in gallery if t["caption"].startswith("[box's own source]")]
         assert len(framed) == (1 if rank <= examples.TOP else 0)
+        # the embedded model's page says what its box benchmark found (a user's model gets no such line)
+        texts = " ".join(str(c.get("props", {}).get("value", "")) for c in demo.config["components"])
+        assert "binds no region to a word" in texts
     finally:
         demo.close()
         shutil.rmtree(folder)

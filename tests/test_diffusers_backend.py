@@ -308,6 +308,7 @@ def test_the_app_serves_a_user_model(user_model):
         texts = " ".join(str(c.get("props", {}).get("value", "")) for c in page)
         assert "Not available for this model" in texts and "No examples were built" in texts
         assert "OpenMoji" not in texts and str(tmp / "images") in texts  # the About tab credits the user's data
+        assert "binds no region to a word" not in texts  # the box caveat is the embedded model's finding
     finally:
         demo.close()
     with pytest.raises(Exception, match="retrains the embedded model only"):

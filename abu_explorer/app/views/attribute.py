@@ -49,6 +49,10 @@ def build(app) -> QueryInputs:
                 box_btn = gr.Button("Show box", size="sm")
                 clear_btn = gr.Button("Whole image", size="sm")
             note = gr.Markdown(f"Box in model pixels (0-{app.image_size}); empty = whole image.")
+            if not app.explorer.retrain_note:  # the embedded model: what its box benchmark found
+                gr.Markdown("On this model the pixel and CLIP neighbours localize a box; the gradient methods' "
+                            "boxes, AbU's included, scored at chance on two-concept composites (the model binds "
+                            "no region to a word; see docs/evaluation.md).", elem_id="box_caveat")
             with gr.Accordion("or drag a box on the image", open=False):
                 from gradio_image_annotation import image_annotator
 
