@@ -226,9 +226,13 @@ def _method_options(args) -> dict:
     options = {k: v for k, v in (("alpha", args.alpha), ("unlearn_steps", args.unlearn_steps),
                                  ("unlearn_samples", args.unlearn_samples), (damping, args.damping),
                                  ("screen_candidates", args.candidates),
-                                 ("box_contrast", True if args.box_contrast else None)) if v is not None}
+                                 ("box_contrast", True if args.box_contrast else None),
+                                 ("box_contrast_scaled", True if args.box_contrast == "scaled" else None))
+               if v is not None}
     if args.box_contrast and not args.box:
         raise ValueError("--box-contrast needs a --box")
+    if args.box_contrast == "scaled" and args.mode != "exact":
+        raise ValueError("--box-contrast scaled needs --mode exact (its scale is the median over every row)")
     if options and args.method not in ("abu", "abuplus"):
         raise ValueError(f"{', '.join(options)} only apply to --method abu or abuplus (and --damping, --candidates "
                          "to if)")
@@ -333,8 +337,9 @@ def _attribution_commands(sub) -> None:
     a.add_argument("--damping", type=float, help="abu: added to the Fisher before inverting (default 0: the paper); "
                    "if, abuplus: EK-FAC damping (default 0.1 x mean eigenvalue)")
     a.add_argument("--candidates", type=int, help="fast mode: rows rescored exactly (default 200)")
-    a.add_argument("--box-contrast", action="store_true", help="abu, abuplus: rank a box by its loss change minus "
-                   "that of the rest of the image (twice the time; see docs/evaluation.md)")
+    a.add_argument("--box-contrast", nargs="?", const="raw", choices=("raw", "scaled"),
+                   help="abu, abuplus: rank a box by its loss change minus that of the rest of the image (twice the "
+                   "time); 'scaled': each side over its median |change| first (exact mode); see docs/evaluation.md")
     a.add_argument("--clip-model", default="", help="clip: any open_clip model name instead of the project's CLIP")
     a.add_argument("--dino-model", default="", help="dino: a DINO / DINOv2 folder or Hub id (else ABU_DINO_MODEL)")
     a.add_argument("--clip-pretrained", default="", help="clip: its pretrained tag (open_clip download) or a "

@@ -1,6 +1,6 @@
 """AbU's box contrast with each box's loss changes put on one scale, checked on held-out halves composites.
 
-The box contrast compares tau_A(z) - tau_B(z) between the two sources (``boxes.halves_contrast``). Two box
+The box contrast compares tau_A(z) - tau_B(z) between the two sources (``boxes.pair_contrast``). Two box
 queries unlearn with steps of different sizes, so their loss changes differ in scale, and a raw difference
 then mostly says which box took the larger step. *Scaled*: each box's changes divided by their median absolute
 value over all rows before the difference (the variant chosen on the benchmark's own 40 composites, where it

@@ -123,7 +123,7 @@ def test_abu_box_contrast_is_the_box_minus_the_rest(tiny_app, tmp_path):
     assert torch.equal(contrast.score(whole, "exact").scores, plain.score(whole, "exact").scores)  # nothing outside
     rows = [{"layout": "halves", "pair": [a, b], "own": own, "other": other,
              **boxes.box_result(s.numpy(), own, other)} for (_, own, other), s in zip(parts, (ta, tb))]
-    derived, = boxes.halves_contrast(rows)
+    derived, = boxes.pair_contrast(rows)
     assert derived["own_wins"] == bool(ca.scores[a] > ca.scores[b]) and "own_ranks" not in derived
     # with every row's scores saved (as exact runs of AbU do), the contrast's own ranks follow too
     from abu_explorer import artifacts
@@ -131,13 +131,31 @@ def test_abu_box_contrast_is_the_box_minus_the_rest(tiny_app, tmp_path):
     for r, s in zip(rows, (ta, tb)):
         r["scores_file"] = f"v/{r['own']}.npy"
         artifacts.save_npy(tmp_path / r["scores_file"], s.numpy().astype(np.float64))
-    derived, = boxes.halves_contrast(rows, tmp_path)
+    derived, = boxes.pair_contrast(rows, tmp_path)
     c = (ta - tb).double().numpy()
     assert derived["own_ranks"] == [int((c >= c[a]).sum()), int((-c >= -c[b]).sum())]
     run = boxes.run_method(exp, "abu", [(a, b)], ["halves"], "exact", tmp_path / "run", progress=False)
     assert all((tmp_path / "run" / r["scores_file"]).exists() for r in run)
-    again, = boxes.halves_contrast(run, tmp_path / "run")
+    again, = boxes.pair_contrast(run, tmp_path / "run")
     assert again["own_ranks"] == derived["own_ranks"] and again["own_wins"] == derived["own_wins"]
+    # on one scale: each side over its median |tau| (exact mode only), and the derived figure agrees with it
+    from abu_explorer.attribution.abu import on_one_scale
+
+    both = spec("abu").load(exp, box_contrast=True, box_contrast_scaled=True)
+    sa = both.score(qa, "exact")
+    assert torch.equal(sa.scores, on_one_scale(ta) - on_one_scale(tb)) and "median" in sa.notes
+    assert not torch.equal(sa.scores, ca.scores)
+    assert both.settings()["config"]["box_contrast_scaled"] is True
+    assert "box_contrast_scaled" not in contrast.settings()["config"]
+    with pytest.raises(ValueError, match="exact mode"):
+        both.score(qa, "fast")
+    with pytest.raises(ValueError, match="needs box_contrast"):
+        spec("abu").load(exp, box_contrast_scaled=True)
+    scaled, = boxes.pair_contrast(rows, tmp_path, scaled=True)
+    c = on_one_scale(ta).double().numpy() - on_one_scale(tb).double().numpy()
+    assert scaled["own_wins"] == bool(sa.scores[a] > sa.scores[b])
+    assert scaled["own_ranks"] == [int((c >= c[a]).sum()), int((-c >= -c[b]).sum())]
+    assert boxes.pair_contrast(rows, None, scaled=True) == []  # the scale needs every row's scores
 
 
 def test_box_contrast_on_the_command_line_is_checked(capsys):
@@ -147,7 +165,9 @@ def test_box_contrast_on_the_command_line_is_checked(capsys):
     base = ["attribute", "--precomputed", str(PRECOMPUTED), "--prompt", "red apple", "--steps", "2"]
     for extra, match in ((["--method", "abu", "--box-contrast"], "needs a --box"),
                          (["--method", "pixel", "--box-contrast", "--box", "0", "0", "16", "32"], "abu or abuplus"),
-                         (["--method", "if", "--box-contrast", "--box", "0", "0", "16", "32"], "abu or abuplus")):
+                         (["--method", "if", "--box-contrast", "--box", "0", "0", "16", "32"], "abu or abuplus"),
+                         (["--method", "abu", "--box-contrast", "scaled", "--box", "0", "0", "16", "32"],
+                          "needs --mode exact")):
         capsys.readouterr()
         assert cli.main(base + extra) == 2
         err = capsys.readouterr().err

@@ -23,7 +23,9 @@ cross-attention key/value weights, then measure how much each training image's l
 # Box contrast (ours, ``box_contrast``): a box query is unlearned twice, once with the loss inside the box and
 # once with the loss outside it, and a row scores tau_box - tau_rest. Both steps share the caption, so what the
 # caption alone drives (on the embedded model: the first-named concept) cancels, and what remains is what the
-# box's pixels add. Twice the cost of a plain box query.
+# box's pixels add. Twice the cost of a plain box query. The two steps differ in size, so with
+# ``box_contrast_scaled`` each side is first divided by its median |tau| over all rows (exact mode only):
+# tau_box / med|tau_box| - tau_rest / med|tau_rest|.
 """
 from __future__ import annotations
 
@@ -145,6 +147,8 @@ class AbU:
     def score(self, query, mode: str = "fast", progress=None) -> Ranking:
         if mode not in ("fast", "exact"):
             raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
+        if mode == "fast" and self.cfg.box_contrast_scaled and self.contrast_query(query) is not None:
+            raise ValueError("box_contrast_scaled needs exact mode: its scale is the median over every row")
         phases = {}
         t0 = time.perf_counter()
         # 1. unlearn the query (and, for a box contrast, the rest of the image)
@@ -152,11 +156,16 @@ class AbU:
         rest = self.contrast_query(query)
         rest_delta = None if rest is None else self.unlearn(rest)
         phases["unlearn"] = time.perf_counter() - t0
-        note = "box contrast: loss change after unlearning the box minus after unlearning the rest; " if rest else ""
+        scaled = " (each over its median |change|)" if self.cfg.box_contrast_scaled else ""
+        note = (f"box contrast: loss change after unlearning the box minus after unlearning the rest{scaled}; "
+                if rest else "")
 
         def measure(rows):
             out = self.rescore(delta, rows, progress)
-            return out if rest_delta is None else out - self.rescore(rest_delta, rows)
+            if rest_delta is None:
+                return out
+            other = self.rescore(rest_delta, rows)
+            return on_one_scale(out) - on_one_scale(other) if self.cfg.box_contrast_scaled else out - other
 
         n = self.cache.num_images
         if mode == "exact":
@@ -199,6 +208,12 @@ def value_shift(selected: dict, delta: torch.Tensor, states: torch.Tensor, selec
         c = states[start:start + block]
         shift[start:start + len(c)] = sum(torch.einsum("oi,nli->nlo", dw, c).pow(2).sum(dim=(1, 2)) for dw in layers)
     return shift
+
+
+def on_one_scale(tau: torch.Tensor) -> torch.Tensor:
+    """tau over its median absolute value (a zero median leaves tau as it is)."""
+    m = tau.abs().median()
+    return tau / m if float(m) > 0 else tau
 
 
 def fill_below(n: int, rows: torch.Tensor, exact: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:

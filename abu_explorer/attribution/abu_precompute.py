@@ -41,6 +41,7 @@ class AbUConfig:
     screen_candidates: int = 200  # M rows rescored exactly in fast mode
     batch_size: int = 256
     box_contrast: bool = False  # box queries: tau(box) - tau(the rest of the image), see abu.py
+    box_contrast_scaled: bool = False  # ... each side over its median |tau| first (exact mode only), see abu.py
 
     def __post_init__(self):
         from abu_explorer.attribution.params import SELECTIONS
@@ -53,7 +54,8 @@ class AbUConfig:
                   (self.unlearn_samples >= 1, "unlearn_samples must be >= 1"),
                   (self.fisher_passes >= 1, "fisher_passes must be >= 1"),
                   (self.screen_candidates >= 1, "screen_candidates must be >= 1"),
-                  (self.batch_size >= 1, "batch_size must be >= 1")]
+                  (self.batch_size >= 1, "batch_size must be >= 1"),
+                  (self.box_contrast or not self.box_contrast_scaled, "box_contrast_scaled needs box_contrast")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"AbU setting: {msg}")

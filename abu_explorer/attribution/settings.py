@@ -11,7 +11,7 @@ from abu_explorer import artifacts
 # settings that change how the work is cut, not the ranking
 NEUTRAL = frozenset({"batch_size"})
 # options added after results were filed: in the key only when switched on, so those results keep their keys
-WHEN_ON = {"box_contrast": False}
+WHEN_ON = {"box_contrast": False, "box_contrast_scaled": False}
 
 
 def method_settings(cfg, folder: Path | None) -> dict:

@@ -156,27 +156,42 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return rank_corr(np.asarray(x, float), np.asarray(y, float))
 
 
-def halves_contrast(rows: list[dict], folder: Path | None = None) -> list[dict]:
-    """AbU's box contrast on the halves layout, from a plain run's exact scores: the rest of a half is exactly
-    the other half (complementary masks), so contrast_A(X) = tau_A(X) - tau_B(X), and box A's own source wins iff
-    tau_A(A) - tau_B(A) > tau_A(B) - tau_B(B); box B's contrast is its negative and wins under the same condition.
-    One entry per composite whose two boxes both carry scores; where the run saved every row's scores (their files
-    relative to ``folder``), also the own sources' ranks among N under the contrast."""
+def pair_contrast(rows: list[dict], folder: Path | None = None, layout: str = "halves",
+                  scaled: bool = False) -> list[dict]:
+    """The two boxes of each composite contrasted, from a plain run's exact scores: c(X) = tau_A(X) - tau_B(X).
+    Box A's own source wins iff c(A) > c(B); box B's contrast is -c and wins under the same condition, so one entry
+    per composite. On halves this *is* AbU's box contrast (the rest of a half is exactly the other half); on the
+    other layouts it contrasts the two boxes, not a box and its rest. ``scaled``: each box's scores over their
+    median |tau| first (``abu.on_one_scale``; needs every row's scores). Where the run saved every row's scores
+    (files relative to ``folder``), also the own sources' ranks among N under the contrast."""
     by_pair = {}
     for r in rows:
-        if r["layout"] == "halves" and "own_score" in r:
+        if r["layout"] == layout and "own_score" in r:
             by_pair.setdefault(tuple(r["pair"]), {})[r["own"]] = r
     out = []
     for (a, b), boxes_ in by_pair.items():
-        if a in boxes_ and b in boxes_:
-            box_a, box_b = boxes_[a], boxes_[b]
-            margin = (box_a["own_score"] - box_b["other_score"]) - (box_a["other_score"] - box_b["own_score"])
-            entry = {"pair": [a, b], "own_wins": bool(margin > 0), "margin": margin,
-                     "plain_wins": [box_a["own_wins"], box_b["own_wins"]]}
-            files = [Path(folder or ".") / x["scores_file"] for x in (box_a, box_b) if "scores_file" in x]
-            if folder is not None and len(files) == 2 and all(f.exists() for f in files):
-                ta, tb = (artifacts.load_npy(f) for f in files)
-                c = ta - tb
-                entry["own_ranks"] = [int((c >= c[a]).sum()), int((-c >= -c[b]).sum())]
-            out.append(entry)
+        if a not in boxes_ or b not in boxes_:
+            continue
+        box_a, box_b = boxes_[a], boxes_[b]
+        files = [Path(folder or ".") / x["scores_file"] for x in (box_a, box_b) if "scores_file" in x]
+        have = folder is not None and len(files) == 2 and all(f.exists() for f in files)
+        if scaled and not have:
+            continue
+        entry = {"pair": [a, b], "plain_wins": [box_a["own_wins"], box_b["own_wins"]]}
+        if have:
+            ta, tb = (artifacts.load_npy(f) for f in files)
+            if scaled:
+                ta, tb = _on_one_scale(ta), _on_one_scale(tb)
+            c = ta - tb
+            entry.update(margin=float(c[a] - c[b]), own_ranks=[int((c >= c[a]).sum()), int((-c >= -c[b]).sum())])
+        else:
+            entry["margin"] = (box_a["own_score"] - box_b["other_score"]) - (box_a["other_score"] - box_b["own_score"])
+        entry["own_wins"] = bool(entry["margin"] > 0)
+        out.append(entry)
     return out
+
+
+def _on_one_scale(t: np.ndarray) -> np.ndarray:
+    """``abu.on_one_scale`` in numpy: over the lower median of |t| (torch's median), unless that is 0."""
+    m = np.sort(np.abs(t))[(len(t) - 1) // 2]
+    return t / m if m > 0 else t

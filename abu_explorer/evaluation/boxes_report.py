@@ -95,29 +95,35 @@ def plot(summary: dict, path: Path, labels: dict[str, str], title: str) -> None:
 
 
 def contrast_notes(summary: dict, per_method: dict, labels: dict, folder: Path | None = None) -> str:
-    """For AbU and AbU+: the box contrast on the halves layout, derived from the plain run's exact scores
-    (``boxes.halves_contrast``), beside the plain boxes of the same composites (an exact McNemar test on the
-    composites where the two disagree; a composite's two plain boxes count as one win when both win)."""
+    """For AbU and AbU+, per layout: the two boxes contrasted (``boxes.pair_contrast``), raw and on one scale,
+    derived from the plain run's exact scores, beside the plain boxes of the same composites (an exact McNemar
+    test on the composites where the two disagree; a composite's two plain boxes count as one win when both win)."""
     lines = []
     for name in ("abu", "abuplus"):
-        derived = boxes.halves_contrast(per_method.get(name, []), folder)
-        if not derived:
-            continue
-        ranks = [r for d in derived for r in d.get("own_ranks", [])]
-        n, wins = len(derived), sum(d["own_wins"] for d in derived)
-        plain = sum(all(d["plain_wins"]) for d in derived)
-        only_c = sum(d["own_wins"] and not all(d["plain_wins"]) for d in derived)
-        only_p = sum(all(d["plain_wins"]) and not d["own_wins"] for d in derived)
-        lo, hi = clopper_pearson(wins, n)
-        summary["methods"][name]["halves_contrast"] = {
-            "composites": n, "own_wins": wins, "share": wins / n, "ci95": [lo, hi], "plain_both_win": plain,
-            "mcnemar_p": mcnemar_p(only_c, only_p),
-            "mean_own_rank": float(np.mean(ranks)) if ranks else None, "ranked_boxes": len(ranks)}
-        lines.append(f"{labels.get(name, name)}, halves, box contrast (tau_box - tau_rest): both boxes' own source "
-                     f"wins in {wins}/{n} composites = {wins / n:.2f} [{lo:.2f}, {hi:.2f}]; plain boxes: both win in "
-                     f"{plain}/{n} (McNemar p = {mcnemar_p(only_c, only_p):.3f})"
-                     + (f"; mean own rank under the contrast {np.mean(ranks):.0f} ({len(ranks)} boxes)" if ranks else ""))
+        for layout in boxes.LAYOUTS:
+            for scaled in (False, True):
+                derived = boxes.pair_contrast(per_method.get(name, []), folder, layout, scaled)
+                if derived:
+                    lines.append(_contrast_line(summary, name, layout, scaled, derived, labels))
     return "\n".join(lines)
+
+
+def _contrast_line(summary: dict, name: str, layout: str, scaled: bool, derived: list, labels: dict) -> str:
+    ranks = [r for d in derived for r in d.get("own_ranks", [])]
+    n, wins = len(derived), sum(d["own_wins"] for d in derived)
+    plain = sum(all(d["plain_wins"]) for d in derived)
+    only_c = sum(d["own_wins"] and not all(d["plain_wins"]) for d in derived)
+    only_p = sum(all(d["plain_wins"]) and not d["own_wins"] for d in derived)
+    lo, hi = clopper_pearson(wins, n)
+    p = mcnemar_p(only_c, only_p)
+    variant = "scaled" if scaled else "raw"
+    summary["methods"][name].setdefault("contrasts", {}).setdefault(layout, {})[variant] = {
+        "composites": n, "own_wins": wins, "share": wins / n, "ci95": [lo, hi], "plain_both_win": plain,
+        "mcnemar_p": p, "mean_own_rank": float(np.mean(ranks)) if ranks else None, "ranked_boxes": len(ranks)}
+    what = ("tau_A - tau_B" if not scaled else "tau_A / med|tau_A| - tau_B / med|tau_B|")
+    return (f"{labels.get(name, name)}, {layout}, the two boxes contrasted ({what}): own sources win in {wins}/{n} "
+            f"composites = {wins / n:.2f} [{lo:.2f}, {hi:.2f}]; plain boxes: both win in {plain}/{n} "
+            f"(McNemar p = {p:.3f})" + (f"; mean own rank {np.mean(ranks):.0f} ({len(ranks)} boxes)" if ranks else ""))
 
 
 def main(args) -> int:
