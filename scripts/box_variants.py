@@ -8,6 +8,8 @@ The box benchmark's 40 pairs stay untouched: this uses the next ``--pairs`` pair
     crop      the box cut out and resized to the model's size, queried as a whole image (same caption)
     box-nocap, crop-nocap   the same with the empty caption (the model's unconditional input)
     alpha-0.001, alpha-0.1  the plain box with a 10x smaller / larger unlearning step than the shipped 0.01
+    low-t, high-t  the plain box unlearned with draws at t < T/4 only (little noise: the denoiser's error is
+              local) / at t >= 3T/4 only (mostly noise: the caption decides); the scores' loss timesteps unchanged
 
 Fast mode (the screen + 200 rescored rows), so a source outside the rescored rows keeps its screen rank: a
 quick look to choose what the exact benchmark should run, not a result. Prints the own-source wins per
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 import numpy as np
 import torch
@@ -31,6 +34,34 @@ from abu_explorer.evaluation import boxes
 from abu_explorer.model.embedded import Explorer
 
 BENCHMARK_PAIRS = 40
+
+
+class Banded(AbU):
+    """AbU whose unlearning draws take their timestep only in ``band`` = [lo, hi) (uniform there: t -> lo + t mod
+    (hi - lo), the noise unchanged); everything else as shipped."""
+    band = (0, 1000)
+
+    def query_gradient(self, query, step: int = 0):
+        from abu_explorer.attribution import abu as module
+
+        lo, hi = self.band
+        original = module.random_draw
+
+        def banded(*args):
+            t, noise = original(*args)
+            return lo + t % (hi - lo), noise
+
+        module.random_draw = banded
+        try:
+            return super().query_gradient(query, step)
+        finally:
+            module.random_draw = original
+
+
+def banded(exp, lo: int, hi: int) -> Banded:
+    method = Banded.load(exp)
+    method.band = (lo, hi)
+    return method
 
 
 def main() -> None:
@@ -47,6 +78,8 @@ def main() -> None:
     ds, size = exp.dataset, exp.image_size
     plain, contrast = AbU.load(exp), AbU.load(exp, box_contrast=True)
     stepped = {alpha: AbU.load(exp, alpha=alpha) for alpha in (0.001, 0.1)}
+    T = exp.scheduler.config.num_train_timesteps
+    bands = {"low-t": banded(exp, 0, T // 4), "high-t": banded(exp, 3 * T // 4, T)}
     pairs = boxes.choose_pairs(exp, BENCHMARK_PAIRS + args.pairs)[BENCHMARK_PAIRS:]
     if args.steps:
         return step_cosines(exp, plain, pairs[:args.steps])
@@ -63,6 +96,7 @@ def main() -> None:
                         "crop-nocap": (plain, dataclasses.replace(cropped, prompt=""))}
                 for alpha in (0.001, 0.1):
                     asks[f"alpha-{alpha}"] = (stepped[alpha], boxed)
+                asks.update({band: (method, boxed) for band, method in bands.items()})
                 asks = {k: asks[k] for k in args.variants.split(",")}
                 for name, (method, query) in asks.items():
                     s = method.score(query, "fast").scores.numpy()
@@ -84,7 +118,7 @@ def main() -> None:
 
         from abu_explorer import artifacts
 
-        artifacts.save_json(Path(args.json), {"command": "PYTHONPATH=. python scripts/box_variants.py",
+        artifacts.save_json(Path(args.json), {"command": "PYTHONPATH=. python " + " ".join(sys.argv),
                                               "pairs": pairs, "rows": rows})
 
 
