@@ -20,7 +20,6 @@ composites with a bootstrap 95% interval; ``--json`` saves everything.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import numpy as np

@@ -172,3 +172,29 @@ def test_box_contrast_on_the_command_line_is_checked(capsys):
         assert cli.main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and match in err, (extra, err)
+
+
+def test_contrast_notes_report_every_layout_raw_and_scaled(tmp_path):
+    """The two-box contrast, raw and on one scale, per layout, from saved score vectors (hand-made: in the scaled
+    contrast box A's large steps no longer swamp box B's)."""
+    from abu_explorer import artifacts
+
+    a, b = 0, 1
+    ta = np.array([10.0, 8.0, 6.0, 4.0, 2.0])  # box A's step is large: every change is big
+    tb = np.array([0.5, 0.1, 0.2, 0.3, 0.4])  # box B's is small, and it ranks A above B too
+    rows = []
+    for layout in ("halves", "pasted"):
+        for own, other, t in ((a, b, ta), (b, a, tb)):
+            r = {"layout": layout, "pair": [a, b], "own": own, "other": other, **boxes.box_result(t, own, other),
+                 "scores_file": f"s/{layout}-{own}.npy"}
+            artifacts.save_npy(tmp_path / r["scores_file"], t)
+            rows.append(r)
+    summary = {"methods": {"abu": {}}}
+    text = boxes_report.contrast_notes(summary, {"abu": rows}, {"abu": "AbU"}, tmp_path)
+    assert text.count("\n") == 3 and "pasted" in text and "med|tau_A|" in text
+    got = summary["methods"]["abu"]["contrasts"]
+    # raw c = ta - tb: c(A) = 9.5 > c(B) = 7.9, a win; over the medians 6 and 0.3: c(A) = 0 < c(B) = 1, a loss
+    for layout in ("halves", "pasted"):
+        assert got[layout]["raw"]["own_wins"] == 1 and got[layout]["scaled"]["own_wins"] == 0
+        assert got[layout]["raw"]["plain_both_win"] == 0 and got[layout]["raw"]["composites"] == 1
+    assert "quadrants" not in got
