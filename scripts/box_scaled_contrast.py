@@ -28,10 +28,6 @@ from abu_explorer.model.embedded import Explorer
 BENCHMARK_PAIRS = 40
 
 
-def scaled(t: np.ndarray) -> np.ndarray:
-    return t / np.median(np.abs(t))
-
-
 def zscored(t: np.ndarray) -> np.ndarray:
     return (t - t.mean()) / t.std()
 
@@ -68,7 +64,7 @@ def main() -> None:
         rows = boxes.run_method(exp, "abu", pairs, ["halves"], "exact", folder)
     plain = sum(r["own_wins"] for r in rows)
     print(f"plain boxes: {plain}/{len(rows)}")
-    for name, norm in (("raw contrast", lambda t: t), ("scaled contrast", scaled), ("z-scored contrast", zscored)):
+    for name, norm in (("raw contrast", lambda t: t), ("scaled contrast", boxes.on_one_scale), ("z-scored contrast", zscored)):
         w, n = contrast_wins(rows, folder, norm)
         lo, hi = clopper_pearson(w, n)
         print(f"{name}: {w}/{n} composites (both boxes win together), 95% CI [{lo:.2f}, {hi:.2f}]")

@@ -181,7 +181,7 @@ def pair_contrast(rows: list[dict], folder: Path | None = None, layout: str = "h
         if have:
             ta, tb = (artifacts.load_npy(f) for f in files)
             if scaled:
-                ta, tb = _on_one_scale(ta), _on_one_scale(tb)
+                ta, tb = on_one_scale(ta), on_one_scale(tb)
             c = ta - tb
             entry.update(margin=float(c[a] - c[b]), own_ranks=[int((c >= c[a]).sum()), int((-c >= -c[b]).sum())])
         else:
@@ -191,7 +191,7 @@ def pair_contrast(rows: list[dict], folder: Path | None = None, layout: str = "h
     return out
 
 
-def _on_one_scale(t: np.ndarray) -> np.ndarray:
+def on_one_scale(t: np.ndarray) -> np.ndarray:
     """``abu.on_one_scale`` in numpy: over the lower median of |t| (torch's median), unless that is 0."""
     m = np.sort(np.abs(t))[(len(t) - 1) // 2]
     return t / m if m > 0 else t
