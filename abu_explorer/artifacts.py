@@ -1,6 +1,7 @@
 """Safe, atomic artifact I/O: safetensors, .npy without pickle, JSON. Nothing here unpickles."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +35,21 @@ def _atomic_write(path: Path, write) -> None:
 def save_json(path: Path, obj) -> None:
     data = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
     _atomic_write(path, lambda f: f.write(data))
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive advisory lock beside ``path`` (``.NAME.lock``), for processes that update one file in turn."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def save_bytes(path: Path, data: bytes) -> None:

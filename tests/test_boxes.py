@@ -75,6 +75,26 @@ def test_run_resumes_and_the_command_writes_its_report(tiny_explorer, tmp_path, 
     bad = argparse.Namespace(**{**vars(args), "layouts": "diagonal"})
     with pytest.raises(ValueError, match="unknown layout"):
         boxes_report.main(bad)
+    for shard in ("2/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="--shard takes I/N"):
+            boxes_report.main(argparse.Namespace(**{**vars(args), "shard": shard}))
+
+
+def test_shards_fill_one_results_file_together(tiny_explorer, tmp_path):
+    """Two shards run at once (threads here, processes in use) file every composite once, under a lock, and the
+    file equals a single run's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = boxes.choose_pairs(tiny_explorer, 3)
+    layouts = ["halves", "pasted"]
+    whole = boxes.run_method(tiny_explorer, "pixel", pairs, layouts, "exact", tmp_path / "one", progress=False)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda i: boxes.run_method(tiny_explorer, "pixel", pairs, layouts, "exact", tmp_path / "two",
+                                                 False, None, (i, 2)), (0, 1)))
+    together = boxes.run_method(tiny_explorer, "pixel", pairs, layouts, "exact", tmp_path / "two", progress=False)
+    assert len(whole) == 12 and together == whole
+    files = [next((tmp_path / d).glob("pixel-*.json")) for d in ("one", "two")]
+    assert json.loads(files[0].read_text()) == json.loads(files[1].read_text())
 
 
 def test_generated_pairs_count_prompts_drawn_with_both_parts(tiny_explorer, tmp_path):

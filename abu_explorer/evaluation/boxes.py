@@ -110,9 +110,10 @@ def key_of(doc: dict) -> str:
 
 
 def run_method(explorer, name: str, pairs: list[tuple[int, int]], layouts: list[str], mode: str, folder: Path,
-               progress: bool = True, options: dict | None = None) -> list[dict]:
+               progress: bool = True, options: dict | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Every box of every composite ranked by one method (loaded with ``options``); cached box by box under the
-    method's settings."""
+    method's settings. ``shard`` = (i, n): only composites i, i + n, ... of the list; n processes with different
+    i fill one results file together (each composite merged into it under a lock)."""
     from tqdm.auto import tqdm
 
     from abu_explorer.attribution import query as q
@@ -122,31 +123,36 @@ def run_method(explorer, name: str, pairs: list[tuple[int, int]], layouts: list[
     mode = mode if mode in spec(name).modes else ""
     settings = {"method": name, "mode": mode, **ranker.settings(), "model": explorer.provenance()}
     path = folder / f"{name}-{key_of(settings)}.json"
-    doc = artifacts.load_json(path) if path.exists() else {"settings": settings, "boxes": {}}
     keep_scores = mode == "exact" and name in ("abu", "abuplus")
     ds = explorer.dataset
     todo = [(a, b, lay) for a, b in pairs for lay in layouts]
-    for a, b, lay in tqdm(todo, desc=f"{name} composites", disable=not progress):
+    for a, b, lay in tqdm(todo[shard[0]::shard[1]], desc=f"{name} composites", disable=not progress):
         ids = [f"{a}-{b}-{lay}-{i}" for i in range(2)]
-        if all(k in doc["boxes"] for k in ids):
+        if all(k in _filed(path, settings)["boxes"] for k in ids):
             continue
         img, parts = composite(ds, a, b, lay)
-        scores = []
+        scores, new = [], {}
         for box_id, (box, own, other) in zip(ids, parts):
             query = q.from_image(explorer, img, caption(ds, a, b), box)
             scores.append(ranker.score(query, mode).scores.numpy())
+            new[box_id] = {"pair": [a, b], "layout": lay, "box": list(box), "own": own, "other": other,
+                           **box_result(scores[-1], own, other)}
             if keep_scores:  # every row's score: what a box contrast's ranks are computed from
                 artifacts.save_npy(path.with_suffix("") / f"{box_id}.npy", scores[-1].astype(np.float64))
-            doc["boxes"][box_id] = {"pair": [a, b], "layout": lay, "box": list(box), "own": own, "other": other,
-                                    **box_result(scores[-1], own, other)}
-            if keep_scores:
-                doc["boxes"][box_id]["scores_file"] = f"{path.stem}/{box_id}.npy"
+                new[box_id]["scores_file"] = f"{path.stem}/{box_id}.npy"
         agreement = spearman(scores[0], scores[1])  # does the box change the ranking at all?
-        for box_id in ids:
-            doc["boxes"][box_id]["boxes_spearman"] = agreement
-        artifacts.save_json(path, doc)  # atomic, after every composite: an interrupted run resumes here
+        for entry in new.values():
+            entry["boxes_spearman"] = agreement
+        with artifacts.locked(path):  # atomic, after every composite: an interrupted run resumes here
+            doc = _filed(path, settings)
+            doc["boxes"].update(new)
+            artifacts.save_json(path, doc)
     wanted = {f"{a}-{b}-{lay}-{i}" for a, b, lay in todo for i in range(2)}
-    return [r for k, r in doc["boxes"].items() if k in wanted]
+    return [r for k, r in _filed(path, settings)["boxes"].items() if k in wanted]
+
+
+def _filed(path: Path, settings: dict) -> dict:
+    return artifacts.load_json(path) if path.exists() else {"settings": settings, "boxes": {}}
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:

@@ -126,6 +126,17 @@ def _contrast_line(summary: dict, name: str, layout: str, scaled: bool, derived:
             f"(McNemar p = {p:.3f})" + (f"; mean own rank {np.mean(ranks):.0f} ({len(ranks)} boxes)" if ranks else ""))
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N), with 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ValueError(f"--shard takes I/N with 0 <= I < N, e.g. 1/2; got {text!r}")
+    return i, n
+
+
 def main(args) -> int:
     import torch
 
@@ -148,6 +159,7 @@ def main(args) -> int:
     for lay in layouts:
         if lay not in boxes.LAYOUTS:
             raise ValueError(f"unknown layout {lay!r}; one of {', '.join(boxes.LAYOUTS)}")
+    shard = parse_shard(getattr(args, "shard", "0/1"))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     labels = {m: spec(m).label for m in methods}  # unknown names fail before any work
     if args.mode not in ("exact", "fast"):
@@ -162,7 +174,7 @@ def main(args) -> int:
     if not isinstance(options, dict) or set(options) - set(methods):
         raise ValueError("--options takes a JSON object keyed by method names of --methods, e.g. "
                          "'{\"abu\": {\"box_contrast\": true}}'")
-    per_method = {m: boxes.run_method(exp, m, pairs, layouts, args.mode, folder, not args.quiet, options.get(m))
+    per_method = {m: boxes.run_method(exp, m, pairs, layouts, args.mode, folder, not args.quiet, options.get(m), shard)
                   for m in methods}
     summary = summarize(per_method, layouts, len(exp.dataset))
     print(table(summary, labels))

@@ -142,6 +142,8 @@ def add_commands(sub, default_model: str) -> None:
     bx.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     bx.add_argument("--results", default="results/boxes")
     bx.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
+    bx.add_argument("--shard", default="0/1", help="I/N: only composites I, I+N, ... (0 <= I < N), so that N "
+                    "processes fill the same results together; the table then counts what is filed so far")
     bx.add_argument("--quiet", action="store_true")
     add_precomputed(bx, default_model)
     add_native_isa(bx)
