@@ -71,6 +71,11 @@ def test_run_resumes_and_the_command_writes_its_report(tiny_explorer, tmp_path, 
     summary = json.loads((tmp_path / "a" / "boxes_summary.json").read_text())
     assert summary["methods"]["pixel"]["all"]["boxes"] == 8 and "versus_first" in summary["methods"]["random"]
     assert abs(summary["methods"]["random"]["all"]["boxes_spearman"]) < 0.5  # independent random rankings
+    top = summary["methods"]["pixel"]["top10"]
+    assert top["boxes"] == 8 and top["own"] == sum(r["own_rank"] <= 10 for r in boxes.run_method(
+        tiny_explorer, "pixel", pairs, ["halves", "pasted"], "exact", next((tmp_path / "r").glob("*/*")),
+        progress=False)) and "versus_first" in summary["methods"]["random"]["top10"]
+    assert "own source in top 10" in out
     assert (tmp_path / "a" / "boxes_plot.png").stat().st_size > 0
     bad = argparse.Namespace(**{**vars(args), "layouts": "diagonal"})
     with pytest.raises(ValueError, match="unknown layout"):

@@ -41,6 +41,33 @@ def summarize(per_method: dict[str, list[dict]], layouts: list[str], n: int) -> 
     return out
 
 
+def top_table(summary: dict, per_method: dict[str, list[dict]], labels: dict[str, str], k: int = 10) -> str:
+    """Over all boxes: how often the own source, and how often the other one, is among a method's top ``k`` (a
+    method that finds the composite's sources but not the box's puts both there); McNemar of the own-source
+    figure against the first method listed."""
+    names = list(per_method)
+    hit = {m: {_box_id(r): r["own_rank"] <= k for r in rows} for m, rows in per_method.items()}
+    lines = [f"| method | own source in top {k} (95% CI) | other source in top {k} | own in top {k} vs first "
+             "(McNemar) |", "|---|---|---|---|"]
+    for name, rows in per_method.items():
+        if not rows:
+            continue
+        own, other = sum(hit[name].values()), sum(r["other_rank"] <= k for r in rows)
+        lo, hi = clopper_pearson(own, len(rows))
+        entry = {"k": k, "boxes": len(rows), "own": own, "ci95": [lo, hi], "other": other}
+        vs = "-"
+        if name != names[0]:
+            common = hit[names[0]].keys() & hit[name].keys()
+            a = sum(hit[name][b] and not hit[names[0]][b] for b in common)
+            b_ = sum(hit[names[0]][b] and not hit[name][b] for b in common)
+            entry["versus_first"] = {"only_this": a, "only_first": b_, "mcnemar_p": mcnemar_p(a, b_)}
+            vs = f"{a} vs {b_} discordant, p = {mcnemar_p(a, b_):.3f}"
+        summary["methods"][name][f"top{k}"] = entry
+        lines.append(f"| {labels.get(name, name)} | {own}/{len(rows)} = {own / len(rows):.2f} [{lo:.2f}, {hi:.2f}] | "
+                     f"{other}/{len(rows)} | {vs} |")
+    return "\n".join(lines)
+
+
 def _mean_or_none(xs: list) -> float | None:
     xs = [x for x in xs if x is not None]
     return float(np.mean(xs)) if xs else None
@@ -51,7 +78,7 @@ def _box_id(r: dict) -> str:
 
 
 def table(summary: dict, labels: dict[str, str]) -> str:
-    layouts = [k for k in next(iter(summary["methods"].values())) if k not in ("versus_first",)]
+    layouts = [k for k, v in next(iter(summary["methods"].values())).items() if "own_wins" in v]
     head = " | ".join(f"{lay}: own wins (95% CI), mean own rank, box-vs-box Spearman" for lay in layouts)
     lines = [f"| method | {head} | vs first (McNemar) |", "|---|" + "---|" * (len(layouts) + 1)]
     for name, entry in summary["methods"].items():
@@ -74,7 +101,7 @@ def plot(summary: dict, path: Path, labels: dict[str, str], title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(summary["methods"])
-    layouts = [k for k in summary["methods"][names[0]] if k != "versus_first"]
+    layouts = [k for k, v in summary["methods"][names[0]].items() if "own_wins" in v]
     fig, ax = plt.subplots(figsize=(1.1 * len(names) * len(layouts) / 2 + 3, 3.4), dpi=120)
     width = 0.8 / len(layouts)
     for j, lay in enumerate(layouts):
@@ -178,6 +205,8 @@ def main(args) -> int:
                   for m in methods}
     summary = summarize(per_method, layouts, len(exp.dataset))
     print(table(summary, labels))
+    tops = top_table(summary, per_method, labels)
+    print(tops)
     notes = contrast_notes(summary, per_method, labels, folder)
     if notes:
         print(notes)
@@ -186,7 +215,8 @@ def main(args) -> int:
         out = Path(args.assets)
         stem = "boxes" if args.mode == "exact" else "boxes_fast"
         artifacts.save_json(out / f"{stem}_summary.json", summary)
-        artifacts.save_text(out / f"{stem}_table.md", table(summary, labels) + (f"\n\n{notes}" if notes else "")
+        artifacts.save_text(out / f"{stem}_table.md", table(summary, labels) + f"\n\n{tops}"
+                            + (f"\n\n{notes}" if notes else "")
                             + f"\n\n{len(pairs)} pairs x "
                             f"{len(layouts)} layouts x 2 boxes, {args.mode} mode where a method has it, on {kind()}.\n")
         plot(summary, out / f"{stem}_plot.png", labels,
