@@ -33,7 +33,8 @@ def zscored(t: np.ndarray) -> np.ndarray:
 
 
 def contrast_wins(rows: list[dict], folder: Path, norm) -> tuple[int, int]:
-    """Composites whose contrast (after ``norm`` per box) ranks A above B: both boxes win together."""
+    """Composites whose contrast (after ``norm`` per box) ranks A above B: both boxes win together (raw and
+    scaled: ``boxes.pair_contrast``; this is for the z-scored variant only)."""
     by = {}
     for r in rows:
         by.setdefault(tuple(r["pair"]), {})[r["own"]] = r
@@ -64,8 +65,12 @@ def main() -> None:
         rows = boxes.run_method(exp, "abu", pairs, ["halves"], "exact", folder)
     plain = sum(r["own_wins"] for r in rows)
     print(f"plain boxes: {plain}/{len(rows)}")
-    for name, norm in (("raw contrast", lambda t: t), ("scaled contrast", boxes.on_one_scale), ("z-scored contrast", zscored)):
-        w, n = contrast_wins(rows, folder, norm)
+    for name in ("raw contrast", "scaled contrast", "z-scored contrast"):
+        if name == "z-scored contrast":
+            w, n = contrast_wins(rows, folder, zscored)
+        else:
+            derived = boxes.pair_contrast(rows, folder, "halves", scaled=name == "scaled contrast")
+            w, n = sum(d["own_wins"] for d in derived), len(derived)
         lo, hi = clopper_pearson(w, n)
         print(f"{name}: {w}/{n} composites (both boxes win together), 95% CI [{lo:.2f}, {hi:.2f}]")
 

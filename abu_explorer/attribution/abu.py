@@ -147,13 +147,13 @@ class AbU:
     def score(self, query, mode: str = "fast", progress=None) -> Ranking:
         if mode not in ("fast", "exact"):
             raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
-        if mode == "fast" and self.cfg.box_contrast_scaled and self.contrast_query(query) is not None:
+        rest = self.contrast_query(query)
+        if mode == "fast" and self.cfg.box_contrast_scaled and rest is not None:
             raise ValueError("box_contrast_scaled needs exact mode: its scale is the median over every row")
         phases = {}
         t0 = time.perf_counter()
         # 1. unlearn the query (and, for a box contrast, the rest of the image)
         delta = self.unlearn(query)
-        rest = self.contrast_query(query)
         rest_delta = None if rest is None else self.unlearn(rest)
         phases["unlearn"] = time.perf_counter() - t0
         scaled = " (each over its median |change|)" if self.cfg.box_contrast_scaled else ""

@@ -198,6 +198,9 @@ def pair_contrast(rows: list[dict], folder: Path | None = None, layout: str = "h
 
 
 def on_one_scale(t: np.ndarray) -> np.ndarray:
-    """``abu.on_one_scale`` in numpy: over the lower median of |t| (torch's median), unless that is 0."""
-    m = np.sort(np.abs(t))[(len(t) - 1) // 2]
-    return t / m if m > 0 else t
+    """``abu.on_one_scale`` (the option's own scale) on a numpy score vector."""
+    import torch
+
+    from abu_explorer.attribution.abu import on_one_scale as scale
+
+    return scale(torch.from_numpy(np.asarray(t))).numpy()
