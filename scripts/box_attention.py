@@ -27,7 +27,7 @@ import torch
 
 from abu_explorer.attribution import query as q
 from abu_explorer.evaluation import boxes
-from abu_explorer.evaluation.counterfactual_table import bootstrap_ci
+from abu_explorer.evaluation.stats import bootstrap_ci
 from abu_explorer.model.embedded import Explorer
 from abu_explorer.model.tokenizer import split_words
 

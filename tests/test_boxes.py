@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from abu_explorer.evaluation import boxes, boxes_report
+from abu_explorer.evaluation import boxes, boxes_report, stats
 
 
 BOX = Image.Resampling.BOX
@@ -38,10 +38,10 @@ def test_pair_rule_is_fixed_and_skips_near_duplicates(tiny_explorer):
 
 
 def test_statistics_by_hand():
-    lo, hi = boxes.clopper_pearson(5, 10)  # the textbook interval of 5/10: [0.187, 0.813]
+    lo, hi = stats.clopper_pearson(5, 10)  # the textbook interval of 5/10: [0.187, 0.813]
     assert abs(lo - 0.1871) < 1e-3 and abs(hi - 0.8129) < 1e-3
-    assert boxes.clopper_pearson(0, 10)[0] == 0 and abs(boxes.clopper_pearson(0, 10)[1] - 0.3085) < 1e-3
-    assert boxes.mcnemar_p(0, 5) == pytest.approx(2 / 32) and boxes.mcnemar_p(3, 3) == 1.0
+    assert stats.clopper_pearson(0, 10)[0] == 0 and abs(stats.clopper_pearson(0, 10)[1] - 0.3085) < 1e-3
+    assert stats.mcnemar_p(0, 5) == pytest.approx(2 / 32) and stats.mcnemar_p(3, 3) == 1.0
     scores = np.array([0.1, 0.9, 0.5, 0.9])
     assert boxes.box_result(scores, 2, 0) == {"own_wins": True, "own_rank": 3, "other_rank": 4, "own_score": 0.5,
                                               "other_score": 0.1}

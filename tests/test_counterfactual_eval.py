@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from abu_explorer.evaluation import counterfactual, counterfactual_table as ce
+from abu_explorer.evaluation import counterfactual, counterfactual_table as ce, stats
 from conftest import tiny_recipes
 
 QUERIES = [{"prompt": "red apple", "seed": 1, "steps": 3}, {"prompt": "banana", "seed": 2, "steps": 3}]
@@ -20,9 +20,9 @@ def test_plan_runs_every_method_before_the_second_random_draw():
 
 
 def test_mean_and_standard_error():
-    m, se = ce.mean_se([1.0, 2.0, 6.0])
+    m, se = stats.mean_se([1.0, 2.0, 6.0])
     assert m == 3.0 and se == pytest.approx(statistics.stdev([1.0, 2.0, 6.0]) / math.sqrt(3))
-    assert math.isnan(ce.mean_se([4.0])[1]) and math.isnan(ce.mean_se([])[0])
+    assert math.isnan(stats.mean_se([4.0])[1]) and math.isnan(stats.mean_se([])[0])
 
 
 def test_table_sets_each_method_beside_random_and_the_paper():
@@ -105,10 +105,10 @@ def test_runner_rejects_bad_requests_before_any_work(tiny_explorer, tmp_path):
 
 
 def test_sign_test_and_bootstrap():
-    assert ce.sign_test_p(3, 3) == 1 / 8 and ce.sign_test_p(6, 6) == 1 / 64 and ce.sign_test_p(0, 4) == 1.0
-    assert ce.sign_test_p(5, 6) == pytest.approx(7 / 64)
-    lo, hi = ce.bootstrap_ci([1.0, 2.0, 3.0, 4.0])
-    assert 1.0 <= lo < 2.5 < hi <= 4.0 and (lo, hi) == ce.bootstrap_ci([1.0, 2.0, 3.0, 4.0])  # seeded
+    assert stats.sign_test_p(3, 3) == 1 / 8 and stats.sign_test_p(6, 6) == 1 / 64 and stats.sign_test_p(0, 4) == 1.0
+    assert stats.sign_test_p(5, 6) == pytest.approx(7 / 64)
+    lo, hi = stats.bootstrap_ci([1.0, 2.0, 3.0, 4.0])
+    assert 1.0 <= lo < 2.5 < hi <= 4.0 and (lo, hi) == stats.bootstrap_ci([1.0, 2.0, 3.0, 4.0])  # seeded
     test = ce.versus_random([0.1, 0.2, -0.05])
     assert test["above_random"] == 2 and test["min_possible_p"] == 1 / 8 and not test["significant"]
 
@@ -142,3 +142,23 @@ def test_strip_has_one_row_per_k_and_a_blank_for_a_missing_cell(tmp_path):
     assert sheet.getpixel((6 + 80, row2 + 80)) == (200, 0, 0)
     assert sheet.getpixel((6 + tile + 80, row2 + 80)) == (110, 110, 110)
     assert sheet.getpixel((6 + 2 * tile + 80, row2 + 80)) == (255, 255, 255)
+
+
+def test_a_cell_claimed_by_another_process_is_left_to_it(tiny_explorer, tmp_path):
+    """Two runners on one results folder: the first cell's claim is held elsewhere, so this one does the next."""
+    from abu_explorer import artifacts
+    from abu_explorer.attribution import spec
+
+    recipe = tiny_recipes()[2]
+    built = ce.build_queries(tiny_explorer, QUERIES)
+    settings = counterfactual.removal_settings(tiny_explorer, "pixel", spec("pixel").load(tiny_explorer))
+    key = counterfactual.request_key(tiny_explorer, built[0], "pixel", 2, 0, recipe, settings)
+    first = counterfactual.result_dir(tmp_path, key) / "result.json"
+    with artifacts.claimed(first) as held:
+        assert held
+        out = ce.run(tiny_explorer, QUERIES, ["pixel"], [2], 1, tmp_path, None, progress=False, max_cells=1,
+                     recipe=recipe, with_floor=False)
+        with artifacts.claimed(first) as again:
+            assert not again  # a claim excludes every other holder
+    assert out["done"] == 1 and not first.exists()
+    assert len(list(tmp_path.rglob("result.json"))) == 1

@@ -178,3 +178,20 @@ def test_sweep_pairs_every_setting_with_the_default(tiny_app, tmp_path, capsys):
                      "--sweep", '{"abu": {"alpha": [0.1]}}', "--results", str(tmp_path / "r"), "--assets", ""])
     err = capsys.readouterr().err
     assert code == 2 and "--split tune" in err and err.count("\n") == 1
+
+
+def test_a_subset_claimed_by_another_process_is_left_to_it(tiny_app, tmp_path):
+    """Two training loops on one folder: each skips the subset the other holds, so none is trained twice."""
+    from abu_explorer import artifacts
+    from conftest import tiny_recipes
+
+    exp = tiny_app.explorer
+    queries = [{"prompt": exp.dataset.captions[2], "seed": 2, "steps": 3}]
+    recipe = tiny_recipes()[2]
+    folder = lds.results_folder(tmp_path, lds.protocol(exp, queries, recipe))
+    with artifacts.claimed(folder / "subset_000.json") as held:  # as another process would hold it
+        assert held
+        out = lds_table.run(exp, queries, ["pixel"], 3, tmp_path, None, recipe, max_subsets=1, progress=False,
+                            report=False)
+    assert out["subsets_done"] == 1
+    assert [p.name for p in folder.glob("subset_*.json")] == ["subset_001.json"]

@@ -31,7 +31,6 @@ import numpy as np
 from PIL import Image
 
 from abu_explorer import artifacts
-from abu_explorer.evaluation.stats import clopper_pearson, mcnemar_p  # noqa: F401 (re-exported)
 
 PAIR_SEED, NEAR_DUPLICATE = 2026, 0.9
 LAYOUTS = ("halves", "quadrants", "pasted")

@@ -8,6 +8,7 @@ per-query regeneration strips are rewritten.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -20,6 +21,7 @@ import torch
 
 from abu_explorer import artifacts
 from abu_explorer.evaluation import counterfactual
+from abu_explorer.evaluation import stats
 from abu_explorer.training import train
 from abu_explorer.machine import kind as machine_kind
 
@@ -74,13 +76,6 @@ def plan(num_queries: int, methods: list[str], ks: list[int], draws: int) -> lis
     return sorted(cells, key=lambda c: (ks.index(c.k), c.draw, methods.index(c.method), c.query))
 
 
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    if not xs:
-        return math.nan, math.nan
-    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.nan
-    return statistics.mean(xs), se
-
-
 def _query_id(r: dict) -> str:
     return json.dumps(r["query"], sort_keys=True)
 
@@ -100,41 +95,25 @@ def summarize(results: list[dict], methods: list[str]) -> dict:
             rs = [r for r in results if r["method"] == m and r["k"] == k]
             row = {"method": m, "k": k, "n": len(rs), "queries": len({_query_id(r) for r in rs})}
             for metric in METRICS:
-                row[metric] = mean_se([r[metric] for r in rs if metric in r])
+                row[metric] = stats.mean_se([r[metric] for r in rs if metric in r])
             if m == "random":
                 row["delta_loss_per_draw"] = {d: statistics.mean(v) for d, v in sorted(per_draw[k].items())}
             else:
                 diffs = [r["delta_loss"] - statistics.mean(by_query[(k, _query_id(r))])
                          for r in rs if (k, _query_id(r)) in by_query]
-                row["delta_loss_vs_random"] = mean_se(diffs)
+                row["delta_loss_vs_random"] = stats.mean_se(diffs)
                 row["vs_random_test"] = versus_random(diffs)
             rows.append(row)
     return {"rows": rows}
-
-
-def sign_test_p(wins: int, n: int) -> float:
-    """One-sided exact sign test: P(at least ``wins`` of ``n`` queries above random | no effect)."""
-    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n if n else math.nan
-
-
-def bootstrap_ci(xs: list[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (seeded: the same data give the same interval)."""
-    if len(xs) < 2:
-        return math.nan, math.nan
-    g = torch.Generator().manual_seed(seed)
-    x = torch.tensor(xs, dtype=torch.float64)
-    means = x[torch.randint(0, len(xs), (resamples, len(xs)), generator=g)].mean(dim=1)
-    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
-    return lo, hi
 
 
 def versus_random(diffs: list[float]) -> dict:
     """Per-query differences (method dL - the same query's random mean): sign test and bootstrap interval.
     With n queries the smallest possible one-sided p is 1/2^n: 3 queries cannot reach 0.05."""
     wins = sum(d > 0 for d in diffs)
-    p = sign_test_p(wins, len(diffs))
+    p = stats.sign_test_p(wins, len(diffs))
     return {"queries": len(diffs), "above_random": wins, "sign_test_p": p, "min_possible_p": 0.5 ** len(diffs),
-            "bootstrap_ci95": bootstrap_ci(diffs), "significant": bool(p < 0.05)}
+            "bootstrap_ci95": stats.bootstrap_ci(diffs), "significant": bool(p < 0.05)}
 
 
 def paper_dl(method: str, k: int, num_train: int) -> float | None:
@@ -286,24 +265,37 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
             if found is not None:
                 results.append({**artifacts.load_json(found / "result.json"), "query_index": cell.query})
             continue
-        cached = (counterfactual.result_dir(results_dir, key, machine_kind(device)) / "result.json").exists()
+        filed = counterfactual.result_dir(results_dir, key, machine_kind(device)) / "result.json"
+        cached = filed.exists()
         if not cached and max_cells is not None and done_now >= max_cells:
             continue
-        if not cached:
-            print(f"[{i + 1}/{len(cells)}] {queries[cell.query]['prompt']!r} {cell.method} K={cell.k} "
-                  f"draw {cell.draw}: retraining", flush=True)
-            t0 = time.perf_counter()
-        r = counterfactual.run(explorer, built[cell.query], cell.method, cell.k, results_dir, recipe=recipe,
-                               draw=cell.draw, progress=progress, ranker=rankers.get(cell.method), device=device)
-        if not cached:
-            done_now += 1
-            print(f"  {counterfactual.show(r).splitlines()[0]} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+        with contextlib.ExitStack() as stack:
+            if not cached and not stack.enter_context(artifacts.claimed(filed)):
+                continue  # another process is retraining this cell: left to it
+            cached = filed.exists()  # it may have finished before the claim
+            done_now, r = _cell(explorer, queries, built, cell, i, len(cells), results_dir, recipe, rankers,
+                                device, cached, done_now, progress)
         results.append({**r, "query_index": cell.query})
         if assets_dir is not None and not cached:
             write_report(explorer, queries, methods, results, results_dir, assets_dir, floor, device)
     report = write_report(explorer, queries, methods, results, results_dir, assets_dir, floor, device) \
         if assets_dir else None
     return {"cells": len(cells), "done": len(results), "report": report, "floor": floor}
+
+
+def _cell(explorer, queries, built, cell, i: int, total: int, results_dir, recipe, rankers, device, cached: bool,
+          done_now: int, progress: bool):
+    """One cell, read from the cache or retrained (with a line before and after)."""
+    if not cached:
+        print(f"[{i + 1}/{total}] {queries[cell.query]['prompt']!r} {cell.method} K={cell.k} "
+              f"draw {cell.draw}: retraining", flush=True)
+        t0 = time.perf_counter()
+    r = counterfactual.run(explorer, built[cell.query], cell.method, cell.k, results_dir, recipe=recipe,
+                           draw=cell.draw, progress=progress, ranker=rankers.get(cell.method), device=device)
+    if not cached:
+        done_now += 1
+        print(f"  {counterfactual.show(r).splitlines()[0]} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+    return done_now, r
 
 
 def _run_on_ray(explorer, queries, cells, keys, results_dir: Path, recipe, max_cells, ray: dict, progress) -> None:

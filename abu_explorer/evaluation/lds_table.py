@@ -46,8 +46,8 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
         return built
 
     missing = [j for j in range(subsets) if not (folder / f"subset_{j:03d}.json").exists()]
-    missing = missing[:max_subsets] if max_subsets is not None else missing
     if ray is not None:
+        missing = missing[:max_subsets] if max_subsets is not None else missing
         from abu_explorer.evaluation import ray_cells
 
         scratch = str(Path(ray.get("scratch") or results_dir).resolve())
@@ -55,10 +55,16 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
                                       int(ray.get("threads") or 1), lds.key_of(doc), device) for j in missing]
         ray_cells.run_subsets(tasks, results_dir, ray.get("address"), ray.get("num_cpus"), progress)
         missing = []
-    bar = tqdm(total=len(missing), desc="LDS subset models", disable=not progress)
-    for j in missing:
-        lds.train_subset(explorer, j, latents(), folder, recipe, progress=progress, device=device)  # nested bar
-        bar.update(1)
+    wanted = min(len(missing), max_subsets) if max_subsets is not None else len(missing)
+    bar, trained = tqdm(total=wanted, desc="LDS subset models", disable=not progress), 0
+    for j in missing:  # a subset another process is training (its claim held) is left to it
+        if trained >= wanted:
+            break
+        with artifacts.claimed(folder / f"subset_{j:03d}.json") as mine:
+            if mine:
+                lds.train_subset(explorer, j, latents(), folder, recipe, progress=progress, device=device)
+                trained += 1
+                bar.update(1)
     bar.close()
     finished = sorted(folder.glob("subset_*.json"))
     out = {"subsets_done": len(finished), "subsets_planned": subsets, "folder": str(folder)}

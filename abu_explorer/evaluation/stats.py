@@ -1,7 +1,10 @@
-"""Exact tests and intervals for counts, shared by the evaluations and the benchmarks (no scipy)."""
+"""Exact tests and intervals for counts and means, shared by the evaluations and the benchmarks (no scipy)."""
 from __future__ import annotations
 
 import math
+import statistics
+
+import torch
 
 
 def mcnemar_p(wins: int, losses: int) -> float:
@@ -29,6 +32,29 @@ def clopper_pearson(wins: int, n: int, level: float = 0.95) -> tuple[float, floa
     lower = 0.0 if wins == 0 else solve(lambda p: tail_ge(p, wins), alpha)
     upper = 1.0 if wins == n else solve(lambda p: tail_ge(p, wins + 1), 1 - alpha)  # P(X <= wins) = alpha
     return lower, upper
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return math.nan, math.nan
+    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.nan
+    return statistics.mean(xs), se
+
+
+def sign_test_p(wins: int, n: int) -> float:
+    """One-sided exact sign test: P(at least ``wins`` of ``n`` queries above random | no effect)."""
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n if n else math.nan
+
+
+def bootstrap_ci(xs: list[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (seeded: the same data give the same interval)."""
+    if len(xs) < 2:
+        return math.nan, math.nan
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor(xs, dtype=torch.float64)
+    means = x[torch.randint(0, len(xs), (resamples, len(xs)), generator=g)].mean(dim=1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi
 
 
 def recall_at_k(scores, positives, k: int = 10) -> float:
