@@ -63,6 +63,8 @@ def test_runner_is_resumable_and_reports_every_method(tiny_app, tmp_path):
     for r in out["methods"].values():
         assert -1 <= r["lds"] <= 1 and r["ci95"][0] <= r["lds"] <= r["ci95"][1] and len(r["per_query"]) == 3
     assert out["methods"]["pixel"]["note"] and not out["methods"]["abu"]["note"]
+    for r in out["methods"].values():  # LDS with the first M subsets, M = 3 .. 4; the last is the table's figure
+        assert list(r["lds_by_m"]) == ["3", "4"] and r["lds_by_m"]["4"] == pytest.approx(r["lds"])
     assert out["methods"]["abu"]["mode"] == "exact"
     assert (tmp_path / "assets" / "lds_plot.png").exists()
     assert "AbU" in (tmp_path / "assets" / "lds_table.md").read_text()

@@ -102,9 +102,10 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
         scores = lds.method_scores(explorer, name, built, folder, described, progress, (options or {}).get(name))
         per_query = lds.lds_per_query(scores, masks, losses)
         mean, lo, hi = lds.bootstrap_mean_ci(per_query)
-        half_mean = float(lds.lds_per_query(scores, masks[:half], losses[:half]).mean())
+        by_m = {str(m): float(lds.lds_per_query(scores, masks[:m], losses[:m]).mean())  # how it settles with M
+                for m in range(3, len(subset_docs) + 1)}
         m = spec(name)
-        rows[name] = {"label": m.label, "lds": mean, "ci95": [lo, hi], "lds_half": half_mean,
+        rows[name] = {"label": m.label, "lds": mean, "ci95": [lo, hi], "lds_half": by_m[str(half)], "lds_by_m": by_m,
                       "per_query": per_query.tolist(), "mode": "exact" if "exact" in m.modes else "",
                       "top10": [np.argsort(-row, kind="stable")[:10].tolist() for row in scores],
                       "note": NN_NOTE if m.module.endswith(".nearest") else ""}
@@ -118,7 +119,8 @@ def table(report: dict) -> str:
     for name, r in report["methods"].items():
         lo, hi = r["ci95"]
         pub = PUBLISHED.get(name)
-        note = r["note"] + (f"; D-TRAK paper, CIFAR-2: {pub[0]:.3f} / {pub[1]:.3f} (10 / 100 timesteps)" if pub else "")
+        paper = f"D-TRAK paper, CIFAR-2: {pub[0]:.3f} / {pub[1]:.3f} (10 / 100 timesteps)" if pub else ""
+        note = "; ".join(x for x in (r["note"], paper) if x)
         lines.append(f"| {r['label']} | {r['lds']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['lds_half']:+.3f} | {note} |")
     return "\n".join(lines)
 
@@ -141,13 +143,22 @@ def plot(report: dict, path: Path) -> None:
     r = report["methods"]
     means = [r[m]["lds"] for m in names]
     err = np.array([[r[m]["lds"] - r[m]["ci95"][0], r[m]["ci95"][1] - r[m]["lds"]] for m in names]).T
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.2))
+    fig, (ax, curve) = plt.subplots(1, 2, figsize=(1.2 * len(names) + 6.5, 3.4),
+                                    gridspec_kw={"width_ratios": [1.2 * len(names) + 2, 4.5]})
     ax.bar(range(len(names)), means, yerr=err, capsize=4, color="#4c72b0")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(names)), [r[m]["label"] for m in names], rotation=20, ha="right")
     ax.set_ylabel("LDS (Spearman)")
     ax.set_title(f"LDS, {report['num_queries']} queries x {report['num_subsets']} subset models "
                  f"({report['machine_kind']}), 95% bootstrap intervals", fontsize=8)
+    for name in names:  # the mean LDS with the first M subset models: has it settled?
+        ms = sorted(int(m) for m in r[name].get("lds_by_m", {}))
+        curve.plot(ms, [r[name]["lds_by_m"][str(m)] for m in ms], marker=".", label=r[name]["label"])
+    curve.axhline(0, color="black", lw=0.8)
+    curve.set_xlabel("subset models used (the first M)")
+    curve.set_ylabel("mean LDS")
+    curve.set_title("LDS against M", fontsize=8)
+    curve.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     artifacts.save_figure(path, fig)
     plt.close(fig)
