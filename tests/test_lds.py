@@ -17,6 +17,13 @@ def test_spearman_and_ranks_match_hand_cases():
     assert lds.spearman([1, 1, 1], [1, 2, 3]) == 0.0  # a constant prediction carries no ranking
 
 
+def test_caption_row_rank_counts_from_one():
+    scores = np.array([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1]])
+    got = lds_table.caption_row(scores, [{"row": 1}, {"row": 2}])  # first of 3, then last of 3
+    assert got == {"in_top10": 2, "queries": 2, "median_rank": 2.0}
+    assert lds_table.caption_row(scores, [{"row": 1}, {"prompt": "x"}]) is None
+
+
 def test_lds_sign_convention():
     """A subset holding the images a method scores high should give the query a lower loss: LDS +1."""
     scores = np.array([[5.0, 1.0, 0.0, 0.0]])

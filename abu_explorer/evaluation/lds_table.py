@@ -108,20 +108,33 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
         rows[name] = {"label": m.label, "lds": mean, "ci95": [lo, hi], "lds_half": by_m[str(half)], "lds_by_m": by_m,
                       "per_query": per_query.tolist(), "mode": "exact" if "exact" in m.modes else "",
                       "top10": [np.argsort(-row, kind="stable")[:10].tolist() for row in scores],
-                      "note": NN_NOTE if m.module.endswith(".nearest") else ""}
+                      "note": NN_NOTE if m.module.endswith(".nearest") else "",
+                      "caption_row": caption_row(scores, described)}
     return {"methods": rows, "num_subsets": len(subset_docs), "half": half, "num_queries": len(built),
             "machine_kind": next(iter(kinds)), "num_train": n}
 
 
+def caption_row(scores: np.ndarray, described: list[dict] | None) -> dict | None:
+    """A sanity check with a likely answer, not part of LDS: each query was generated from the caption of training
+    row ``row``; where does that row's image rank (1 = first)? None when the queries do not record their row."""
+    if not described or any("row" not in d for d in described):
+        return None
+    ranks = [int((s > s[int(d["row"])]).sum()) + 1 for s, d in zip(scores, described)]
+    return {"in_top10": sum(r <= 10 for r in ranks), "queries": len(ranks), "median_rank": float(np.median(ranks))}
+
+
 def table(report: dict) -> str:
     lines = [f"| method | LDS (mean over {report['num_queries']} queries) | 95% interval | with M/2 = "
-             f"{report['half']} subsets | note |", "|---|---|---|---|---|"]
+             f"{report['half']} subsets | caption's own image: top 10 / median rank | note |",
+             "|---|---|---|---|---|---|"]
     for name, r in report["methods"].items():
         lo, hi = r["ci95"]
         pub = PUBLISHED.get(name)
         paper = f"D-TRAK paper, CIFAR-2: {pub[0]:.3f} / {pub[1]:.3f} (10 / 100 timesteps)" if pub else ""
         note = "; ".join(x for x in (r["note"], paper) if x)
-        lines.append(f"| {r['label']} | {r['lds']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['lds_half']:+.3f} | {note} |")
+        c = r.get("caption_row")
+        own = f"{c['in_top10']}/{c['queries']} / {c['median_rank']:g}" if c else "-"
+        lines.append(f"| {r['label']} | {r['lds']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['lds_half']:+.3f} | {own} | {note} |")
     return "\n".join(lines)
 
 
