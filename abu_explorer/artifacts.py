@@ -53,17 +53,18 @@ def locked(path: Path):
 
 
 @contextlib.contextmanager
-def claimed(path: Path):
-    """Try to claim the work that ends in ``path`` for this process (a non-blocking lock, ``.NAME.claim``, held
-    until the block ends); yields False where another process holds it, so that one skips it instead of doing
-    it twice. The holder re-checks ``path`` itself: the work may have been finished before the claim."""
+def claimed(path: Path, wait: bool = False):
+    """Try to claim the work that ends in ``path`` for this process (a lock, ``.NAME.claim``, held until the
+    block ends); yields False where another process holds it, so that one skips it instead of doing it twice
+    (``wait``: block until the holder is done instead, then yield True). The holder re-checks ``path`` itself:
+    the work may have been finished before the claim."""
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.claim", "a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return

@@ -130,6 +130,42 @@ def test_scores_resume_query_by_query(tiny_app, tmp_path, monkeypatch):
     assert json.loads(next((tmp_path / "stopped").glob("scores/*.json")).read_text())["computed_on"]["kind"]
 
 
+def test_two_processes_share_one_scoring_run(tiny_app, tmp_path, monkeypatch):
+    """A query claimed elsewhere is skipped, then waited for: each query is scored once, the gathered matrix is
+    the one a single process makes."""
+    import threading
+    import time
+
+    from abu_explorer import artifacts
+    from abu_explorer.attribution import spec
+
+    exp = tiny_app.explorer
+    built = lds.query_latents(exp, [{"prompt": exp.dataset.captions[i], "seed": i, "steps": 3} for i in (2, 9)])
+    whole = lds.method_scores(exp, "pixel", built, tmp_path / "whole")
+    name = next((tmp_path / "whole" / "scores").glob("pixel-*.npy")).name
+    first = tmp_path / "shared" / "scores" / name.replace(".npy", ".parts") / "000.npy"
+    ranker_cls = type(spec("pixel").load(exp))
+    real, calls = ranker_cls.score, []
+    monkeypatch.setattr(ranker_cls, "score", lambda self, q, mode=None: (calls.append(q.describe()["prompt"]),
+                                                                         real(self, q))[1])
+    out = []
+    with artifacts.claimed(first) as held:  # the other process is scoring query 0
+        assert held
+        worker = threading.Thread(target=lambda: out.append(lds.method_scores(exp, "pixel", built,
+                                                                              tmp_path / "shared")))
+        worker.start()
+        for _ in range(600):
+            if calls:
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert worker.is_alive() and not out  # query 1 scored, now waiting for query 0
+        artifacts.save_npy(first, whole[0])  # the other process files its row and lets go
+    worker.join(60)
+    assert calls == [built[1].describe()["prompt"]]
+    assert np.array_equal(out[0], whole)
+
+
 def test_sweep_pairs_every_setting_with_the_default(tiny_app, tmp_path, capsys):
     from abu_explorer import cli
     from abu_explorer.evaluation import lds_tuning

@@ -133,7 +133,8 @@ def load_with(explorer, name: str, options: dict | None, folder: Path, progress:
         if bound:
             cfg = AbUConfig(**bound)
             tables = folder / "tables" / f"abu-{key_of(dataclasses.asdict(cfg))}"
-            spec("abu").precompute(explorer, cfg, tables, progress)  # resumes; finished stages are kept
+            with artifacts.locked(tables / "meta.json"):  # another process building them: wait, then reuse
+                spec("abu").precompute(explorer, cfg, tables, progress)  # resumes; finished stages are kept
             return spec("abu").load(explorer, folder=tables, **options)
     return spec(name).load(explorer, **options)
 
@@ -143,7 +144,9 @@ def method_scores(explorer, name: str, built: list, folder: Path, described: lis
     """(Q, N) scores of one method, exact mode where it has one; cached under the hash of its settings and of the
     queries (``described``: their records; default: the built queries' own descriptions); ``options``: settings
     the method is loaded with instead of its defaults (part of the key through its settings). Resumable: each
-    query's row is written as it comes (``<name>-<key>.parts/``, gathered into one ``.npy`` at the end)."""
+    query's row is written as it comes (``<name>-<key>.parts/``, gathered into one ``.npy`` at the end). Several
+    processes may score one method at once: each claims a query before scoring it and skips the ones another
+    holds, then waits for those before gathering."""
     from tqdm.auto import tqdm
 
     ranker = load_with(explorer, name, options, folder, progress)
@@ -153,16 +156,21 @@ def method_scores(explorer, name: str, built: list, folder: Path, described: lis
     if path.exists():
         return artifacts.load_npy(path)
     parts = path.with_suffix(".parts")
-    rows = []
-    for i, query in enumerate(tqdm(built, desc=f"{name} scores", disable=not progress)):
-        part = parts / f"{i:03d}.npy"
-        if not part.exists():
-            artifacts.save_npy(part, ranker.score(query, settings["mode"]).scores.numpy().astype(np.float64))
-        rows.append(artifacts.load_npy(part))
-    scores = np.stack(rows)
-    artifacts.save_npy(path, scores)
-    artifacts.save_json(path.with_suffix(".json"), {"method": name, "settings": settings,
-                                                    "computed_on": machine(torch.get_num_threads())})
+    for wait in (False, True):  # first the queries nobody holds, then wait for those another process was scoring
+        for i, query in enumerate(tqdm(built, desc=f"{name} scores", disable=not progress or wait)):
+            part = parts / f"{i:03d}.npy"
+            if part.exists():
+                continue
+            with artifacts.claimed(part, wait=wait) as mine:
+                if mine and not part.exists():
+                    artifacts.save_npy(part, ranker.score(query, settings["mode"]).scores.numpy().astype(np.float64))
+    with artifacts.locked(path):  # one process gathers; the others find the file
+        if path.exists():
+            return artifacts.load_npy(path)
+        scores = np.stack([artifacts.load_npy(parts / f"{i:03d}.npy") for i in range(len(built))])
+        artifacts.save_npy(path, scores)
+        artifacts.save_json(path.with_suffix(".json"), {"method": name, "settings": settings,
+                                                        "computed_on": machine(torch.get_num_threads())})
     import shutil
 
     shutil.rmtree(parts, ignore_errors=True)
