@@ -72,6 +72,13 @@ def test_runner_is_resumable_and_reports_every_method(tiny_app, tmp_path):
     assert out["methods"]["pixel"]["note"] and not out["methods"]["abu"]["note"]
     for r in out["methods"].values():  # LDS with the first M subsets, M = 3 .. 4; the last is the table's figure
         assert list(r["lds_by_m"]) == ["3", "4"] and r["lds_by_m"]["4"] == pytest.approx(r["lds"])
+    abu = np.array(out["methods"]["abu"]["per_query"])
+    for name, r in out["methods"].items():  # each other method minus AbU, query by query
+        assert ("versus_abu" in r) == (name != "abu")
+        if name != "abu":
+            diff = np.array(r["per_query"]) - abu
+            assert r["versus_abu"]["diff"] == pytest.approx(diff.mean())
+            assert (r["versus_abu"]["wins"], r["versus_abu"]["losses"]) == ((diff > 0).sum(), (diff < 0).sum())
     assert out["methods"]["abu"]["mode"] == "exact"
     assert (tmp_path / "assets" / "lds_plot.png").exists()
     assert "AbU" in (tmp_path / "assets" / "lds_table.md").read_text()

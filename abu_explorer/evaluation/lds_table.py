@@ -110,6 +110,12 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
                       "top10": [np.argsort(-row, kind="stable")[:10].tolist() for row in scores],
                       "note": NN_NOTE if m.module.endswith(".nearest") else "",
                       "caption_row": caption_row(scores, described)}
+    if "abu" in rows:  # every other method against AbU, paired by query: the claims the report may make
+        from abu_explorer.evaluation.lds_tuning import compare
+
+        for name, r in rows.items():
+            if name != "abu":
+                r["versus_abu"] = compare(r["per_query"], rows["abu"]["per_query"])
     return {"methods": rows, "num_subsets": len(subset_docs), "half": half, "num_queries": len(built),
             "machine_kind": next(iter(kinds)), "num_train": n}
 
@@ -125,8 +131,8 @@ def caption_row(scores: np.ndarray, described: list[dict] | None) -> dict | None
 
 def table(report: dict) -> str:
     lines = [f"| method | LDS (mean over {report['num_queries']} queries) | 95% interval | with M/2 = "
-             f"{report['half']} subsets | caption's own image: top 10 / median rank | note |",
-             "|---|---|---|---|---|---|"]
+             f"{report['half']} subsets | minus AbU, paired by query (better / worse, sign test) "
+             "| caption's own image: top 10 / median rank | note |", "|---|---|---|---|---|---|---|"]
     for name, r in report["methods"].items():
         lo, hi = r["ci95"]
         pub = PUBLISHED.get(name)
@@ -134,7 +140,14 @@ def table(report: dict) -> str:
         note = "; ".join(x for x in (r["note"], paper) if x)
         c = r.get("caption_row")
         own = f"{c['in_top10']}/{c['queries']} / {c['median_rank']:g}" if c else "-"
-        lines.append(f"| {r['label']} | {r['lds']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['lds_half']:+.3f} | {own} | {note} |")
+        v = r.get("versus_abu")
+        vs = "-"
+        if v:
+            p = f"{v['sign_p']:.3f}" if v["sign_p"] >= 0.001 else f"{v['sign_p']:.1e}"
+            vs = (f"{v['diff']:+.3f} [{v['diff_ci95'][0]:+.3f}, {v['diff_ci95'][1]:+.3f}] "
+                  f"({v['wins']} / {v['losses']}, p = {p})")
+        lines.append(f"| {r['label']} | {r['lds']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['lds_half']:+.3f} | {vs} | {own} "
+                     f"| {note} |")
     return "\n".join(lines)
 
 
