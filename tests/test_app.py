@@ -207,3 +207,21 @@ def test_a_customized_example_frames_its_exemplars_and_recustomizes(tiny_app, tm
     finally:
         demo.close()
         shutil.rmtree(folder)
+
+
+def test_examples_tab_folds_each_evaluation_that_has_a_table_or_plot(tmp_path):
+    import gradio as gr
+    from PIL import Image
+
+    from abu_explorer.app.views import examples as view
+
+    (tmp_path / "lds_table.md").write_text("| method | LDS |\n|---|---|\n| AbU | +0.2 |\n")
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "lds_plot.png")
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "boxes_plot.png")
+    with gr.Blocks() as demo:
+        view.evaluations(tmp_path)
+    folds = {b.elem_id: b for b in demo.blocks.values() if isinstance(b, gr.Accordion)}
+    assert set(folds) == {"evaluation-lds", "evaluation-boxes"}  # none for evaluations without files
+    texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown)]
+    assert any("| AbU | +0.2 |" in t for t in texts)
+    assert sum(isinstance(b, gr.Image) for b in demo.blocks.values()) == 2

@@ -107,6 +107,7 @@ def test_runner_rejects_bad_requests_before_any_work(tiny_explorer, tmp_path):
 def test_sign_test_and_bootstrap():
     assert stats.sign_test_p(3, 3) == 1 / 8 and stats.sign_test_p(6, 6) == 1 / 64 and stats.sign_test_p(0, 4) == 1.0
     assert stats.sign_test_p(5, 6) == pytest.approx(7 / 64)
+    assert stats.p_text(1 / 64) == "p = 0.016" and stats.p_text(0.0004) == "p < 0.001"  # never "p = 0.000"
     lo, hi = stats.bootstrap_ci([1.0, 2.0, 3.0, 4.0])
     assert 1.0 <= lo < 2.5 < hi <= 4.0 and (lo, hi) == stats.bootstrap_ci([1.0, 2.0, 3.0, 4.0])  # seeded
     test = ce.versus_random([0.1, 0.2, -0.05])

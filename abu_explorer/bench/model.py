@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from abu_explorer import artifacts
-from abu_explorer.evaluation.stats import mcnemar_p
+from abu_explorer.evaluation.stats import mcnemar_p, p_text
 from abu_explorer.machine import cpu_name
 from abu_explorer.model import components
 from abu_explorer.model.embedded import Explorer
@@ -247,7 +247,7 @@ def compare(entries: dict, count: int, out: Path | None, rounds: int = 2) -> dic
     print(compare_table(report))
     for row in report["paired"]:
         print(f"  {row['model']} vs {row['baseline']}, {row['figure']}: {row['difference']:+.3f} "
-              f"({row['wins']} captions gained, {row['losses']} lost; McNemar exact p {_p(row['p'])})")
+              f"({row['wins']} captions gained, {row['losses']} lost; McNemar exact {p_text(row['p'])})")
     return report
 
 
@@ -286,11 +286,6 @@ def load_entry(entry: str) -> tuple[Explorer, int, float | None]:
     exp = Explorer.load(folder)
     exp.sampler = sampler
     return exp, steps, guidance
-
-
-def _p(p: float) -> str:
-    """A p-value as a reader wants it: '< 0.001' rather than '= 0.000'."""
-    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
 
 
 def _label(folder: Path) -> str:

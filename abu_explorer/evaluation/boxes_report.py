@@ -8,7 +8,7 @@ import numpy as np
 
 from abu_explorer import artifacts
 from abu_explorer.evaluation import boxes
-from abu_explorer.evaluation.stats import clopper_pearson, mcnemar_p
+from abu_explorer.evaluation.stats import clopper_pearson, mcnemar_p, p_text
 
 
 def summarize(per_method: dict[str, list[dict]], layouts: list[str], n: int) -> dict:
@@ -61,7 +61,7 @@ def top_table(summary: dict, per_method: dict[str, list[dict]], labels: dict[str
             a = sum(hit[name][b] and not hit[names[0]][b] for b in common)
             b_ = sum(hit[names[0]][b] and not hit[name][b] for b in common)
             entry["versus_first"] = {"only_this": a, "only_first": b_, "mcnemar_p": mcnemar_p(a, b_)}
-            vs = f"{a} vs {b_} discordant, p = {mcnemar_p(a, b_):.3f}"
+            vs = f"{a} vs {b_} discordant, {p_text(mcnemar_p(a, b_))}"
         summary["methods"][name][f"top{k}"] = entry
         lines.append(f"| {labels.get(name, name)} | {own}/{len(rows)} = {own / len(rows):.2f} [{lo:.2f}, {hi:.2f}] | "
                      f"{other}/{len(rows)} | {vs} |")
@@ -89,7 +89,7 @@ def table(summary: dict, labels: dict[str, str]) -> str:
             cells.append("-" if e is None else f"{e['own_wins']}/{e['boxes']} = {e['share']:.2f} "
                          f"[{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}], {e['mean_own_rank']:.0f}, {rho}")
         v = entry.get("versus_first")
-        vs = "-" if v is None else f"{v['only_this']} vs {v['only_first']} discordant, p = {v['mcnemar_p']:.3f}"
+        vs = "-" if v is None else f"{v['only_this']} vs {v['only_first']} discordant, {p_text(v['mcnemar_p'])}"
         lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + f" | {vs} |")
     return "\n".join(lines)
 
@@ -150,7 +150,7 @@ def _contrast_line(summary: dict, name: str, layout: str, scaled: bool, derived:
     what = ("tau_A - tau_B" if not scaled else "tau_A / med|tau_A| - tau_B / med|tau_B|")
     return (f"{labels.get(name, name)}, {layout}, the two boxes contrasted ({what}): own sources win in {wins}/{n} "
             f"composites = {wins / n:.2f} [{lo:.2f}, {hi:.2f}]; plain boxes: both win in {plain}/{n} "
-            f"(McNemar p = {p:.3f})" + (f"; mean own rank {np.mean(ranks):.0f} ({len(ranks)} boxes)" if ranks else ""))
+            f"(McNemar {p_text(p)})" + (f"; mean own rank {np.mean(ranks):.0f} ({len(ranks)} boxes)" if ranks else ""))
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -151,7 +151,7 @@ def table(summary: dict, num_train: int) -> str:
         if test and test["queries"]:
             lo, hi = test["bootstrap_ci95"]
             ci = "" if math.isnan(lo) else f"; [{lo * 1e3:+.1f}, {hi * 1e3:+.1f}]"
-            stat = f"{test['above_random']}/{test['queries']}: p = {test['sign_test_p']:.3f}{ci}"
+            stat = f"{test['above_random']}/{test['queries']}: {stats.p_text(test['sign_test_p'])}{ci}"
         else:
             stat = "-"
         lines.append(f"| {r['method']} | {r['k']} ({100 * r['k'] / num_train:.2f}%) | {r['n']} | "

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from abu_explorer import artifacts
-from abu_explorer.evaluation import lds
+from abu_explorer.evaluation import lds, stats
 from abu_explorer.training import train
 
 NN_NOTE = "similarities, not additive by design"
@@ -143,9 +143,8 @@ def table(report: dict) -> str:
         v = r.get("versus_abu")
         vs = "-"
         if v:
-            p = f"{v['sign_p']:.3f}" if v["sign_p"] >= 0.001 else f"{v['sign_p']:.1e}"
             vs = (f"{v['diff']:+.3f} [{v['diff_ci95'][0]:+.3f}, {v['diff_ci95'][1]:+.3f}] "
-                  f"({v['wins']} / {v['losses']}, p = {p})")
+                  f"({v['wins']} / {v['losses']}, {stats.p_text(v['sign_p'])})")
         lines.append(f"| {r['label']} | {r['lds']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['lds_half']:+.3f} | {vs} | {own} "
                      f"| {note} |")
     return "\n".join(lines)

@@ -104,7 +104,7 @@ def table(rows: list[dict], num_queries: int, num_subsets: int) -> str:
         s = ", ".join(f"{k} = {v}" for k, v in r["settings"].items()) + (" (default)" if r["default"] else "")
         v = r["versus_default"]
         vs = "-" if v is None else (f"{v['diff']:+.3f} [{v['diff_ci95'][0]:+.3f}, {v['diff_ci95'][1]:+.3f}] | "
-                                    f"{v['wins']} / {v['losses']} | {v['sign_p']:.3f}")
+                                    f"{v['wins']} / {v['losses']} | {stats.p_text(v['sign_p'])}")
         st = r.get("stability")
         extra = (f" {st['top10_overlap']:.2f} | {st['lds_next_seed']:+.3f} |" if st else " - | - |") if stab else ""
         lines.append(f"| {r['method']} | {s} | {r['lds']:+.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | "

@@ -7,6 +7,11 @@ import statistics
 import torch
 
 
+def p_text(p: float) -> str:
+    """A p-value as a reader wants it: 'p < 0.001' rather than 'p = 0.000'."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 def mcnemar_p(wins: int, losses: int) -> float:
     """Two-sided exact McNemar test: the discordant pairs under H0 are Binomial(wins + losses, 1/2)."""
     n, k = wins + losses, min(wins, losses)

@@ -12,6 +12,29 @@ from abu_explorer.app.views.counterfactual import default_k
 OWN, OTHER = "#2ca02c", "#d62728"  # frames of a box query's known sources
 
 
+EVALUATIONS = (("counterfactual", "Remove and regenerate: leave-K-out (mean ± s.e. over queries)"),
+               ("lds", "Linear datamodeling score: every method on 50 queries"),
+               ("boxes", "Two-concept boxes: does a box find its own source?"),
+               ("customized", "Customized models: does a method find the exemplars?"))
+
+
+def evaluations(assets: Path) -> None:
+    """Each evaluation's committed table and plot (``assets/<name>_table.md``, ``_plot.png``), folded; the
+    protocols are in docs/evaluation.md."""
+    import gradio as gr
+
+    gr.Markdown("#### Evaluations (protocols and commands: docs/evaluation.md)")
+    for name, title in EVALUATIONS:
+        table, plot = assets / f"{name}_table.md", assets / f"{name}_plot.png"
+        if not (table.exists() or plot.exists()):
+            continue
+        with gr.Accordion(title, open=False, elem_id=f"evaluation-{name}"):
+            if table.exists():
+                gr.Markdown(table.read_text())
+            if plot.exists():
+                gr.Image(str(plot), label=title, interactive=False, show_label=False)
+
+
 def build(app, assets: Path) -> None:
     import gradio as gr
 
@@ -49,12 +72,8 @@ def build(app, assets: Path) -> None:
         rc_gal = gr.Gallery(label="before / after", columns=2, height=inputs.SHOW + 80, allow_preview=False,
                             format="png")
         rc_md = gr.Markdown()
-    own = not app.explorer.retrain_note  # the evaluation in assets/ is the embedded model's
-    if own and (assets / "counterfactual_table.md").exists():
-        gr.Markdown("#### The evaluation so far (mean ± s.e. over queries; see docs/evaluation.md)\n"
-                    + (assets / "counterfactual_table.md").read_text())
-    if own and (assets / "counterfactual_plot.png").exists():
-        gr.Image(str(assets / "counterfactual_plot.png"), label="counterfactual metrics per method", interactive=False)
+    if not app.explorer.retrain_note:  # the evaluations in assets/ are the embedded model's
+        evaluations(assets)
 
     @friendly
     def show(name):
