@@ -34,6 +34,19 @@ def test_lds_sign_convention():
     assert lds.lds_per_query(-scores, masks, losses)[0] == pytest.approx(-1.0)
 
 
+def test_the_other_query_control_separates_specific_from_shared_scores():
+    g = np.random.default_rng(0)
+    masks = (g.random((60, 200)) < 0.5).astype(float)
+    specific = g.normal(size=(3, 200))
+    losses = -(masks @ specific.T)  # each query's loss made by its own scores: LDS 1
+    assert np.allclose(lds.lds_per_query(specific, masks, losses), 1.0)
+    assert abs(lds.other_query_control(specific, masks, losses)) < 0.3
+    shared = np.tile(g.normal(size=200), (3, 1))  # one ranking for every query
+    losses = -(masks @ shared.T)
+    assert lds.other_query_control(shared, masks, losses) == pytest.approx(1.0)
+    assert lds.other_query_control(shared[:1], masks, losses[:, :1]) is None
+
+
 def test_subsets_and_splits_follow_the_written_rule():
     a, b = lds.subset_rows(0, 100), lds.subset_rows(1, 100)
     assert len(a) == 50 and a == sorted(a) and a == lds.subset_rows(0, 100) and a != b
@@ -72,6 +85,8 @@ def test_runner_is_resumable_and_reports_every_method(tiny_app, tmp_path):
     assert out["methods"]["pixel"]["note"] and not out["methods"]["abu"]["note"]
     for r in out["methods"].values():  # LDS with the first M subsets, M = 3 .. 4; the last is the table's figure
         assert list(r["lds_by_m"]) == ["3", "4"] and r["lds_by_m"]["4"] == pytest.approx(r["lds"])
+    for r in out["methods"].values():  # the control scores query 0 with query 2's row, 1 with 0's, 2 with 1's
+        assert -1 <= r["lds_other_query"] <= 1
     abu = np.array(out["methods"]["abu"]["per_query"])
     for name, r in out["methods"].items():  # each other method minus AbU, query by query
         assert ("versus_abu" in r) == (name != "abu")

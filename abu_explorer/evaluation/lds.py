@@ -205,6 +205,15 @@ def lds_per_query(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> 
     return np.array([spearman(predicted[:, q], losses[:, q]) for q in range(scores.shape[0])])
 
 
+def other_query_control(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> float | None:
+    """Mean LDS when each query is predicted from the next query's scores (the last from the first's). Near 0 for
+    scores that are specific to their query; as high as the LDS itself for scores that are the same for every
+    query (a ranking of generally useful images, not an attribution). None for a single query."""
+    if len(scores) < 2:
+        return None
+    return float(lds_per_query(np.roll(scores, 1, axis=0), masks, losses).mean())
+
+
 def bootstrap_mean_ci(xs: np.ndarray, resamples: int = 10_000, seed: int = 0, level: float = 0.95):
     g = np.random.default_rng(seed)
     means = g.choice(xs, size=(resamples, len(xs)), replace=True).mean(axis=1)

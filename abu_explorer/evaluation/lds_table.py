@@ -106,6 +106,7 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
                 for m in range(3, len(subset_docs) + 1)}
         m = spec(name)
         rows[name] = {"label": m.label, "lds": mean, "ci95": [lo, hi], "lds_half": by_m[str(half)], "lds_by_m": by_m,
+                      "lds_other_query": lds.other_query_control(scores, masks, losses),
                       "per_query": per_query.tolist(), "mode": "exact" if "exact" in m.modes else "",
                       "top10": [np.argsort(-row, kind="stable")[:10].tolist() for row in scores],
                       "note": NN_NOTE if m.module.endswith(".nearest") else "",
@@ -131,8 +132,8 @@ def caption_row(scores: np.ndarray, described: list[dict] | None) -> dict | None
 
 def table(report: dict) -> str:
     lines = [f"| method | LDS (mean over {report['num_queries']} queries) | 95% interval | with M/2 = "
-             f"{report['half']} subsets | minus AbU, paired by query (better / worse, sign test) "
-             "| caption's own image: top 10 / median rank | note |", "|---|---|---|---|---|---|---|"]
+             f"{report['half']} subsets | another query's scores (control) | minus AbU, paired by query (better / "
+             "worse, sign test) | caption's own image: top 10 / median rank | note |", "|---|---|---|---|---|---|---|---|"]
     for name, r in report["methods"].items():
         lo, hi = r["ci95"]
         pub = PUBLISHED.get(name)
@@ -145,8 +146,9 @@ def table(report: dict) -> str:
         if v:
             vs = (f"{v['diff']:+.3f} [{v['diff_ci95'][0]:+.3f}, {v['diff_ci95'][1]:+.3f}] "
                   f"({v['wins']} / {v['losses']}, {stats.p_text(v['sign_p'])})")
-        lines.append(f"| {r['label']} | {r['lds']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['lds_half']:+.3f} | {vs} | {own} "
-                     f"| {note} |")
+        ctrl = "-" if r.get("lds_other_query") is None else f"{r['lds_other_query']:+.3f}"
+        lines.append(f"| {r['label']} | {r['lds']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['lds_half']:+.3f} | {ctrl} | {vs} "
+                     f"| {own} | {note} |")
     return "\n".join(lines)
 
 
