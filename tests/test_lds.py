@@ -97,6 +97,9 @@ def test_runner_is_resumable_and_reports_every_method(tiny_app, tmp_path):
     assert out["methods"]["abu"]["mode"] == "exact"
     assert (tmp_path / "assets" / "lds_plot.png").exists()
     assert "AbU" in (tmp_path / "assets" / "lds_table.md").read_text()
+    first3 = lds_table.run(exp, queries, ["pixel"], 3, folder, None, recipe, progress=False)  # the first M only
+    assert first3["num_subsets"] == 3 and first3["methods"]["pixel"]["lds_by_m"]["3"] == pytest.approx(
+        out["methods"]["pixel"]["lds_by_m"]["3"])
     proto = json.loads(next(folder.glob("*/*/protocol.json")).read_text())
     assert proto["subset_seed"] == lds.SUBSET_SEED and proto["queries"] == queries
 

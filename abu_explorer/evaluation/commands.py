@@ -110,7 +110,7 @@ def add_commands(sub, default_model: str) -> None:
     lds_cmd.add_argument("--split", default="test", help="test (reported) or tune (for choosing settings)")
     lds_cmd.add_argument("--num-queries", type=int, default=0, help="the first N queries of the split (0: all)")
     lds_cmd.add_argument("--methods", default=all_methods)
-    lds_cmd.add_argument("--subsets", type=int, default=24, help="M: subset models, each on half of N")
+    lds_cmd.add_argument("--subsets", type=int, default=24, help="M: subset models, each on half of N; the table uses the finished ones among the first M")
     lds_cmd.add_argument("--max-subsets", type=int, default=None, help="stop after this many new subset models")
     lds_cmd.add_argument("--train-only", action="store_true", help="train the missing subset models and stop "
                          "(no scores, no table)")

@@ -66,7 +66,8 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
                 trained += 1
                 bar.update(1)
     bar.close()
-    finished = sorted(folder.glob("subset_*.json"))
+    finished = [folder / f"subset_{j:03d}.json" for j in range(subsets)]  # the table uses subsets 0 .. M-1 only
+    finished = [p for p in finished if p.exists()]
     out = {"subsets_done": len(finished), "subsets_planned": subsets, "folder": str(folder)}
     chosen = [i for i, q in enumerate(queries) if q.get("split", split) == split]
     chosen = chosen[:num_queries] if num_queries else chosen
