@@ -149,6 +149,7 @@ def test_a_cell_claimed_by_another_process_is_left_to_it(tiny_explorer, tmp_path
     """Two runners on one results folder: the first cell's claim is held elsewhere, so this one does the next."""
     from abu_explorer import artifacts
     from abu_explorer.attribution import spec
+    from abu_explorer.evaluation import progress
 
     recipe = tiny_recipes()[2]
     built = ce.build_queries(tiny_explorer, QUERIES)
@@ -161,5 +162,10 @@ def test_a_cell_claimed_by_another_process_is_left_to_it(tiny_explorer, tmp_path
                      recipe=recipe, with_floor=False)
         with artifacts.claimed(first) as again:
             assert not again  # a claim excludes every other holder
+        seen = progress.counterfactual_status(tiny_explorer, QUERIES, ["pixel"], [2], 1, tmp_path, recipe)
+    assert [c["state"] for c in seen["cells"]] == ["running", "done"] and seen["floor"] == "missing"
+    assert "1 of 2 cells done, 1 running, 0 missing" in progress.show(seen)
+    assert [c["state"] for c in progress.counterfactual_status(tiny_explorer, QUERIES, ["pixel"], [2], 1, tmp_path,
+                                                               recipe)["cells"]] == ["missing", "done"]
     assert out["done"] == 1 and not first.exists()
     assert len(list(tmp_path.rglob("result.json"))) == 1

@@ -253,6 +253,7 @@ def test_sweep_pairs_every_setting_with_the_default(tiny_app, tmp_path, capsys):
 def test_a_subset_claimed_by_another_process_is_left_to_it(tiny_app, tmp_path):
     """Two training loops on one folder: each skips the subset the other holds, so none is trained twice."""
     from abu_explorer import artifacts
+    from abu_explorer.evaluation import progress
     from conftest import tiny_recipes
 
     exp = tiny_app.explorer
@@ -263,5 +264,8 @@ def test_a_subset_claimed_by_another_process_is_left_to_it(tiny_app, tmp_path):
         assert held
         out = lds_table.run(exp, queries, ["pixel"], 3, tmp_path, None, recipe, max_subsets=1, progress=False,
                             report=False)
+        seen = progress.lds_status(exp, queries, ["pixel"], 3, tmp_path, recipe=recipe)
+    assert seen["subsets"] == ["running", "done", "missing"] and seen["scores"] == {"pixel": "0/1 queries"}
+    assert progress.show(seen).startswith("subset models: 1 of 3 done, 1 running")
     assert out["subsets_done"] == 1
     assert [p.name for p in folder.glob("subset_*.json")] == ["subset_001.json"]

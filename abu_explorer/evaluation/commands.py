@@ -63,6 +63,8 @@ def add_retrain_options(p, unit: str, results: str) -> None:
     p.add_argument("--ray-scratch", default="", help="where Ray workers retrain and keep checkpoints (default: "
                    "--results; give a shared folder on a cluster)")
     p.add_argument("--results", default=results)
+    p.add_argument("--status", action="store_true", help=f"print which {unit}s are done, running elsewhere or "
+                   "missing, and run nothing")
     p.add_argument("--quiet", action="store_true")
 
 

@@ -234,15 +234,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]
 
 
-def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int, results_dir: Path,
-        assets_dir: Path | None, progress: bool = True, max_cells: int | None = None,
-        recipe: train.StageConfig = train.UNET_RECIPE, with_floor: bool = True, ray: dict | None = None,
-        device: str = "cpu") -> dict:
-    """Run (or read from the cache) every cell on this machine; ``max_cells`` bounds the retrains of this call.
-    The table holds this machine kind's cells only; ``with_floor`` adds its K = 0 retrain first. ``ray``
-    ({"address", "threads"}): the missing cells run as Ray tasks instead (``ray_cells``), and the table reads
-    them from the kind of machine that trained them. ``device``: where each UNet retrains (with Ray: on the
-    workers, each task holding one GPU)."""
+def planned(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int,
+            recipe: train.StageConfig = train.UNET_RECIPE) -> tuple[dict, list, list[Cell], list[str]]:
+    """The loaded rankers, the built queries, every cell in plan order and each cell's request key."""
     from abu_explorer.attribution import spec
 
     rankers = {m: spec(m).load(explorer) for m in methods if m != "random"}  # unknown names fail here
@@ -255,6 +249,19 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
     cells = plan(len(queries), methods, ks, draws)
     keys = [counterfactual.request_key(explorer, built[c.query], c.method, c.k, c.draw, recipe, settings[c.method])
             for c in cells]
+    return rankers, built, cells, keys
+
+
+def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int, results_dir: Path,
+        assets_dir: Path | None, progress: bool = True, max_cells: int | None = None,
+        recipe: train.StageConfig = train.UNET_RECIPE, with_floor: bool = True, ray: dict | None = None,
+        device: str = "cpu") -> dict:
+    """Run (or read from the cache) every cell on this machine; ``max_cells`` bounds the retrains of this call.
+    The table holds this machine kind's cells only; ``with_floor`` adds its K = 0 retrain first. ``ray``
+    ({"address", "threads"}): the missing cells run as Ray tasks instead (``ray_cells``), and the table reads
+    them from the kind of machine that trained them. ``device``: where each UNet retrains (with Ray: on the
+    workers, each task holding one GPU)."""
+    rankers, built, cells, keys = planned(explorer, queries, methods, ks, draws, recipe)
     floor = counterfactual.floor(explorer, built, results_dir, recipe, progress, device) if with_floor else None
     if ray is not None:
         _run_on_ray(explorer, queries, cells, keys, results_dir, recipe, max_cells, {**ray, "device": device}, progress)
@@ -380,6 +387,12 @@ def main(args) -> int:
     queries = load_queries(Path(args.queries))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     ks = parse_ks(args.k, len(exp.dataset))
+    if args.status:
+        from abu_explorer.evaluation import progress
+
+        print(progress.show(progress.counterfactual_status(exp, queries, methods, ks, args.draws,
+                                                           Path(args.results), device=args.device)))
+        return 0
     ray = {"address": args.ray_address or None, "threads": args.threads or 1, "scratch": args.ray_scratch or None} \
         if (args.ray or args.ray_address) else None
     out = run(exp, queries, methods, ks, args.draws, Path(args.results), Path(args.assets) if args.assets else None,

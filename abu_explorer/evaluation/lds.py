@@ -139,6 +139,12 @@ def load_with(explorer, name: str, options: dict | None, folder: Path, progress:
     return spec(name).load(explorer, **options)
 
 
+def scores_path(folder: Path, name: str, ranker, described: list[dict]) -> tuple[Path, dict]:
+    """Where a method's (Q, N) scores of ``described`` queries are cached, and the settings in that key."""
+    settings = {"mode": counterfactual.removal_mode(name), **ranker.settings()}
+    return folder / "scores" / f"{name}-{key_of({**settings, 'queries': described})}.npy", settings
+
+
 def method_scores(explorer, name: str, built: list, folder: Path, described: list[dict] | None = None,
                   progress: bool = False, options: dict | None = None) -> np.ndarray:
     """(Q, N) scores of one method, exact mode where it has one; cached under the hash of its settings and of the
@@ -150,9 +156,8 @@ def method_scores(explorer, name: str, built: list, folder: Path, described: lis
     from tqdm.auto import tqdm
 
     ranker = load_with(explorer, name, options, folder, progress)
-    settings = {"mode": counterfactual.removal_mode(name), **ranker.settings()}
     which = described if described is not None else [q.describe() for q in built]
-    path = folder / "scores" / f"{name}-{key_of({**settings, 'queries': which})}.npy"
+    path, settings = scores_path(folder, name, ranker, which)
     if path.exists():
         return artifacts.load_npy(path)
     parts = path.with_suffix(".parts")

@@ -213,6 +213,12 @@ def main(args) -> int:
                          '\'{"abu": {"alpha": 0.003}}\'')
     ray = {"address": args.ray_address or None, "threads": args.threads or 1,
            "scratch": args.ray_scratch or None} if (args.ray or args.ray_address) else None
+    if args.status:
+        from abu_explorer.evaluation import progress
+
+        print(progress.show(progress.lds_status(exp, queries, methods, args.subsets, Path(args.results), args.split,
+                                                device=args.device)))
+        return 0
     common = dict(progress=not args.quiet, split=args.split, device=args.device, num_queries=args.num_queries)
     if args.sweep:
         return sweep(exp, queries, methods, options, args, common)

@@ -1,0 +1,63 @@
+"""What a long evaluation has done and what is left, without running any of it (``evaluate counterfactual
+--status``, ``evaluate lds --status``). Each unit is *done* (its result is filed), *running* (another process
+holds its claim) or *missing*."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from abu_explorer import artifacts
+from abu_explorer.evaluation import counterfactual, counterfactual_table, lds
+from abu_explorer.machine import kind as machine_kind
+from abu_explorer.training import train
+
+
+def state(path: Path) -> str:
+    return "done" if Path(path).exists() else "running" if artifacts.held(path) else "missing"
+
+
+def counterfactual_status(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int,
+                          results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE, device: str = "cpu") -> dict:
+    """Every cell of the plan on this machine kind, and its K = 0 floor."""
+    _, _, cells, keys = counterfactual_table.planned(explorer, queries, methods, ks, draws, recipe)
+    kind = machine_kind(device)
+    rows = [{"prompt": queries[c.query]["prompt"], "method": c.method, "k": c.k, "draw": c.draw, "key": key,
+             "state": state(counterfactual.result_dir(results_dir, key, kind) / "result.json")}
+            for c, key in zip(cells, keys)]
+    floor_key = counterfactual.request_key(explorer, None, counterfactual.FULL, 0, 0, recipe, {})
+    return {"kind": kind, "cells": rows,
+            "floor": state(counterfactual.result_dir(results_dir, floor_key, kind) / "result.json")}
+
+
+def lds_status(explorer, queries: list[dict], methods: list[str], subsets: int, results_dir: Path,
+               split: str = "test", recipe: train.StageConfig = train.UNET_RECIPE, device: str = "cpu") -> dict:
+    """Subset models 0 .. subsets-1, and each method's scores of the split with its default settings."""
+    from abu_explorer.attribution import spec
+
+    folder = lds.results_folder(results_dir, lds.protocol(explorer, queries, recipe), machine_kind(device))
+    described = [q for q in queries if q.get("split", split) == split]
+    scores = {}
+    for name in methods:
+        path, _ = lds.scores_path(folder, name, spec(name).load(explorer), described)
+        parts = len(list(path.with_suffix(".parts").glob("*.npy")))
+        scores[name] = "done" if path.exists() else f"{parts}/{len(described)} queries"
+    return {"folder": str(folder), "subsets": [state(folder / f"subset_{j:03d}.json") for j in range(subsets)],
+            "scores": scores, "split": split}
+
+
+def show(report: dict) -> str:
+    """A few lines a person reads: counts first, then what is not done."""
+    if "cells" in report:
+        cells = report["cells"]
+        counts = {s: sum(c["state"] == s for c in cells) for s in ("done", "running", "missing")}
+        lines = [f"{counts['done']} of {len(cells)} cells done, {counts['running']} running, {counts['missing']} "
+                 f"missing ({report['kind']}); K = 0 floor: {report['floor']}"]
+        lines += [f"  {c['state']:8s} {c['prompt']!r} {c['method']} K={c['k']} draw {c['draw']}"
+                  for c in cells if c["state"] != "done"]
+        return "\n".join(lines)
+    subs = report["subsets"]
+    lines = [f"subset models: {subs.count('done')} of {len(subs)} done, {subs.count('running')} running "
+             f"({report['folder']})"]
+    lines += [f"  {s:8s} subset {j}" for j, s in enumerate(subs) if s != "done"]
+    lines.append(f"scores ({report['split']} split, default settings): "
+                 + ", ".join(f"{m} {s}" for m, s in report["scores"].items()))
+    return "\n".join(lines)
