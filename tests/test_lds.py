@@ -191,6 +191,29 @@ def test_two_processes_share_one_scoring_run(tiny_app, tmp_path, monkeypatch):
     assert np.array_equal(out[0], whole)
 
 
+def test_scoring_stops_when_another_process_has_gathered(tiny_app, tmp_path, monkeypatch):
+    """The other process filed the whole matrix (and removed the parts) while this one scored its first query:
+    nothing more is scored, and the filed matrix is what comes back."""
+    from abu_explorer import artifacts
+    from abu_explorer.attribution import spec
+
+    exp = tiny_app.explorer
+    built = lds.query_latents(exp, [{"prompt": exp.dataset.captions[i], "seed": i, "steps": 3} for i in (2, 9, 17)])
+    whole = lds.method_scores(exp, "pixel", built, tmp_path / "whole")
+    name = next((tmp_path / "whole" / "scores").glob("pixel-*.npy")).name
+    ranker_cls = type(spec("pixel").load(exp))
+    real, calls = ranker_cls.score, []
+
+    def score(self, q, mode=None):
+        calls.append(q.describe()["prompt"])
+        artifacts.save_npy(tmp_path / "late" / "scores" / name, whole)  # the other process gathers meanwhile
+        return real(self, q)
+
+    monkeypatch.setattr(ranker_cls, "score", score)
+    got = lds.method_scores(exp, "pixel", built, tmp_path / "late")
+    assert len(calls) == 1 and np.array_equal(got, whole)
+
+
 def test_sweep_pairs_every_setting_with_the_default(tiny_app, tmp_path, capsys):
     from abu_explorer import cli
     from abu_explorer.evaluation import lds_tuning

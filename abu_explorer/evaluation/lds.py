@@ -164,10 +164,12 @@ def method_scores(explorer, name: str, built: list, folder: Path, described: lis
     for wait in (False, True):  # first the queries nobody holds, then wait for those another process was scoring
         for i, query in enumerate(tqdm(built, desc=f"{name} scores", disable=not progress or wait)):
             part = parts / f"{i:03d}.npy"
+            if path.exists():  # another process has gathered them all (and removed the parts)
+                break
             if part.exists():
                 continue
             with artifacts.claimed(part, wait=wait) as mine:
-                if mine and not part.exists():
+                if mine and not part.exists() and not path.exists():
                     artifacts.save_npy(part, ranker.score(query, settings["mode"]).scores.numpy().astype(np.float64))
     with artifacts.locked(path):  # one process gathers; the others find the file
         if path.exists():
