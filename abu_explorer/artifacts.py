@@ -76,19 +76,11 @@ def claimed(path: Path, wait: bool = False):
 
 def held(path: Path) -> bool:
     """Whether another process holds the claim on ``path`` now (see ``claimed``); creates nothing."""
-    import fcntl
-
     path = Path(path)
-    lock = path.parent / f".{path.name}.claim"
-    if not lock.exists():
+    if not (path.parent / f".{path.name}.claim").exists():
         return False
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    with claimed(path) as mine:
+        return not mine
 
 
 def save_bytes(path: Path, data: bytes) -> None:

@@ -276,33 +276,26 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
         cached = filed.exists()
         if not cached and max_cells is not None and done_now >= max_cells:
             continue
-        with contextlib.ExitStack() as stack:
-            if not cached and not stack.enter_context(artifacts.claimed(filed)):
+        with contextlib.nullcontext(True) if cached else artifacts.claimed(filed) as mine:
+            if not mine:
                 continue  # another process is retraining this cell: left to it
             cached = filed.exists()  # it may have finished before the claim
-            done_now, r = _cell(explorer, queries, built, cell, i, len(cells), results_dir, recipe, rankers,
-                                device, cached, done_now, progress)
+            if not cached:
+                print(f"[{i + 1}/{len(cells)}] {queries[cell.query]['prompt']!r} {cell.method} K={cell.k} "
+                      f"draw {cell.draw}: retraining", flush=True)
+                t0 = time.perf_counter()
+            r = counterfactual.run(explorer, built[cell.query], cell.method, cell.k, results_dir, recipe=recipe,
+                                   draw=cell.draw, progress=progress, ranker=rankers.get(cell.method), device=device)
+            if not cached:
+                done_now += 1
+                print(f"  {counterfactual.show(r).splitlines()[0]} ({(time.perf_counter() - t0) / 60:.1f} min)",
+                      flush=True)
         results.append({**r, "query_index": cell.query})
         if assets_dir is not None and not cached:
             write_report(explorer, queries, methods, results, results_dir, assets_dir, floor, device)
     report = write_report(explorer, queries, methods, results, results_dir, assets_dir, floor, device) \
         if assets_dir else None
     return {"cells": len(cells), "done": len(results), "report": report, "floor": floor}
-
-
-def _cell(explorer, queries, built, cell, i: int, total: int, results_dir, recipe, rankers, device, cached: bool,
-          done_now: int, progress: bool):
-    """One cell, read from the cache or retrained (with a line before and after)."""
-    if not cached:
-        print(f"[{i + 1}/{total}] {queries[cell.query]['prompt']!r} {cell.method} K={cell.k} "
-              f"draw {cell.draw}: retraining", flush=True)
-        t0 = time.perf_counter()
-    r = counterfactual.run(explorer, built[cell.query], cell.method, cell.k, results_dir, recipe=recipe,
-                           draw=cell.draw, progress=progress, ranker=rankers.get(cell.method), device=device)
-    if not cached:
-        done_now += 1
-        print(f"  {counterfactual.show(r).splitlines()[0]} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
-    return done_now, r
 
 
 def _run_on_ray(explorer, queries, cells, keys, results_dir: Path, recipe, max_cells, ray: dict, progress) -> None:
