@@ -11,7 +11,7 @@ from abu_explorer.evaluation import customized, customized_concepts
 
 def summarize(results: list[dict], methods: list[str], split: str) -> dict:
     """Mean Recall@10 and mAP with 95% bootstrap intervals over the split's queries, per method and kind."""
-    from abu_explorer.evaluation.lds import bootstrap_mean_ci
+    from abu_explorer.evaluation.stats import mean_ci
 
     out = {"split": split, "methods": {}}
     for name in methods:
@@ -23,7 +23,7 @@ def summarize(results: list[dict], methods: list[str], split: str) -> dict:
                 continue
             e = {"queries": len(sel), "concepts": len({r["concept"] for r in sel})}
             for metric in ("recall_at_10", "ap"):
-                mean, lo, hi = bootstrap_mean_ci(np.array([r[metric] for r in sel], dtype=np.float64))
+                mean, lo, hi = mean_ci(np.array([r[metric] for r in sel], dtype=np.float64))
                 e[metric] = {"mean": mean, "ci95": [lo, hi]}
             entry[kind] = e
         out["methods"][name] = entry

@@ -219,10 +219,3 @@ def other_query_control(scores: np.ndarray, masks: np.ndarray, losses: np.ndarra
     if len(scores) < 2:
         return None
     return float(lds_per_query(np.roll(scores, 1, axis=0), masks, losses).mean())
-
-
-def bootstrap_mean_ci(xs: np.ndarray, resamples: int = 10_000, seed: int = 0, level: float = 0.95):
-    g = np.random.default_rng(seed)
-    means = g.choice(xs, size=(resamples, len(xs)), replace=True).mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(xs.mean()), float(lo), float(hi)

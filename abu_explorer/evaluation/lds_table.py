@@ -102,7 +102,7 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
     for name in methods:
         scores = lds.method_scores(explorer, name, built, folder, described, progress, (options or {}).get(name))
         per_query = lds.lds_per_query(scores, masks, losses)
-        mean, lo, hi = lds.bootstrap_mean_ci(per_query)
+        mean, lo, hi = stats.mean_ci(per_query)
         by_m = {str(m): float(lds.lds_per_query(scores, masks[:m], losses[:m]).mean())  # how it settles with M
                 for m in range(3, len(subset_docs) + 1)}
         m = spec(name)

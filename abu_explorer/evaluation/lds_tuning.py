@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from abu_explorer import artifacts
-from abu_explorer.evaluation import lds, stats
+from abu_explorer.evaluation import stats
 
 
 def parse_grid(text: str, methods: list[str]) -> dict[str, dict[str, list]]:
@@ -66,7 +66,7 @@ def top_overlap(a: list[list[int]], b: list[list[int]]) -> float:
 def compare(per_query: np.ndarray, base: np.ndarray) -> dict:
     """Paired by query: mean difference with its bootstrap interval, and a two-sided exact sign test."""
     diff = np.asarray(per_query) - np.asarray(base)
-    mean, lo, hi = lds.bootstrap_mean_ci(diff)
+    mean, lo, hi = stats.mean_ci(diff)
     wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
     return {"diff": mean, "diff_ci95": [lo, hi], "wins": wins, "losses": losses,
             "sign_p": stats.mcnemar_p(wins, losses)}

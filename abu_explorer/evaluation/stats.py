@@ -4,8 +4,6 @@ from __future__ import annotations
 import math
 import statistics
 
-import torch
-
 
 def p_text(p: float) -> str:
     """A p-value as a reader wants it: 'p < 0.001' rather than 'p = 0.000'."""
@@ -51,15 +49,23 @@ def sign_test_p(wins: int, n: int) -> float:
     return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n if n else math.nan
 
 
-def bootstrap_ci(xs: list[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (seeded: the same data give the same interval)."""
-    if len(xs) < 2:
+def bootstrap_ci(xs, level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over ``xs`` (seeded: the same data give the same interval)."""
+    import numpy as np
+
+    x = np.asarray(xs, dtype=np.float64)
+    if len(x) < 2:
         return math.nan, math.nan
-    g = torch.Generator().manual_seed(seed)
-    x = torch.tensor(xs, dtype=torch.float64)
-    means = x[torch.randint(0, len(xs), (resamples, len(xs)), generator=g)].mean(dim=1)
-    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
-    return lo, hi
+    means = np.random.default_rng(seed).choice(x, size=(resamples, len(x)), replace=True).mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def mean_ci(xs, level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of ``xs`` and its bootstrap interval."""
+    import numpy as np
+
+    return (float(np.mean(np.asarray(xs, dtype=np.float64))), *bootstrap_ci(xs, level))
 
 
 def recall_at_k(scores, positives, k: int = 10) -> float:
