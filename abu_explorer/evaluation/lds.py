@@ -161,6 +161,8 @@ def method_scores(explorer, name: str, built: list, folder: Path, described: lis
     if path.exists():
         return artifacts.load_npy(path)
     parts = path.with_suffix(".parts")
+    if not (parts / "settings.json").exists():  # what these parts are, for ``--status`` while they are filled
+        artifacts.save_json(parts / "settings.json", {"method": name, "settings": settings, "queries": len(built)})
     for wait in (False, True):  # first the queries nobody holds, then wait for those another process was scoring
         for i, query in enumerate(tqdm(built, desc=f"{name} scores", disable=not progress or wait)):
             part = parts / f"{i:03d}.npy"
@@ -176,7 +178,7 @@ def method_scores(explorer, name: str, built: list, folder: Path, described: lis
             return artifacts.load_npy(path)
         scores = np.stack([artifacts.load_npy(parts / f"{i:03d}.npy") for i in range(len(built))])
         artifacts.save_npy(path, scores)
-        artifacts.save_json(path.with_suffix(".json"), {"method": name, "settings": settings,
+        artifacts.save_json(path.with_suffix(".json"), {"method": name, "settings": settings, "queries": len(built),
                                                         "computed_on": machine(torch.get_num_threads())})
     import shutil
 

@@ -41,7 +41,30 @@ def lds_status(explorer, queries: list[dict], methods: list[str], subsets: int, 
         parts = len(list(path.with_suffix(".parts").glob("*.npy")))
         scores[name] = "done" if path.exists() else f"{parts}/{len(described)} queries"
     return {"folder": str(folder), "subsets": [state(folder / f"subset_{j:03d}.json") for j in range(subsets)],
-            "scores": scores, "split": split}
+            "scores": scores, "split": split, "filed": filed_scores(explorer, folder, methods)}
+
+
+def filed_scores(explorer, folder: Path, methods: list[str]) -> list[dict]:
+    """Every score set under ``folder/scores`` of ``methods`` (a sweep's settings included): the settings that
+    differ from the method's defaults, and how many queries are scored."""
+    from abu_explorer.attribution import spec
+
+    out = []
+    for name in methods:
+        default = spec(name).load(explorer).settings().get("config", {})
+        for path in sorted((folder / "scores").glob(f"{name}-*")):
+            gathered = path.suffix == ".json"
+            info = path / "settings.json" if path.suffix == ".parts" else path if gathered else None
+            if info is None:
+                continue
+            doc = artifacts.load_json(info) if info.exists() else {}
+            config = doc.get("settings", {}).get("config", {})
+            changed = {k: v for k, v in config.items() if default.get(k) != v}
+            total = doc.get("queries", "?")
+            done = f"{total}/{total}" if gathered else f"{len(list(path.glob('*.npy')))}/{total}"
+            out.append({"method": name, "key": path.stem.split("-", 1)[1], "changed": changed if doc else None,
+                        "queries": done, "tables": doc.get("settings", {}).get("tables")})
+    return out
 
 
 def show(report: dict) -> str:
@@ -58,6 +81,13 @@ def show(report: dict) -> str:
     lines = [f"subset models: {subs.count('done')} of {len(subs)} done, {subs.count('running')} running "
              f"({report['folder']})"]
     lines += [f"  {s:8s} subset {j}" for j, s in enumerate(subs) if s != "done"]
-    lines.append(f"scores ({report['split']} split, default settings): "
+    lines.append(f"scores ({report['split']} split, default settings and tables): "
                  + ", ".join(f"{m} {s}" for m, s in report["scores"].items()))
+    if report.get("filed"):
+        lines.append("score sets filed (either split; a sweep builds tables of its own, so its default is listed "
+                     "apart):")
+    for f in report.get("filed", []):
+        what = ("settings not recorded" if f["changed"] is None
+                else ", ".join(f"{k}={v}" for k, v in f["changed"].items()) or "default settings")
+        lines.append(f"  {f['method']}-{f['key']}: {what}; tables {f['tables']}; queries scored: {f['queries']}")
     return "\n".join(lines)
