@@ -47,6 +47,38 @@ def test_the_other_query_control_separates_specific_from_shared_scores():
     assert lds.other_query_control(shared[:1], masks, losses[:, :1]) is None
 
 
+def test_the_source_image_is_measured_apart_from_what_a_method_adds():
+    """Losses made by the source row (a large step) plus a second row (a small one): scoring the source alone
+    reaches a high LDS but nothing within its strata; scoring the second row alone is the reverse."""
+    g = np.random.default_rng(1)
+    masks = (g.random((40, 30)) < 0.5).astype(float)
+    source, other = 3, 7
+    losses = (1.0 - 0.5 * masks[:, source] - 0.01 * masks[:, other] + 0.001 * g.normal(size=40))[:, None]
+    effect = lds.source_effect(masks, losses, [source])
+    assert effect["lds_source_only"] > 0.7 and effect["loss_change_with_source"] == pytest.approx(-0.5, abs=0.01)
+    assert effect["loss_sd_within_side"] < 0.01
+    only_other = np.zeros((1, 30))
+    only_other[0, other] = 1.0
+    assert lds.lds_within_source(only_other, masks, losses, [source])[0] > 0.7
+    assert lds.lds_per_query(only_other, masks, losses)[0] < effect["lds_source_only"]
+    only_source = np.zeros((1, 30))
+    only_source[0, source] = 1.0
+    assert lds.lds_within_source(only_source, masks, losses, [source])[0] == 0.0  # constant within a stratum
+    assert np.isnan(lds.lds_within_source(only_other, masks[:6], losses[:6], [source], min_models=7)[0])
+    assert lds.source_rows([{"row": 4}, {"row": 2}]) == [4, 2] and lds.source_rows([{"prompt": "x"}]) is None
+
+
+def test_the_table_shows_the_source_reference_and_each_methods_within_figure():
+    row = {"label": "AbU", "lds": 0.2, "ci95": [0.1, 0.3], "lds_half": 0.25, "lds_other_query": 0.0, "note": "",
+           "caption_row": None, "lds_within_source": 0.14, "within_ci95": [0.08, 0.2]}
+    report = {"num_queries": 50, "half": 12, "methods": {"abu": row},
+              "source_effect": {"lds_source_only": 0.79, "loss_change_with_source": -0.038,
+                                "loss_sd_within_side": 0.0032}}
+    md = lds_table.table(report)
+    assert "+0.140 [+0.080, +0.200]" in md and "| *the source image alone" in md and "+0.790" in md
+    assert "source image alone" not in lds_table.table({**report, "source_effect": None})
+
+
 def test_subsets_and_splits_follow_the_written_rule():
     a, b = lds.subset_rows(0, 100), lds.subset_rows(1, 100)
     assert len(a) == 50 and a == sorted(a) and a == lds.subset_rows(0, 100) and a != b

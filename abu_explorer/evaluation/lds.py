@@ -19,6 +19,13 @@ Protocol (every seed is written here; ``protocol()`` records all of it beside th
    prediction and actual loss; a method's LDS is the mean over queries with a bootstrap interval.
 
 Nearest-neighbour similarities are not additive by design; their LDS is reported with that note.
+
+**The source image.** Each query is generated from the caption of one training row, its *source*, and on a
+model of this size whether a subset holds that one image can decide most of the query's loss. Two figures say how
+much (``source_effect``): the LDS of a predictor that scores the source row alone (it reads the query's
+provenance, so it is a reference, not a method), and each method's LDS *within* the source's strata
+(``lds_within_source``): the Spearman correlation over the subset models that hold the source and, separately,
+over those that do not, averaged. The latter is what a method predicts beyond the one image.
 """
 from __future__ import annotations
 
@@ -221,3 +228,45 @@ def other_query_control(scores: np.ndarray, masks: np.ndarray, losses: np.ndarra
     if len(scores) < 2:
         return None
     return float(lds_per_query(np.roll(scores, 1, axis=0), masks, losses).mean())
+
+
+MIN_STRATUM = 5  # subset models a source stratum needs before its Spearman correlation is counted
+
+
+def source_rows(described: list[dict] | None) -> list[int] | None:
+    """Each query's source row (the training row whose caption generated it); None unless every query has one."""
+    if not described or any("row" not in d for d in described):
+        return None
+    return [int(d["row"]) for d in described]
+
+
+def lds_within_source(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, rows: list[int],
+                      min_models: int = MIN_STRATUM) -> np.ndarray:
+    """(Q,) per query: the mean of the Spearman correlations of prediction and loss over the subset models that
+    hold the query's source row and over those that do not (a stratum of fewer than ``min_models`` models is left
+    out; NaN if both are). The source's own score is constant within a stratum, so it counts for nothing here."""
+    predicted = -(masks @ scores.T)
+    out = []
+    for q, row in enumerate(rows):
+        holds = masks[:, row] == 1
+        rhos = [spearman(predicted[s, q], losses[s, q]) for s in (holds, ~holds) if s.sum() >= min_models]
+        out.append(float(np.mean(rhos)) if rhos else float("nan"))
+    return np.array(out)
+
+
+def source_effect(masks: np.ndarray, losses: np.ndarray, rows: list[int]) -> dict:
+    """How much of the query losses the source image alone explains: the LDS of scoring the source row only,
+    the mean loss change when a subset holds it, and the spread of the loss among models on the same side."""
+    n = masks.shape[1]
+    only = np.zeros((len(rows), n))
+    only[np.arange(len(rows)), rows] = 1.0
+    per_query = lds_per_query(only, masks, losses)
+    gaps, spread = [], []
+    for q, row in enumerate(rows):
+        holds = masks[:, row] == 1
+        if holds.any() and (~holds).any():
+            gaps.append(float(losses[holds, q].mean() - losses[~holds, q].mean()))
+            spread.append(float(np.mean([losses[s, q].std() for s in (holds, ~holds) if s.sum() > 1] or [np.nan])))
+    return {"lds_source_only": float(per_query.mean()), "per_query": per_query.tolist(),
+            "loss_change_with_source": float(np.mean(gaps)) if gaps else None,
+            "loss_sd_within_side": float(np.nanmean(spread)) if spread else None}

@@ -99,6 +99,7 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
     if len(kinds) > 1:
         raise ValueError(f"one LDS table holds one machine kind; these subsets come from {sorted(kinds)}")
     rows, half = {}, max(3, len(subset_docs) // 2)
+    sources = lds.source_rows(described)
     for name in methods:
         scores = lds.method_scores(explorer, name, built, folder, described, progress, (options or {}).get(name))
         per_query = lds.lds_per_query(scores, masks, losses)
@@ -112,6 +113,12 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
                       "top10": [np.argsort(-row, kind="stable")[:10].tolist() for row in scores],
                       "note": NN_NOTE if m.module.endswith(".nearest") else "",
                       "caption_row": caption_row(scores, described)}
+        if sources is not None:  # what the method predicts beyond the query's source image
+            within = lds.lds_within_source(scores, masks, losses, sources)
+            within = within[~np.isnan(within)]
+            mean_w, lo_w, hi_w = stats.mean_ci(within) if len(within) else (float("nan"),) * 3
+            rows[name].update({"lds_within_source": mean_w, "within_ci95": [lo_w, hi_w],
+                               "within_per_query": within.tolist()})
     if "abu" in rows:  # every other method against AbU, paired by query: the claims the report may make
         from abu_explorer.evaluation.lds_tuning import compare
 
@@ -119,7 +126,8 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
             if name != "abu":
                 r["versus_abu"] = compare(r["per_query"], rows["abu"]["per_query"])
     return {"methods": rows, "num_subsets": len(subset_docs), "half": half, "num_queries": len(built),
-            "machine_kind": next(iter(kinds)), "num_train": n}
+            "machine_kind": next(iter(kinds)), "num_train": n,
+            "source_effect": lds.source_effect(masks, losses, sources) if sources is not None else None}
 
 
 def caption_row(scores: np.ndarray, described: list[dict] | None) -> dict | None:
@@ -134,7 +142,8 @@ def caption_row(scores: np.ndarray, described: list[dict] | None) -> dict | None
 def table(report: dict) -> str:
     lines = [f"| method | LDS (mean over {report['num_queries']} queries) | 95% interval | with M/2 = "
              f"{report['half']} subsets | another query's scores (control) | minus AbU, paired by query (better / "
-             "worse, sign test) | caption's own image: top 10 / median rank | note |", "|---|---|---|---|---|---|---|---|"]
+             "worse, sign test) | within the source image's strata [95%] | caption's own image: top 10 / median "
+             "rank | note |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["methods"].items():
         lo, hi = r["ci95"]
         pub = PUBLISHED.get(name)
@@ -148,8 +157,16 @@ def table(report: dict) -> str:
             vs = (f"{v['diff']:+.3f} [{v['diff_ci95'][0]:+.3f}, {v['diff_ci95'][1]:+.3f}] "
                   f"({v['wins']} / {v['losses']}, {stats.p_text(v['sign_p'])})")
         ctrl = "-" if r.get("lds_other_query") is None else f"{r['lds_other_query']:+.3f}"
+        w = r.get("lds_within_source")
+        within = "-" if w is None else f"{w:+.3f} [{r['within_ci95'][0]:+.3f}, {r['within_ci95'][1]:+.3f}]"
         lines.append(f"| {r['label']} | {r['lds']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['lds_half']:+.3f} | {ctrl} | {vs} "
-                     f"| {own} | {note} |")
+                     f"| {within} | {own} | {note} |")
+    src = report.get("source_effect")
+    if src:  # a reference that reads the query's provenance, not a method
+        lines.append(f"| *the source image alone (reads the query's provenance: a reference, not a method)* | "
+                     f"{src['lds_source_only']:+.3f} | | | | | 0 by construction | all / 1 | a subset holding it changes the "
+                     f"query's loss by {src['loss_change_with_source']:+.4f}; models on the same side spread by "
+                     f"{src['loss_sd_within_side']:.4f} (sd) |")
     return "\n".join(lines)
 
 
@@ -175,6 +192,11 @@ def plot(report: dict, path: Path) -> None:
                                     gridspec_kw={"width_ratios": [1.2 * len(names) + 2, 4.5]})
     ax.bar(range(len(names)), means, yerr=err, capsize=4, color="#4c72b0")
     ax.axhline(0, color="black", lw=0.8)
+    src = report.get("source_effect")
+    if src:
+        ax.axhline(src["lds_source_only"], color="#c44e52", lw=1, ls="--")
+        ax.text(len(names) - 0.5, src["lds_source_only"], "source image alone (reference)", color="#c44e52",
+                fontsize=7, ha="right", va="bottom")
     ax.set_xticks(range(len(names)), [r[m]["label"] for m in names], rotation=20, ha="right")
     ax.set_ylabel("LDS (Spearman)")
     ax.set_title(f"LDS, {report['num_queries']} queries x {report['num_subsets']} subset models "
