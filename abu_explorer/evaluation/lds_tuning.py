@@ -83,7 +83,7 @@ def sweep(evaluate_setting, explorer, grid: dict[str, dict[str, list]], stabilit
         for i, combo in enumerate(combos(g, defaults(explorer, name, g))):
             r = evaluate_setting(name, combo)
             row = {"method": name, "settings": combo, "default": i == 0, "lds": r["lds"], "ci95": r["ci95"],
-                   "per_query": r["per_query"]}
+                   "per_query": r["per_query"], "lds_within_source": r.get("lds_within_source")}
             base = base if base is not None else np.array(r["per_query"])
             row["versus_default"] = compare(np.array(r["per_query"]), base) if i else None
             if seed_key:
@@ -97,9 +97,9 @@ def sweep(evaluate_setting, explorer, grid: dict[str, dict[str, list]], stabilit
 def table(rows: list[dict], num_queries: int, num_subsets: int) -> str:
     stab = any("stability" in r for r in rows)
     lines = [f"| method | settings | LDS (tuning split, {num_queries} queries, M = {num_subsets}) | 95% interval "
-             "| minus the default, 95% interval | queries better / worse | sign test p |"
-             + (" top-10 overlap with the next draw seed | LDS, next seed |" if stab else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|" if stab else "")]
+             "| minus the default, 95% interval | queries better / worse | sign test p | within the source image's "
+             "strata (decides nothing) |" + (" top-10 overlap with the next draw seed | LDS, next seed |" if stab else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if stab else "")]
     for r in rows:
         s = ", ".join(f"{k} = {v}" for k, v in r["settings"].items()) + (" (default)" if r["default"] else "")
         v = r["versus_default"]
@@ -107,8 +107,10 @@ def table(rows: list[dict], num_queries: int, num_subsets: int) -> str:
                                     f"{v['wins']} / {v['losses']} | {stats.p_text(v['sign_p'])}")
         st = r.get("stability")
         extra = (f" {st['top10_overlap']:.2f} | {st['lds_next_seed']:+.3f} |" if st else " - | - |") if stab else ""
+        w = r.get("lds_within_source")
         lines.append(f"| {r['method']} | {s} | {r['lds']:+.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | "
-                     + (vs if v is not None else "- | - | -") + " |" + extra)
+                     + (vs if v is not None else "- | - | -") + (" | -" if w is None else f" | {w:+.3f}") + " |"
+                     + extra)
     return "\n".join(lines)
 
 
