@@ -43,6 +43,21 @@ def test_table_sets_each_method_beside_random_and_the_paper():
     assert ce.paper_dl("pixel", 68, 2015) == 4.0 and ce.paper_dl("dtrak", 8, 2015) == 5.4
 
 
+def test_each_row_counts_the_cells_that_removed_the_source_image():
+    """A query made from a training caption has a source image; the table says how many cells removed it."""
+    def cell(method, prompt, removed, draw=0):
+        return {"method": method, "k": 2, "draw": draw, "query": {"prompt": prompt}, "removed": removed,
+                "delta_loss": 0.01, "delta_g_mse": 0.0, "delta_g_clip": 1.0}
+
+    results = [cell("abu", "apple", [4, 1]), cell("abu", "pear", [3, 5]), cell("abu", "made up", [0, 1]),
+               cell("random", "apple", [7, 8]), cell("random", "pear", [5, 9])]
+    rows = {r["method"]: r for r in ce.summarize(results, ["abu", "random"], {"apple": 4, "pear": 5})["rows"]}
+    assert rows["abu"]["source_removed"] == [2, 2] and rows["random"]["source_removed"] == [1, 2]
+    assert "source_removed" not in ce.summarize(results, ["abu"])["rows"][0]
+    line = ce.table({"rows": list(rows.values())}, 2015).splitlines()[2]
+    assert line.rstrip().endswith("| 2/2 |")
+
+
 def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_path, monkeypatch):
     recipe = tiny_recipes()[2]
     results, assets = tmp_path / "results", tmp_path / "assets"
@@ -82,6 +97,7 @@ def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_pa
     table = (assets / "counterfactual_table.md").read_text()
     assert "| pixel | 2 (" in table and "| random | 2 (" in table and table.count("| banana |") == 3
     assert "per draw: " in table and "| K = 0 retrain (floor) | 0 | 1 | 0.000" in table
+    assert not any("source_removed" in r for r in second["report"]["rows"])  # no query is a caption of this set
     assert "2/2: p = 0.250" in table or "1/2: p = 0.750" in table or "0/2: p = 1.000" in table
     assert all(c["mode"] == "" for c in cells)  # neither pixel nor random has an exact mode
     assert all(c["trained_on"]["device"].startswith("cpu (") for c in cells)  # each cell's own machine record

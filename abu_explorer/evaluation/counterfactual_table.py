@@ -22,13 +22,10 @@ import torch
 from abu_explorer import artifacts
 from abu_explorer.evaluation import counterfactual
 from abu_explorer.evaluation import stats
+from abu_explorer.evaluation.counterfactual_plot import METRICS, plot
 from abu_explorer.training import train
 from abu_explorer.machine import kind as machine_kind
 
-METRICS = ("delta_loss", "delta_g_mse", "delta_g_clip")
-LABELS = {"delta_loss": "dL x1e-3 (higher = more forgotten)", "delta_g_mse": "dG-MSE x1e-3 (higher = more changed)",
-          "delta_g_clip": "dG-CLIP (lower = more changed)"}
-SCALE = {"delta_loss": 1e3, "delta_g_mse": 1e3, "delta_g_clip": 1.0}  # the table's units
 # The paper's Table 1 (MSCOCO, N ~ 118k): dL x1e-3 at K = 500 / 1000 / 4000, i.e. these fractions of N.
 # Random is quoted as one figure for all K. IF is not in that table. Absolute values depend on the model and
 # data; the ratio to random is the comparable part.
@@ -80,10 +77,11 @@ def _query_id(r: dict) -> str:
     return json.dumps(r["query"], sort_keys=True)
 
 
-def summarize(results: list[dict], methods: list[str]) -> dict:
+def summarize(results: list[dict], methods: list[str], sources: dict[str, int] | None = None) -> dict:
     """Mean +- standard error over queries (and random draws) per method and K. Also, per method, the paired
     difference dL - (the same query's mean random dL) over the queries that have a random draw, which
-    removes the queries' own spread; and random's per-draw means (the spread of the control)."""
+    removes the queries' own spread; and random's per-draw means (the spread of the control). ``sources``:
+    prompt -> the training row whose caption it is; each row then counts the cells that removed that image."""
     by_query, per_draw = {}, {}  # the random control's dL, by (K, query) and by (K, draw)
     for r in results:
         if r["method"] == "random":
@@ -94,6 +92,9 @@ def summarize(results: list[dict], methods: list[str]) -> dict:
         for k in sorted({r["k"] for r in results if r["method"] == m}):
             rs = [r for r in results if r["method"] == m and r["k"] == k]
             row = {"method": m, "k": k, "n": len(rs), "queries": len({_query_id(r) for r in rs})}
+            known = [r for r in rs if (sources or {}).get(r["query"]["prompt"]) is not None and "removed" in r]
+            if known:
+                row["source_removed"] = [sum(sources[r["query"]["prompt"]] in r["removed"] for r in known), len(known)]
             for metric in METRICS:
                 row[metric] = stats.mean_se([r[metric] for r in rs if metric in r])
             if m == "random":
@@ -128,8 +129,8 @@ def paper_dl(method: str, k: int, num_train: int) -> float | None:
 def table(summary: dict, num_train: int) -> str:
     lines = ["| method | K (% of N) | cells | dL x1e-3 | dL - random x1e-3 (paired by query) | above random: "
              "sign test p (one-sided); 95% bootstrap CI x1e-3 | dL / random | dG-MSE x1e-3 | dG-CLIP "
-             "| paper dL x1e-3 (/ random) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| paper dL x1e-3 (/ random) | source image removed (cells) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     rand_mean = {r["k"]: r["delta_loss"][0] for r in summary["rows"] if r["method"] == "random"}
     for r in summary["rows"]:
         def fmt(metric, scale, sign=""):
@@ -156,78 +157,13 @@ def table(summary: dict, num_train: int) -> str:
             stat = "-"
         lines.append(f"| {r['method']} | {r['k']} ({100 * r['k'] / num_train:.2f}%) | {r['n']} | "
                      f"{fmt('delta_loss', 1e3)} | {versus} | {stat} | {ratio} | {fmt('delta_g_mse', 1e3)} | "
-                     f"{fmt('delta_g_clip', 1)} | {paper} |")
+                     f"{fmt('delta_g_clip', 1)} | {paper} | {'/'.join(map(str, r.get('source_removed', []))) or '-'} |")
     floor = summary.get("floor")
     if floor:
         dls = [v["delta_loss"] for v in floor["queries"].values()]
         lines.append(f"| K = 0 retrain (floor) | 0 | 1 | {statistics.mean(dls) * 1e3:.3f} (max |dL| "
-                     f"{max(abs(d) for d in dls) * 1e3:.3f}) | - | - | - | - | - | - |")
+                     f"{max(abs(d) for d in dls) * 1e3:.3f}) | - | - | - | - | - | - | - |")
     return "\n".join(lines)
-
-
-def plot(summary: dict, path: Path, title: str) -> None:
-    """One panel per metric. Several Ks: mean +- s.e. against K per method (the issue's plot). One K: each
-    method's per-query values (one marker per query) with their mean +- s.e., over the band of the random
-    control's mean +- s.e., so a reader sees which differences clear chance and which queries drive a mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
-
-    methods = list(dict.fromkeys(r["method"] for r in summary["rows"]))
-    ks = sorted({r["k"] for r in summary["rows"]})
-    cells = summary.get("cells", [])
-    prompts = [d["prompt"] for d in summary.get("queries", [])]
-    markers = "osD^v<>ph*"
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 3.6), dpi=110)
-    for ax, metric in zip(axes, METRICS):
-        sc = SCALE[metric]
-        if len(ks) > 1:  # the loss-vs-K curve: one line per method, the random control as a band
-            for j, m in enumerate(methods):
-                rs = [r for r in summary["rows"] if r["method"] == m and not math.isnan(r[metric][0])]
-                if not rs:
-                    continue
-                mu = [sc * r[metric][0] for r in rs]
-                se = [0 if math.isnan(r[metric][1]) else sc * r[metric][1] for r in rs]
-                if m == "random":
-                    ax.fill_between([r["k"] for r in rs], [a - b for a, b in zip(mu, se)],
-                                    [a + b for a, b in zip(mu, se)], color="0.85", zorder=0, label="random ± s.e.")
-                    ax.plot([r["k"] for r in rs], mu, color="0.55", lw=1, ls="--", zorder=1)
-                    continue
-                xs = [r["k"] * (1 + 0.03 * (j - len(methods) / 2)) for r in rs]  # dodge: bars do not overlap
-                ax.errorbar(xs, mu, yerr=se, capsize=3, label=m, marker="o", zorder=2)
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(FixedLocator(ks))
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_xlabel("K (images removed)")
-        else:
-            rand = next((r for r in summary["rows"] if r["method"] == "random"), None)
-            if rand is not None and not math.isnan(rand[metric][0]):
-                mu, se = sc * rand[metric][0], 0 if math.isnan(rand[metric][1]) else sc * rand[metric][1]
-                ax.axhspan(mu - se, mu + se, color="0.85", zorder=0, label="random mean ± s.e.")
-                ax.axhline(mu, color="0.6", lw=1, zorder=0)
-            for j, m in enumerate(methods):
-                for c in (c for c in cells if c["method"] == m and metric in c):
-                    qi = c["query_index"]
-                    ax.scatter(j + 0.08 * (qi - 1), sc * c[metric], s=22, marker=markers[qi % len(markers)],
-                               color=f"C{qi % 10}", alpha=0.8, zorder=2,
-                               label=prompts[qi] if prompts and m == methods[0] else None)
-                row = next(r for r in summary["rows"] if r["method"] == m)
-                if not math.isnan(row[metric][0]):
-                    ax.errorbar(j + 0.3, sc * row[metric][0], yerr=0 if math.isnan(row[metric][1]) else sc * row[metric][1],
-                                fmt="_", color="k", ms=14, capsize=4, zorder=3)
-            ax.set_xticks(range(len(methods)), methods)
-            ax.set_xlim(-0.5, len(methods) - 0.3)
-            ax.set_xlabel(f"method (K = {ks[0]}; black: mean ± s.e.)" if ks else "method")
-        ax.set_title(LABELS[metric], fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    artifacts.save_figure(path, fig)
-    plt.close(fig)
 
 
 def slug(text: str) -> str:
@@ -328,18 +264,21 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
     kinds = {r.get("trained_on", {}).get("kind") for r in results}
     if len(kinds) > 1:
         raise ValueError(f"one table holds one machine kind; these results come from {sorted(map(str, kinds))}")
-    summary = summarize(results, methods)
+    captions = explorer.dataset.captions
+    sources = {d["prompt"]: captions.index(d["prompt"]) for d in queries if d["prompt"] in captions}
+    summary = summarize(results, methods, sources)
     summary.update({"num_train": n, "queries": queries, "machine_kind": kind(), "floor": floor,
                     "unet_hash": explorer.component_hash("unet"),
                     "cells": [{**{k: r[k] for k in ("key", "query_index", "method", "k", "draw", *METRICS, "trained_on")
                                   if k in r}, "mode": r.get("removal_settings", {}).get("mode", "")} for r in results]})
     artifacts.save_json(assets_dir / "counterfactual_summary.json", summary)
-    per_cell = ["| query | method | mode | draw | dL x1e-3 | dG-MSE x1e-3 | dG-CLIP | key |",
-                "|---|---|---|---|---|---|---|---|"]
+    per_cell = ["| query | method | mode | draw | source image removed | dL x1e-3 | dG-MSE x1e-3 | dG-CLIP | key |",
+                "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["k"], r["query_index"], methods.index(r["method"]), r["draw"])):
         mode = r.get("removal_settings", {}).get("mode") or "-"
         per_cell.append(f"| {queries[r['query_index']]['prompt']} | {r['method']} | {mode} "
                         f"| {r['draw'] if r['method'] == 'random' else ''} "
+                        f"| {('yes' if sources[r['query']['prompt']] in r.get('removed', []) else 'no') if r['query']['prompt'] in sources else '-'} "
                         f"| {r['delta_loss'] * 1e3:+.1f} | {r.get('delta_g_mse', math.nan) * 1e3:.1f} "
                         f"| {r.get('delta_g_clip', math.nan):.3f} | `{r['key']}` |")
     artifacts.save_text(assets_dir / "counterfactual_table.md",
