@@ -68,15 +68,17 @@ def test_the_source_image_is_measured_apart_from_what_a_method_adds():
     assert lds.source_rows([{"row": 4}, {"row": 2}]) == [4, 2] and lds.source_rows([{"prompt": "x"}]) is None
 
 
-def test_the_table_shows_the_source_reference_and_each_methods_within_figure():
+def test_the_table_shows_the_source_reference_and_each_methods_within_figure(tmp_path):
     row = {"label": "AbU", "lds": 0.2, "ci95": [0.1, 0.3], "lds_half": 0.25, "lds_other_query": 0.0, "note": "",
-           "caption_row": None, "lds_within_source": 0.14, "within_ci95": [0.08, 0.2]}
-    report = {"num_queries": 50, "half": 12, "methods": {"abu": row},
+           "caption_row": None, "lds_within_source": 0.14, "within_ci95": [0.08, 0.2], "lds_by_m": {"3": 0.1}}
+    report = {"num_queries": 50, "half": 12, "methods": {"abu": row}, "num_subsets": 3, "machine_kind": "k",
               "source_effect": {"lds_source_only": 0.79, "loss_change_with_source": -0.038,
                                 "loss_sd_within_side": 0.0032}}
     md = lds_table.table(report)
     assert "+0.140 [+0.080, +0.200]" in md and "| *the source image alone" in md and "+0.790" in md
     assert "source image alone" not in lds_table.table({**report, "source_effect": None})
+    lds_table.plot(report, tmp_path / "plot.png")  # both bars and the reference line
+    assert (tmp_path / "plot.png").stat().st_size > 0
 
 
 def test_subsets_and_splits_follow_the_written_rule():

@@ -190,7 +190,15 @@ def plot(report: dict, path: Path) -> None:
     err = np.array([[r[m]["lds"] - r[m]["ci95"][0], r[m]["ci95"][1] - r[m]["lds"]] for m in names]).T
     fig, (ax, curve) = plt.subplots(1, 2, figsize=(1.2 * len(names) + 6.5, 3.4),
                                     gridspec_kw={"width_ratios": [1.2 * len(names) + 2, 4.5]})
-    ax.bar(range(len(names)), means, yerr=err, capsize=4, color="#4c72b0")
+    within = [r[m].get("lds_within_source") for m in names]
+    paired = all(w is not None for w in within)
+    x, width = np.arange(len(names)), 0.4 if paired else 0.8
+    ax.bar(x - (width / 2 if paired else 0), means, width, yerr=err, capsize=3, color="#4c72b0", label="LDS")
+    if paired:  # what each method predicts beyond the query's source image
+        werr = np.array([[w - r[m]["within_ci95"][0], r[m]["within_ci95"][1] - w] for m, w in zip(names, within)]).T
+        ax.bar(x + width / 2, within, width, yerr=werr, capsize=3, color="#a1c9f4",
+               label="LDS within the source image's strata")
+        ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.0, 0.93))
     ax.axhline(0, color="black", lw=0.8)
     src = report.get("source_effect")
     if src:
