@@ -61,7 +61,7 @@ def filed_scores(explorer, folder: Path, methods: list[str]) -> list[dict]:
             config = doc.get("settings", {}).get("config", {})
             changed = {k: v for k, v in config.items() if default.get(k) != v}
             total = doc.get("queries", "?")
-            done = f"{total}/{total}" if gathered else f"{len(list(path.glob('*.npy')))}/{total}"
+            done = (f"{total}/{total}" if total != "?" else "all") if gathered else f"{len(list(path.glob('*.npy')))}/{total}"
             out.append({"method": name, "key": path.stem.split("-", 1)[1], "changed": changed if doc else None,
                         "queries": done, "tables": doc.get("settings", {}).get("tables")})
     return out
