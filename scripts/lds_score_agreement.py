@@ -1,11 +1,15 @@
-"""How alike are the methods' rankings on the LDS test split, and where does each put the query's source image?
+"""How alike are the methods' rankings on the LDS test split, where does each put the query's source image, and
+how do two methods compare query by query on the LDS and on the LDS within the source image's strata?
 
 Reads the score matrices the LDS table was made from (each method's shipped settings, exact mode where it has
 one; nothing is scored here: a missing matrix is named with the command that makes it) and prints the mean over
 queries of the Spearman correlation between every two methods' scores of all N rows, and each method's
-median rank of the source row (the training row whose caption generated the query).
+median rank of the source row (the training row whose caption generated the query). Then, from the table's
+``assets/lds_summary.json``, each pair of ``--pairs`` on both figures: the mean per-query difference with its 95%
+bootstrap interval and a two-sided sign test, as the table's "minus AbU" column.
 
     PYTHONPATH=. python scripts/lds_score_agreement.py [--methods abu,abuplus,if,dtrak,trak,pixel]
+        [--pairs abuplus:abu,abuplus:dtrak,dtrak:abu,abu:pixel]
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import numpy as np
 
 from abu_explorer import artifacts
 from abu_explorer.attribution import spec
-from abu_explorer.evaluation import lds
+from abu_explorer.evaluation import lds, stats
+from abu_explorer.evaluation.lds_tuning import compare
 from abu_explorer.model.embedded import Explorer
 from abu_explorer.training import train
 
@@ -29,6 +34,8 @@ def main() -> int:
     ap.add_argument("--queries", default="evaluation/lds_queries.json")
     ap.add_argument("--results", default="results/lds")
     ap.add_argument("--kind", default="x86_64-amd-avx2-torch2.14.1+cu130", help="the machine kind of the table")
+    ap.add_argument("--pairs", default="abuplus:abu,abuplus:dtrak,dtrak:abu,abu:pixel")
+    ap.add_argument("--summary", default="assets/lds_summary.json")
     args = ap.parse_args()
     exp = Explorer.load(args.precomputed)
     doc = artifacts.load_json(Path(args.queries))
@@ -54,6 +61,14 @@ def main() -> int:
         ranks = [int((s > s[r]).sum()) + 1 for s, r in zip(scores[name], rows)]
         print(f"{name}: source image's median rank {np.median(ranks):g}, in the top 10 for "
               f"{sum(r <= 10 for r in ranks)} of {len(ranks)} queries")
+    summary = artifacts.load_json(Path(args.summary))["methods"]
+    print(f"paired by query ({args.summary}): mean difference [95% bootstrap], better / worse, two-sided sign test")
+    for pair in args.pairs.split(","):
+        a, b = pair.split(":")
+        for key, what in (("per_query", "LDS"), ("within_per_query", "within the source's strata")):
+            c = compare(np.array(summary[a][key]), np.array(summary[b][key]))
+            print(f"  {a} - {b}, {what}: {c['diff']:+.3f} [{c['diff_ci95'][0]:+.3f}, {c['diff_ci95'][1]:+.3f}], "
+                  f"{c['wins']} / {c['losses']}, {stats.p_text(c['sign_p'])}")
     return 0
 
 
