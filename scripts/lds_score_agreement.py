@@ -21,7 +21,7 @@ import numpy as np
 
 from abu_explorer import artifacts
 from abu_explorer.attribution import spec
-from abu_explorer.evaluation import lds, stats
+from abu_explorer.evaluation import lds, lds_table, stats
 from abu_explorer.evaluation.lds_tuning import compare
 from abu_explorer.model.embedded import Explorer
 from abu_explorer.training import train
@@ -56,11 +56,10 @@ def main() -> int:
     for a in names:
         row = [np.mean([lds.spearman(x, y) for x, y in zip(scores[a], scores[b])]) for b in names]
         print(f"{a:>9s}" + "".join(f"{v:9.3f}" for v in row))
-    rows = lds.source_rows(test)
     for name in names:
-        ranks = [int((s > s[r]).sum()) + 1 for s, r in zip(scores[name], rows)]
-        print(f"{name}: source image's median rank {np.median(ranks):g}, in the top 10 for "
-              f"{sum(r <= 10 for r in ranks)} of {len(ranks)} queries")
+        c = lds_table.caption_row(scores[name], test)
+        print(f"{name}: source image's median rank {c['median_rank']:g}, in the top 10 for {c['in_top10']} of "
+              f"{c['queries']} queries")
     summary = artifacts.load_json(Path(args.summary))["methods"]
     print(f"paired by query ({args.summary}): mean difference [95% bootstrap], better / worse, two-sided sign test")
     for pair in args.pairs.split(","):

@@ -184,13 +184,14 @@ def test_scores_resume_query_by_query(tiny_app, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lds.method_scores(exp, "pixel", built, tmp_path / "stopped")
     assert len(list((tmp_path / "stopped").glob("scores/*.parts/*.npy"))) == 1
-    seen = progress.filed_scores(exp, tmp_path / "stopped", ["pixel"])  # what --status lists meanwhile
+    pixel_default = {"pixel": spec("pixel").load(exp).settings().get("config", {})}
+    seen = progress.filed_scores(tmp_path / "stopped", pixel_default)  # what --status lists meanwhile
     assert [(f["method"], f["changed"], f["queries"]) for f in seen] == [("pixel", {}, "1/2")]
     again = lds.method_scores(exp, "pixel", built, tmp_path / "stopped")
     assert calls == [built[0].describe()["prompt"], built[1].describe()["prompt"], built[1].describe()["prompt"]]
     assert np.array_equal(again, whole) and not list((tmp_path / "stopped").glob("scores/*.parts"))
     assert json.loads(next((tmp_path / "stopped").glob("scores/*.json")).read_text())["computed_on"]["kind"]
-    assert [f["queries"] for f in progress.filed_scores(exp, tmp_path / "stopped", ["pixel"])] == ["2/2"]
+    assert [f["queries"] for f in progress.filed_scores(tmp_path / "stopped", pixel_default)] == ["2/2"]
 
 
 def test_two_processes_share_one_scoring_run(tiny_app, tmp_path, monkeypatch):

@@ -276,9 +276,10 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
                 "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["k"], r["query_index"], methods.index(r["method"]), r["draw"])):
         mode = r.get("removal_settings", {}).get("mode") or "-"
+        source = sources.get(r["query"]["prompt"])
+        removed = "-" if source is None else "yes" if source in r.get("removed", []) else "no"
         per_cell.append(f"| {queries[r['query_index']]['prompt']} | {r['method']} | {mode} "
-                        f"| {r['draw'] if r['method'] == 'random' else ''} "
-                        f"| {('yes' if sources[r['query']['prompt']] in r.get('removed', []) else 'no') if r['query']['prompt'] in sources else '-'} "
+                        f"| {r['draw'] if r['method'] == 'random' else ''} | {removed} "
                         f"| {r['delta_loss'] * 1e3:+.1f} | {r.get('delta_g_mse', math.nan) * 1e3:.1f} "
                         f"| {r.get('delta_g_clip', math.nan):.3f} | `{r['key']}` |")
     artifacts.save_text(assets_dir / "counterfactual_table.md",

@@ -133,9 +133,10 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
 def caption_row(scores: np.ndarray, described: list[dict] | None) -> dict | None:
     """A sanity check with a likely answer, not part of LDS: each query was generated from the caption of training
     row ``row``; where does that row's image rank (1 = first)? None when the queries do not record their row."""
-    if not described or any("row" not in d for d in described):
+    rows = lds.source_rows(described)
+    if rows is None:
         return None
-    ranks = [int((s > s[int(d["row"])]).sum()) + 1 for s, d in zip(scores, described)]
+    ranks = [int((s > s[row]).sum()) + 1 for s, row in zip(scores, rows)]
     return {"in_top10": sum(r <= 10 for r in ranks), "queries": len(ranks), "median_rank": float(np.median(ranks))}
 
 

@@ -35,28 +35,27 @@ def lds_status(explorer, queries: list[dict], methods: list[str], subsets: int, 
 
     folder = lds.results_folder(results_dir, lds.protocol(explorer, queries, recipe), machine_kind(device))
     described = [q for q in queries if q.get("split", split) == split]
-    scores = {}
+    scores, defaults = {}, {}
     for name in methods:
-        path, _ = lds.scores_path(folder, name, spec(name).load(explorer), described)
+        ranker = spec(name).load(explorer)
+        defaults[name] = ranker.settings().get("config", {})
+        path, _ = lds.scores_path(folder, name, ranker, described)
         parts = len(list(path.with_suffix(".parts").glob("*.npy")))
         scores[name] = "done" if path.exists() else f"{parts}/{len(described)} queries"
     return {"folder": str(folder), "subsets": [state(folder / f"subset_{j:03d}.json") for j in range(subsets)],
-            "scores": scores, "split": split, "filed": filed_scores(explorer, folder, methods)}
+            "scores": scores, "split": split, "filed": filed_scores(folder, defaults)}
 
 
-def filed_scores(explorer, folder: Path, methods: list[str]) -> list[dict]:
-    """Every score set under ``folder/scores`` of ``methods`` (a sweep's settings included): the settings that
-    differ from the method's defaults, and how many queries are scored."""
-    from abu_explorer.attribution import spec
-
+def filed_scores(folder: Path, defaults: dict[str, dict]) -> list[dict]:
+    """Every score set under ``folder/scores`` of the methods in ``defaults`` (name -> its default config; a
+    sweep's settings included): the settings that differ from the defaults, and how many queries are scored."""
     out = []
-    for name in methods:
-        default = spec(name).load(explorer).settings().get("config", {})
+    for name, default in defaults.items():
         for path in sorted((folder / "scores").glob(f"{name}-*")):
             gathered = path.suffix == ".json"
-            info = path / "settings.json" if path.suffix == ".parts" else path if gathered else None
-            if info is None:
-                continue
+            if not gathered and path.suffix != ".parts":
+                continue  # the .npy beside a gathered .json
+            info = path if gathered else path / "settings.json"
             doc = artifacts.load_json(info) if info.exists() else {}
             config = doc.get("settings", {}).get("config", {})
             changed = {k: v for k, v in config.items() if default.get(k) != v}
