@@ -331,3 +331,35 @@ def test_a_subset_claimed_by_another_process_is_left_to_it(tiny_app, tmp_path):
     assert progress.show(seen).startswith("subset models: 1 of 3 done, 1 running")
     assert out["subsets_done"] == 1
     assert [p.name for p in folder.glob("subset_*.json")] == ["subset_001.json"]
+
+
+def test_tuning_rule_and_report_keep_every_sweep(tmp_path):
+    from abu_explorer.evaluation import lds_tuning
+
+    def row(method, alpha, per_query, base=None):
+        v = None if base is None else lds_tuning.compare(np.array(per_query), np.array(base))
+        return {"method": method, "settings": {"alpha": alpha}, "default": base is None, "lds": float(np.mean(per_query)),
+                "ci95": [0.0, 1.0], "per_query": per_query, "versus_default": v}
+
+    base = [0.1, 0.2, 0.3, 0.2, 0.1, 0.3]
+    up_small = [x + 0.05 + 0.01 * i for i, x in enumerate(base)]  # better on every query
+    up_big = [x + 0.2 + 0.01 * i for i, x in enumerate(base)]
+    mixed = [x + (0.3 if i % 2 else -0.3) for i, x in enumerate(base)]  # interval straddles 0
+    rows = [row("abu", 0.01, base), row("abu", 0.03, up_small, base), row("abu", 0.003, up_big, base),
+            row("abuplus", 15, base), row("abuplus", 5, mixed, base)]
+    assert lds_tuning.choose(rows) == {"abu": {"alpha": 0.003}, "abuplus": None}  # largest of those above 0
+    text = lds_tuning.choice_text(rows)
+    assert "abu: alpha = 0.003" in text and "abuplus: keep the default" in text
+    report = {"num_subsets": 24, "num_queries": 6, "machine_kind": "kind", "folder": "f"}
+    lds_tuning.write(rows, report, tmp_path)
+    around = [row("abu", 0.003, up_big), row("abu", 0.001, base, up_big)]  # the grid again around the new default
+    lds_tuning.write(around, report, tmp_path)
+    few = [row("abu", 0.01, base[:5]), row("abu", 0.02, base[:5], base[:5])]
+    lds_tuning.write(few, {**report, "num_queries": 5}, tmp_path)  # a costly setting on fewer queries
+    sweeps = lds_tuning.write(rows, report, tmp_path)  # the first sweep again: replaced, not added
+    assert len(sweeps) == 3 and [s["num_queries"] for s in sweeps] == [6, 5, 6]
+    assert sweeps[-1]["choice"] == {"abu": {"alpha": 0.003}, "abuplus": None}
+    saved = json.loads((tmp_path / "lds_tuning.json").read_text())
+    assert len(saved["sweeps"]) == 3
+    md = (tmp_path / "lds_tuning.md").read_text()
+    assert md.count("### Sweep") == 3 and md.count("The rule's choice") == 3 and "around abu: alpha = 0.003" in md

@@ -284,4 +284,5 @@ def sweep(exp, queries: list[dict], methods: list[str], options: dict, args, com
     if args.assets:
         lds_tuning.write(rows, report, Path(args.assets))
     print(lds_tuning.table(rows, report["num_queries"], report["num_subsets"]))
+    print(lds_tuning.choice_text(rows))
     return 0

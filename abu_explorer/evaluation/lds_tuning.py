@@ -114,8 +114,50 @@ def table(rows: list[dict], num_queries: int, num_subsets: int) -> str:
     return "\n".join(lines)
 
 
-def write(rows: list[dict], report: dict, assets_dir: Path) -> None:
+def choose(rows: list[dict]) -> dict[str, dict | None]:
+    """The rule fixed before the grid ran: per method, a setting replaces the default only if the bootstrap
+    interval of its difference from the default lies above 0; of several, the largest mean difference. None keeps
+    the default. The rule picks; the caller changes the code default and runs the grid again around it."""
+    out = {}
+    for name in dict.fromkeys(r["method"] for r in rows):
+        better = [r for r in rows if r["method"] == name and r["versus_default"] is not None
+                  and r["versus_default"]["diff_ci95"][0] > 0]
+        out[name] = max(better, key=lambda r: r["versus_default"]["diff"])["settings"] if better else None
+    return out
+
+
+def choice_text(rows: list[dict]) -> str:
+    parts = []
+    for name, chosen in choose(rows).items():
+        default = next(r["settings"] for r in rows if r["method"] == name and r["default"])
+        changed = {k: v for k, v in (chosen or {}).items() if default.get(k) != v}
+        parts.append(f"{name}: " + (", ".join(f"{k} = {v}" for k, v in changed.items()) if changed
+                                    else "keep the default (no interval of a difference lies above 0)"))
+    return "The rule's choice: " + "; ".join(parts) + "."
+
+
+def sweep_key(entry: dict) -> str:
+    """A sweep is one grid around one default on one set of queries; re-running it replaces its entry."""
+    defaults_of = {r["method"]: r["settings"] for r in entry["rows"] if r["default"]}
+    return json.dumps([defaults_of, entry["num_queries"]], sort_keys=True, default=str)
+
+
+def write(rows: list[dict], report: dict, assets_dir: Path) -> list[dict]:
+    """Add this sweep to ``assets/lds_tuning.json`` / ``.md`` beside the earlier ones (the first grid, the grid
+    around a new default, a costly setting on fewer queries), replacing a sweep with the same defaults and
+    queries; returns every sweep, oldest first."""
+    path = assets_dir / "lds_tuning.json"
+    old = artifacts.load_json(path).get("sweeps", []) if path.exists() else []
+    entry = {**report, "rows": rows, "choice": choose(rows)}
+    sweeps = [s for s in old if sweep_key(s) != sweep_key(entry)] + [entry]
     assets_dir.mkdir(parents=True, exist_ok=True)
-    artifacts.save_json(assets_dir / "lds_tuning.json", {**report, "rows": rows})
-    artifacts.save_text(assets_dir / "lds_tuning.md", table(rows, report["num_queries"], report["num_subsets"])
-                        + f"\n\nAll subset models trained on {report['machine_kind']}.\n")
+    artifacts.save_json(path, {"sweeps": sweeps})
+    blocks = []
+    for i, s in enumerate(sweeps, 1):
+        defaults_of = "; ".join(f"{r['method']}: " + ", ".join(f"{k} = {v}" for k, v in r["settings"].items())
+                                for r in s["rows"] if r["default"])
+        blocks.append(f"### Sweep {i}: around {defaults_of} ({s['num_queries']} queries)\n\n"
+                      + table(s["rows"], s["num_queries"], s["num_subsets"]) + "\n\n" + choice_text(s["rows"])
+                      + f" All subset models trained on {s['machine_kind']}.")
+    artifacts.save_text(assets_dir / "lds_tuning.md", "\n\n".join(blocks) + "\n")
+    return sweeps
