@@ -13,6 +13,8 @@ from abu_explorer.attribution.params import select
 
 CFG = abu_precompute.AbUConfig(fisher_passes=2, num_timesteps=3, screen_candidates=8,
                                unlearn_samples=12, batch_size=16, alpha=0.05)
+# the tables fix their own settings; the query-time ones are given when the method is loaded
+QUERY_TIME = {k: v for k, v in CFG.to_dict().items() if k not in abu_precompute.TABLE_FIELDS}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def tables_dir(tiny_explorer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_explorer, tables_dir):
-    return AbU.load(tiny_explorer, tables_dir)
+    return AbU.load(tiny_explorer, tables_dir, **QUERY_TIME)
 
 
 def test_loss_table_matches_loop_and_ignores_batch_size(tiny_explorer):
@@ -118,9 +120,9 @@ def test_exact_scores_equal_the_reference(tiny_explorer, engine, box):
 
 def test_same_query_same_ranking_and_batch_size_does_not_matter(tiny_explorer, tables_dir):
     query = q.from_training_image(tiny_explorer, 5)
-    a = AbU.load(tiny_explorer, tables_dir).score(query, "exact")
-    b = AbU.load(tiny_explorer, tables_dir).score(query, "exact")
-    c = AbU.load(tiny_explorer, tables_dir, batch_size=7).score(query, "exact")
+    a = AbU.load(tiny_explorer, tables_dir, **QUERY_TIME).score(query, "exact")
+    b = AbU.load(tiny_explorer, tables_dir, **QUERY_TIME).score(query, "exact")
+    c = AbU.load(tiny_explorer, tables_dir, **{**QUERY_TIME, "batch_size": 7}).score(query, "exact")
     assert torch.equal(a.scores, b.scores)
     torch.testing.assert_close(a.scores, c.scores, rtol=1e-4, atol=1e-8)
     assert torch.equal(a.order[:5], c.order[:5])
@@ -195,3 +197,12 @@ def test_mismatched_tables_fail_loudly(tiny_explorer, tables_dir, tmp_path):
         AbU.load(tiny_explorer, broken)
     with pytest.raises(ArtifactError, match="precompute"):
         AbU.load(tiny_explorer, tmp_path / "missing")
+
+
+def test_tables_fix_their_settings_and_the_code_the_query_time_ones(tiny_explorer, tables_dir):
+    plain = AbU.load(tiny_explorer, tables_dir)
+    assert plain.cfg.table_settings() == CFG.table_settings()  # from the tables
+    default = abu_precompute.AbUConfig()
+    assert (plain.cfg.alpha, plain.cfg.unlearn_samples) == (default.alpha, default.unlearn_samples)  # from the code
+    assert AbU.load(tiny_explorer, tables_dir, alpha=0.05).cfg.alpha == 0.05
+    assert plain.settings() != AbU.load(tiny_explorer, tables_dir, alpha=0.05).settings()

@@ -10,6 +10,7 @@ from abu_explorer.attribution.abu_plus import AbUPlus
 
 CFG = abu_precompute.AbUConfig(fisher_passes=2, num_timesteps=3, screen_candidates=8, unlearn_samples=12,
                                batch_size=16, alpha=0.05)
+QUERY_TIME = {k: v for k, v in CFG.to_dict().items() if k not in abu_precompute.TABLE_FIELDS}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,8 @@ def _diagonal_factors(method: AbUPlus, fisher: torch.Tensor) -> dict:
 
 
 def test_diagonal_curvature_reproduces_abu(tiny_explorer, folders, query):
-    abu = AbU.load(tiny_explorer, folders / "abu")
-    plus = AbUPlus.load(tiny_explorer, folders / "abu", folders / "if", alpha=0.05, damping=0.0)
+    abu = AbU.load(tiny_explorer, folders / "abu", **QUERY_TIME)
+    plus = AbUPlus.load(tiny_explorer, folders / "abu", folders / "if", **{**QUERY_TIME, "damping": 0.0})
     plus.factors = _diagonal_factors(plus, abu.tables.fisher)
     torch.testing.assert_close(plus.unlearn(query), abu.unlearn(query), rtol=1e-5, atol=1e-9)
     for mode in ("fast", "exact"):
@@ -50,8 +51,8 @@ def test_diagonal_curvature_reproduces_abu(tiny_explorer, folders, query):
 
 
 def test_fitted_factors_give_another_step(tiny_explorer, folders, query):
-    abu = AbU.load(tiny_explorer, folders / "abu")
-    plus = AbUPlus.load(tiny_explorer, folders / "abu", folders / "if", alpha=0.05)
+    abu = AbU.load(tiny_explorer, folders / "abu", **QUERY_TIME)
+    plus = AbUPlus.load(tiny_explorer, folders / "abu", folders / "if", **QUERY_TIME)
     a, b = abu.unlearn(query), plus.unlearn(query)
     cos = float(a @ b / (a.norm() * b.norm()))
     assert b.norm() > 0 and cos < 0.999, cos

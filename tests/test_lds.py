@@ -101,6 +101,7 @@ def test_shipped_query_splits_are_the_rule_applied_to_the_data(full_dataset):
 
 def test_runner_is_resumable_and_reports_every_method(tiny_app, tmp_path):
     from abu_explorer.attribution import names
+    from abu_explorer.attribution.abu_precompute import AbUConfig
     from conftest import tiny_recipes
 
     exp = tiny_app.explorer
@@ -113,7 +114,11 @@ def test_runner_is_resumable_and_reports_every_method(tiny_app, tmp_path):
     stamp = [f.stat().st_mtime_ns for f in files]
     out = lds_table.run(exp, queries, list(names()), 4, folder, tmp_path / "assets", recipe, progress=False)
     assert [f.stat().st_mtime_ns for f in files] == stamp  # finished subsets are never retrained
-    assert out["num_subsets"] == 4 and set(out["methods"]) == set(names())
+    assert out["num_subsets"] == 4 and set(out["methods"]) == set(names()) | {"abu@before"}
+    before = out["methods"]["abu@before"]  # AbU again with the defaults the tuning replaced, filed under them
+    assert "before tuning: alpha = 0.01" in before["label"] and before["per_query"] != out["methods"]["abu"]["per_query"]
+    alphas = {json.loads(p.read_text())["settings"]["config"]["alpha"] for p in folder.glob("*/*/scores/abu-*.json")}
+    assert alphas == {0.01, AbUConfig().alpha}
     for r in out["methods"].values():
         assert -1 <= r["lds"] <= 1 and r["ci95"][0] <= r["lds"] <= r["ci95"][1] and len(r["per_query"]) == 3
     assert out["methods"]["pixel"]["note"] and not out["methods"]["abu"]["note"]
@@ -282,6 +287,10 @@ def test_sweep_pairs_every_setting_with_the_default(tiny_app, tmp_path, capsys):
     assert len(built) == 3  # the queries' latents made once for the whole sweep
     md = lds_tuning.table(rows, 3, 3)
     assert "(default)" in md and md.count("\n") == 3
+    # an earlier round re-made after the default moved: the grid centred where it was (both settings cached)
+    again = lds_tuning.sweep(evaluate_setting, exp, {"abu": {"alpha": [default]}}, around={"abu": {"alpha": default * 5}})
+    assert [(r["settings"]["alpha"], r["default"]) for r in again] == [(default * 5, True), (default, False)]
+    assert again[1]["versus_default"]["diff"] == pytest.approx(-v["diff"])
     # one factor at a time, not every combination; the default once
     assert lds_tuning.combos({"alpha": [1, 2], "unlearn_steps": [1, 3]}, {"alpha": 1, "unlearn_steps": 1}) == [
         {"alpha": 1, "unlearn_steps": 1}, {"alpha": 2, "unlearn_steps": 1}, {"alpha": 1, "unlearn_steps": 3}]

@@ -110,3 +110,15 @@ def test_train_refuses_to_replace_a_model_without_force(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and (out / "unet" / "weights").read_text() == "mine"
     with pytest.raises(SystemExit):  # --out has no default: the shipped model is never the implicit target
         cli.parser().parse_args(["train"])
+
+
+def test_shipped_examples_were_made_with_the_current_settings(shipped_explorer, tmp_path):
+    """The Examples tab shows precomputed rankings: each must come from the method's current settings and tables."""
+    from abu_explorer.app import examples
+    from abu_explorer.app.service import ExplorerApp
+
+    app = ExplorerApp(shipped_explorer, tmp_path / "results")
+    items = examples.load(app)
+    assert items, "no shipped examples; build them with: python -m abu_explorer examples"
+    old = [(it["name"], m) for it in items for m in it["rankings"] if examples.stale(app, it, m)]
+    assert not old, f"examples made with other settings {old}; rebuild: python -m abu_explorer examples"

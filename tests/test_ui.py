@@ -168,6 +168,9 @@ def test_examples_build_load_and_refuse_another_model(tiny_app, tmp_path):
     assert len(items) == 1 and set(items[0]["rankings"]) == {"clip", "random"}
     assert len(items[0]["rankings"]["clip"]["results"]) == examples.TOP
     assert examples.load(tiny_app, tmp_path / "none") == []
+    assert not examples.stale(tiny_app, items[0], "clip")  # made with the settings the method has now
+    items[0]["rankings"]["clip"]["settings"]["tables"] = "0" * 16
+    assert examples.stale(tiny_app, items[0], "clip")  # other tables: the app says so beside the ranking
     doc = json.loads((out / "examples.json").read_text())
     doc["provenance"]["unet_hash"] = "0" * 16
     (out / "examples.json").write_text(json.dumps(doc))

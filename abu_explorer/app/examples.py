@@ -153,6 +153,15 @@ def load(app, folder: Path | None = None) -> list[dict]:
     return doc["items"]
 
 
+def stale(app, item: dict, name: str) -> bool:
+    """Was this example's ranking of ``name`` made with other settings or tables than the method has now? (Only
+    the embedded model's items; a customized item's rankings are its fine-tune's.)"""
+    r = item["rankings"].get(name)
+    if r is None or item.get("source", {}).get("type") == "customized":
+        return False
+    return r.get("settings") != app.method(name).settings()
+
+
 def counterfactuals(app, item: dict, k: int) -> list[dict]:
     """Every finished counterfactual result for this example at K (any method, any random draw)."""
     # the request key needs only the query's description: no generation, so no wait for the UNet

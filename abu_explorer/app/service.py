@@ -153,6 +153,7 @@ class ExplorerApp:
         out = ranking.to_json(query.describe(), self.explorer.dataset.captions, k)
         out["wall_seconds"] = time.perf_counter() - t0
         out["label"] = spec(name).label
+        out["settings"] = method.settings()  # what the ranking was made with (its settings, a hash of its tables)
         if track:
             where = torch.empty(n, dtype=torch.long)
             where[ranking.order] = torch.arange(1, n + 1)

@@ -34,7 +34,7 @@ class AbUConfig:
     fisher_damping: float = 0.0  # 0 reproduces the paper; > 0 adds lambda to F before inverting
     num_timesteps: int = 10  # paper: 10 at stride 100 for its customized models
     noise_seed: int = 0
-    alpha: float = 0.01  # unlearning step size (tuned; see docs/methods.md)
+    alpha: float = 0.003  # unlearning step size, chosen by LDS on the tuning split (docs/evaluation.md)
     unlearn_steps: int = 1
     unlearn_samples: int = 512  # (noise, timestep) draws averaged per step
     unlearn_seed: int = 0
@@ -88,7 +88,7 @@ def precompute(explorer, cfg: AbUConfig = AbUConfig(), folder: Path | None = Non
     cache = explorer.training_cache()
     unet, sched = explorer.unet, explorer.scheduler
     timesteps = eval_timesteps(cfg.num_timesteps, sched.config.num_train_timesteps)
-    meta = {"settings": cfg.table_settings(), "config": cfg.to_dict(), "timesteps": timesteps,
+    meta = {"settings": cfg.table_settings(), "config": cfg.table_settings(), "timesteps": timesteps,
             **provenance(explorer), "num_train": cache.num_images, "flips": cache.latents.dim() == 5,
             "num_params": sum(p.numel() for p in select(unet, cfg.selection).values())}
     if cache.caption_image is not None:  # caption lists: one base-loss row per caption
@@ -132,7 +132,8 @@ def load_tables(explorer, folder: Path | None = None, cfg: AbUConfig | None = No
         if meta[key] != value:
             raise artifacts.ArtifactError(f"{folder / 'meta.json'}: {key} {meta[key]} does not match the loaded "
                                           f"model ({value}); rebuild with: {HINT}")
-    stored = AbUConfig(**meta["config"])
+    # the tables fix their own settings; the query-time ones (alpha, steps, draws) are the code's defaults
+    stored = dataclasses.replace(AbUConfig(), **meta["settings"])
     if cfg is not None and cfg.table_settings() != stored.table_settings():
         raise artifacts.ArtifactError(f"{folder}: tables built with {stored.table_settings()}, "
                                       f"asked for {cfg.table_settings()}; rebuild with: {HINT}")

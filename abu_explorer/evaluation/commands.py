@@ -117,7 +117,8 @@ def add_commands(sub, default_model: str) -> None:
     lds_cmd.add_argument("--train-only", action="store_true", help="train the missing subset models and stop "
                          "(no scores, no table)")
     lds_cmd.add_argument("--options", default="", help='method settings instead of the defaults, as JSON, e.g. '
-                         '\'{"abu": {"alpha": 0.003}}\' (scores are filed under their settings)')
+                         '\'{"abu": {"alpha": 0.003}}\' (scores are filed under their settings); with --sweep, the '
+                         "centre of the grid (an earlier round, after the default moved)")
     lds_cmd.add_argument("--sweep", default="", help="with --split tune: the LDS of each setting, one factor at a "
                          'time, e.g. \'{"abu": {"alpha": [0.003, 0.03], "unlearn_samples": [2048]}}\', each paired '
                          "against the default (assets/lds_tuning.*); trains no subset model")

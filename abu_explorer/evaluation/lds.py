@@ -139,7 +139,7 @@ def load_with(explorer, name: str, options: dict | None, folder: Path, progress:
         bound = {k: options.pop(k) for k in list(options) if k in TABLE_FIELDS}
         if bound:
             cfg = AbUConfig(**bound)
-            tables = folder / "tables" / f"abu-{key_of(dataclasses.asdict(cfg))}"
+            tables = folder / "tables" / f"abu-{key_of(cfg.table_settings())}"
             with artifacts.locked(tables / "meta.json"):  # another process building them: wait, then reuse
                 spec("abu").precompute(explorer, cfg, tables, progress)  # resumes; finished stages are kept
             return spec("abu").load(explorer, folder=tables, **options)

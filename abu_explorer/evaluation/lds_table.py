@@ -17,6 +17,18 @@ NN_NOTE = "similarities, not additive by design"
 # Published LDS for context, not a comparison of equals (D-TRAK paper, CIFAR-2, 5,000 images, M = 64 half
 # subsets, outputs averaged over 3 training x 3 evaluation seeds, generated queries): 10 / 100 timesteps.
 PUBLISHED = {"dtrak": (0.162, 0.226), "trak": (0.051, 0.121)}
+# Defaults the tuning split replaced (docs/evaluation.md, item 6): the report shows the method with them too, as a
+# row of its own ("<method>@before"), so the test split says what the choice changed.
+BEFORE_TUNING = {"abu": {"alpha": 0.01}}
+
+
+def report_rows(methods: list[str], options: dict | None) -> list[tuple[str, str, dict | None]]:
+    """(row id, method, its options) per row: each method as asked, then each tuned method with the defaults
+    the tuning replaced (unless ``options`` already set that method's settings)."""
+    options = options or {}
+    rows = [(name, name, options.get(name)) for name in methods]
+    return rows + [(f"{name}@before", name, dict(old)) for name, old in BEFORE_TUNING.items()
+                   if name in methods and name not in options]
 
 
 def run(explorer, queries: list[dict], methods: list[str], subsets: int, results_dir: Path,
@@ -100,14 +112,16 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
         raise ValueError(f"one LDS table holds one machine kind; these subsets come from {sorted(kinds)}")
     rows, half = {}, max(3, len(subset_docs) // 2)
     sources = lds.source_rows(described)
-    for name in methods:
-        scores = lds.method_scores(explorer, name, built, folder, described, progress, (options or {}).get(name))
+    for row_id, name, opts in report_rows(methods, options):
+        scores = lds.method_scores(explorer, name, built, folder, described, progress, opts)
         per_query = lds.lds_per_query(scores, masks, losses)
         mean, lo, hi = stats.mean_ci(per_query)
         by_m = {str(m): float(lds.lds_per_query(scores, masks[:m], losses[:m]).mean())  # how it settles with M
                 for m in range(3, len(subset_docs) + 1)}
         m = spec(name)
-        rows[name] = {"label": m.label, "lds": mean, "ci95": [lo, hi], "lds_half": by_m[str(half)], "lds_by_m": by_m,
+        label = m.label if row_id == name else f"{m.label}, before tuning: " + ", ".join(
+            f"{k} = {v}" for k, v in opts.items())
+        rows[row_id] = {"label": label, "lds": mean, "ci95": [lo, hi], "lds_half": by_m[str(half)], "lds_by_m": by_m,
                       "lds_other_query": lds.other_query_control(scores, masks, losses),
                       "per_query": per_query.tolist(), "mode": "exact" if "exact" in m.modes else "",
                       "top10": [np.argsort(-row, kind="stable")[:10].tolist() for row in scores],
@@ -117,7 +131,7 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
             within = lds.lds_within_source(scores, masks, losses, sources)
             within = within[~np.isnan(within)]
             mean_w, lo_w, hi_w = stats.mean_ci(within) if len(within) else (float("nan"),) * 3
-            rows[name].update({"lds_within_source": mean_w, "within_ci95": [lo_w, hi_w],
+            rows[row_id].update({"lds_within_source": mean_w, "within_ci95": [lo_w, hi_w],
                                "within_per_query": within.tolist()})
     if "abu" in rows:  # every other method against AbU, paired by query: the claims the report may make
         from abu_explorer.evaluation.lds_tuning import compare
@@ -279,7 +293,7 @@ def sweep(exp, queries: list[dict], methods: list[str], options: dict, args, com
         last.update(out)
         return out["methods"][name]
 
-    rows = lds_tuning.sweep(evaluate_setting, exp, grid, stability=args.stability)
+    rows = lds_tuning.sweep(evaluate_setting, exp, grid, stability=args.stability, around=options)
     report = {k: last[k] for k in ("num_subsets", "num_queries", "machine_kind", "folder")}
     if args.assets:
         lds_tuning.write(rows, report, Path(args.assets))

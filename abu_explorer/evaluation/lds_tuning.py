@@ -72,15 +72,19 @@ def compare(per_query: np.ndarray, base: np.ndarray) -> dict:
             "sign_p": stats.mcnemar_p(wins, losses)}
 
 
-def sweep(evaluate_setting, explorer, grid: dict[str, dict[str, list]], stability: bool = False) -> list[dict]:
+def sweep(evaluate_setting, explorer, grid: dict[str, dict[str, list]], stability: bool = False,
+          around: dict | None = None) -> list[dict]:
     """``evaluate_setting(name, settings) -> LDS row`` (with "per_query" and "top10") for every setting of every
-    method's grid; with ``stability``, each again with the next draw seed where the method has one."""
+    method's grid; with ``stability``, each again with the next draw seed where the method has one. ``around``
+    ({method: settings}): the centre of a method's grid where it is not the current default (e.g. an earlier
+    round of the grid, re-made after the default moved)."""
     rows = []
     for name, g in grid.items():
         base = None
         seed_key = SEED_OF.get(name) if stability else None
         seed = defaults(explorer, name, [seed_key])[seed_key] if seed_key else None
-        for i, combo in enumerate(combos(g, defaults(explorer, name, g))):
+        centre = {**defaults(explorer, name, g), **(around or {}).get(name, {})}
+        for i, combo in enumerate(combos(g, centre)):
             r = evaluate_setting(name, combo)
             row = {"method": name, "settings": combo, "default": i == 0, "lds": r["lds"], "ci95": r["ci95"],
                    "per_query": r["per_query"], "lds_within_source": r.get("lds_within_source")}

@@ -89,6 +89,8 @@ def build(app, assets: Path) -> None:
         for m in METHODS:
             r = item["rankings"].get(m.name)
             head = f"**{m.label}** · {r['mode']} · {r['wall_seconds']:.2f} s" if r else ""
+            if r and examples.stale(app, item, m.name):
+                head += f" · **made with other settings than {m.name}'s current ones** (rebuild: {examples.HINT})"
             if r and "own" in known:
                 ranks = r["tracked"]
                 head += f" · own source **#{ranks[str(known['own'])]}**, other #{ranks[str(known['other'])]}"
