@@ -185,3 +185,20 @@ def test_a_cell_claimed_by_another_process_is_left_to_it(tiny_explorer, tmp_path
                                                                recipe)["cells"]] == ["missing", "done"]
     assert out["done"] == 1 and not first.exists()
     assert len(list(tmp_path.rglob("result.json"))) == 1
+
+
+def test_a_tuned_method_keeps_a_row_with_the_settings_its_tuning_replaced(tiny_app, tmp_path):
+    from abu_explorer.attribution import spec
+    from abu_explorer.attribution.settings import BEFORE_TUNING
+
+    exp = tiny_app.explorer
+    rankers, built, cells, keys = ce.planned(exp, QUERIES[:1], ["abu", "abu@before"], [2], 1)
+    assert [c.method for c in cells] == ["abu", "abu@before"] and keys[0] != keys[1]
+    assert rankers["abu@before"].cfg.alpha == BEFORE_TUNING["abu"]["alpha"] != rankers["abu"].cfg.alpha
+    old = spec("abu").load(exp, **BEFORE_TUNING["abu"])  # filed under AbU's own key for those settings
+    assert keys[1] == counterfactual.request_key(exp, built[0], "abu", 2, 0, ce.train.UNET_RECIPE,
+                                                 counterfactual.removal_settings(exp, "abu", old))
+    with pytest.raises(ValueError, match="unknown method variant 'pixel@before'"):
+        ce.planned(exp, QUERIES[:1], ["pixel@before"], [2], 1)
+    with pytest.raises(ValueError, match="drop --ray"):
+        ce.run(exp, QUERIES[:1], ["abu@before"], [2], 1, tmp_path, None, progress=False, with_floor=False, ray={})

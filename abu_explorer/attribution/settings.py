@@ -18,3 +18,19 @@ def method_settings(cfg, folder: Path | None) -> dict:
     config = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k not in NEUTRAL and not (k in WHEN_ON and v == WHEN_ON[k])}
     return {"config": config, "tables": artifacts.folder_hash(folder) if folder else ""}
+
+
+# Defaults that a tuning replaced (docs/evaluation.md, LDS item 6). Evaluations can show a method with them as a
+# row of its own, "<method>@before", so the choice is reported beside what it changed.
+BEFORE_TUNING = {"abu": {"alpha": 0.01}}
+
+
+def variant(row: str) -> tuple[str, dict]:
+    """"abu" -> ("abu", {}); "abu@before" -> ("abu", the settings the tuning replaced)."""
+    name, _, tag = row.partition("@")
+    if not tag:
+        return name, {}
+    if tag != "before" or name not in BEFORE_TUNING:
+        raise ValueError(f"unknown method variant {row!r}; variants: "
+                         + ", ".join(f"{m}@before" for m in BEFORE_TUNING))
+    return name, dict(BEFORE_TUNING[name])

@@ -174,17 +174,20 @@ def planned(explorer, queries: list[dict], methods: list[str], ks: list[int], dr
             recipe: train.StageConfig = train.UNET_RECIPE) -> tuple[dict, list, list[Cell], list[str]]:
     """The loaded rankers, the built queries, every cell in plan order and each cell's request key."""
     from abu_explorer.attribution import spec
+    from abu_explorer.attribution.settings import variant
 
-    rankers = {m: spec(m).load(explorer) for m in methods if m != "random"}  # unknown names fail here
-    settings = {m: counterfactual.removal_settings(explorer, m, rankers.get(m)) for m in methods}
+    # "abu@before": AbU with the settings its tuning replaced, a row of its own (filed under AbU's key for them)
+    rankers = {m: spec(variant(m)[0]).load(explorer, **variant(m)[1]) for m in methods  # unknown names fail here
+               if m != "random"}
+    settings = {m: counterfactual.removal_settings(explorer, variant(m)[0], rankers.get(m)) for m in methods}
     n = len(explorer.dataset)
     for k in ks:
         if not 1 <= k < n:
             raise ValueError(f"K must be in [1, {n - 1}]: a retrain needs at least one of the {n} images, got {k}")
     built = build_queries(explorer, queries)
     cells = plan(len(queries), methods, ks, draws)
-    keys = [counterfactual.request_key(explorer, built[c.query], c.method, c.k, c.draw, recipe, settings[c.method])
-            for c in cells]
+    keys = [counterfactual.request_key(explorer, built[c.query], variant(c.method)[0], c.k, c.draw, recipe,
+                                       settings[c.method]) for c in cells]
     return rankers, built, cells, keys
 
 
@@ -197,7 +200,11 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
     ({"address", "threads"}): the missing cells run as Ray tasks instead (``ray_cells``), and the table reads
     them from the kind of machine that trained them. ``device``: where each UNet retrains (with Ray: on the
     workers, each task holding one GPU)."""
+    from abu_explorer.attribution.settings import variant
+
     rankers, built, cells, keys = planned(explorer, queries, methods, ks, draws, recipe)
+    if ray is not None and any("@" in m for m in methods):
+        raise ValueError("method variants (name@before) run in this process only: drop --ray for them")
     floor = counterfactual.floor(explorer, built, results_dir, recipe, progress, device) if with_floor else None
     if ray is not None:
         _run_on_ray(explorer, queries, cells, keys, results_dir, recipe, max_cells, {**ray, "device": device}, progress)
@@ -220,8 +227,10 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
                 print(f"[{i + 1}/{len(cells)}] {queries[cell.query]['prompt']!r} {cell.method} K={cell.k} "
                       f"draw {cell.draw}: retraining", flush=True)
                 t0 = time.perf_counter()
-            r = counterfactual.run(explorer, built[cell.query], cell.method, cell.k, results_dir, recipe=recipe,
-                                   draw=cell.draw, progress=progress, ranker=rankers.get(cell.method), device=device)
+            r = counterfactual.run(explorer, built[cell.query], variant(cell.method)[0], cell.k, results_dir,
+                                   recipe=recipe, draw=cell.draw, progress=progress, ranker=rankers.get(cell.method),
+                                   device=device)
+            r = {**r, "method": cell.method}  # the row it belongs to (a variant is filed under its method's key)
             if not cached:
                 done_now += 1
                 print(f"  {counterfactual.show(r).splitlines()[0]} ({(time.perf_counter() - t0) / 60:.1f} min)",

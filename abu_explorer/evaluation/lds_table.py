@@ -17,14 +17,12 @@ NN_NOTE = "similarities, not additive by design"
 # Published LDS for context, not a comparison of equals (D-TRAK paper, CIFAR-2, 5,000 images, M = 64 half
 # subsets, outputs averaged over 3 training x 3 evaluation seeds, generated queries): 10 / 100 timesteps.
 PUBLISHED = {"dtrak": (0.162, 0.226), "trak": (0.051, 0.121)}
-# Defaults the tuning split replaced (docs/evaluation.md, item 6): the report shows the method with them too, as a
-# row of its own ("<method>@before"), so the test split says what the choice changed.
-BEFORE_TUNING = {"abu": {"alpha": 0.01}}
-
-
 def report_rows(methods: list[str], options: dict | None) -> list[tuple[str, str, dict | None]]:
     """(row id, method, its options) per row: each method as asked, then each tuned method with the defaults
-    the tuning replaced (unless ``options`` already set that method's settings)."""
+    the tuning split replaced (``settings.BEFORE_TUNING``; unless ``options`` set that method's settings), so the
+    test split says what the choice changed."""
+    from abu_explorer.attribution.settings import BEFORE_TUNING
+
     options = options or {}
     rows = [(name, name, options.get(name)) for name in methods]
     return rows + [(f"{name}@before", name, dict(old)) for name, old in BEFORE_TUNING.items()
