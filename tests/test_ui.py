@@ -308,3 +308,17 @@ def test_a_ranking_needs_the_unet_only_for_a_prompt_not_generated_yet(tiny_app):
     assert tiny_app.needs_generation({**src, "seed": 4})
     assert not tiny_app.needs_generation({**src, "seed": "x"})  # bad input: the call answers with its error
     assert not tiny_app.needs_generation({"type": "upload", "image": None, "caption": ""})
+
+
+def test_cells_of_a_replaced_default_are_found_under_their_own_key(tiny_app, tmp_path):
+    from abu_explorer.attribution import spec
+    from abu_explorer.attribution.settings import BEFORE_TUNING, variant_label
+    from abu_explorer.evaluation import counterfactual
+
+    app = ui.ExplorerApp(tiny_app.explorer, tmp_path, recipe=tiny_app.recipe)
+    query = app.query(GEN)
+    old = counterfactual.removal_settings(app.explorer, "abu", spec("abu").load(app.explorer, **BEFORE_TUNING["abu"]))
+    assert app.counterfactual_key(query, "abu@before", 2) == counterfactual.request_key(
+        app.explorer, query, "abu", 2, 0, app.recipe, old)  # the key the evaluation filed those cells under
+    assert app.counterfactual_key(query, "abu@before", 2) != app.counterfactual_key(query, "abu", 2)
+    assert variant_label("abu@before") == "abu (before tuning: alpha = 0.01)" and variant_label("abu") == "abu"

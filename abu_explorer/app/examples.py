@@ -173,18 +173,23 @@ def counterfactuals(app, item: dict, k: int) -> list[dict]:
     query = Query(None, src["prompt"], {"type": "generated", "seed": src["seed"], "steps": src["steps"],
                                         "guidance": src["guidance"]}, app.image_size,
                   tuple(float(v) for v in item["box"]) if item.get("box") else None)
+    from abu_explorer.attribution.settings import BEFORE_TUNING
+
     found = []
-    for m in names():
+    rows = names() + [f"{m}@before" for m in BEFORE_TUNING if m in names()]  # also cells of replaced defaults
+    for m in rows:
         for draw in range(4 if m == "random" else 1):
             r = app.cached_counterfactual(query, m, k, draw)
             if r is not None:
-                found.append(r)
+                found.append({**r, "row": m})
     return found
 
 
 def counterfactual_tiles(app, item: dict, k: int, size: int = 160):
     """[(image, caption)]: the original, then each finished counterfactual's regenerated image."""
     from PIL import Image
+
+    from abu_explorer.attribution.settings import variant_label
 
     results = counterfactuals(app, item, k)
     if not results:
@@ -194,7 +199,7 @@ def counterfactual_tiles(app, item: dict, k: int, size: int = 160):
     for r in results:
         path = app.result_folder(r["key"]) / "regenerated.png"
         if path.exists():
-            label = f"-{r['method']}" + (f" (draw {r['draw']})" if r["method"] == "random" else "")
+            label = f"-{variant_label(r.get('row', r['method']))}" + (f" (draw {r['draw']})" if r["method"] == "random" else "")
             tiles.append((Image.open(path).convert("RGB").resize((size, size), Image.Resampling.NEAREST),
                           f"{label} K={r['k']}: dL {r['delta_loss']:+.4f}, MSE {r['delta_g_mse']:.3f}, "
                           f"CLIP {r['delta_g_clip']:.2f}"))

@@ -222,10 +222,13 @@ class ExplorerApp:
 
     def counterfactual_key(self, query: q.Query, method: str, k: int, draw: int = 0) -> str:
         """The evaluation's key: the same exact-mode removal, so a committed result is found here."""
+        from abu_explorer.attribution.settings import variant
+
+        base, old = variant(method)  # "abu@before": AbU's cells with the settings its tuning replaced
         if method not in self._removal_settings:
-            ranker = None if method == "random" else self.method(method)
-            self._removal_settings[method] = counterfactual.removal_settings(self.explorer, method, ranker)
-        return counterfactual.request_key(self.explorer, query, method, k, draw, self.recipe,
+            ranker = None if base == "random" else spec(base).load(self.explorer, **old) if old else self.method(base)
+            self._removal_settings[method] = counterfactual.removal_settings(self.explorer, base, ranker)
+        return counterfactual.request_key(self.explorer, query, base, k, draw, self.recipe,
                                           self._removal_settings[method])
 
     def cached_counterfactual(self, query: q.Query, method: str, k: int, draw: int = 0) -> dict | None:

@@ -34,3 +34,9 @@ def variant(row: str) -> tuple[str, dict]:
         raise ValueError(f"unknown method variant {row!r}; variants: "
                          + ", ".join(f"{m}@before" for m in BEFORE_TUNING))
     return name, dict(BEFORE_TUNING[name])
+
+
+def variant_label(row: str) -> str:
+    """"abu@before" -> "abu (before tuning: alpha = 0.01)"; a plain name stays as it is."""
+    name, opts = variant(row)
+    return name if not opts else f"{name} (before tuning: " + ", ".join(f"{k} = {v}" for k, v in opts.items()) + ")"
