@@ -116,7 +116,7 @@ def test_runner_is_resumable_and_reports_every_method(tiny_app, tmp_path):
     assert [f.stat().st_mtime_ns for f in files] == stamp  # finished subsets are never retrained
     assert out["num_subsets"] == 4 and set(out["methods"]) == set(names()) | {"abu@before"}
     before = out["methods"]["abu@before"]  # AbU again with the defaults the tuning replaced, filed under them
-    assert "before tuning: alpha = 0.01" in before["label"] and before["per_query"] != out["methods"]["abu"]["per_query"]
+    assert "before tuning (alpha = 0.01)" in before["label"] and before["per_query"] != out["methods"]["abu"]["per_query"]
     alphas = {json.loads(p.read_text())["settings"]["config"]["alpha"] for p in folder.glob("*/*/scores/abu-*.json")}
     assert alphas == {0.01, AbUConfig().alpha}
     for r in out["methods"].values():

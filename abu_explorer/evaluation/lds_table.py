@@ -117,8 +117,8 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
         by_m = {str(m): float(lds.lds_per_query(scores, masks[:m], losses[:m]).mean())  # how it settles with M
                 for m in range(3, len(subset_docs) + 1)}
         m = spec(name)
-        label = m.label if row_id == name else f"{m.label}, before tuning: " + ", ".join(
-            f"{k} = {v}" for k, v in opts.items())
+        label = m.label if row_id == name else f"{m.label.split(' (')[0]}, before tuning (" + ", ".join(
+            f"{k} = {v}" for k, v in opts.items()) + ")"
         rows[row_id] = {"label": label, "lds": mean, "ci95": [lo, hi], "lds_half": by_m[str(half)], "lds_by_m": by_m,
                       "lds_other_query": lds.other_query_control(scores, masks, losses),
                       "per_query": per_query.tolist(), "mode": "exact" if "exact" in m.modes else "",
@@ -216,8 +216,9 @@ def plot(report: dict, path: Path) -> None:
     src = report.get("source_effect")
     if src:
         ax.axhline(src["lds_source_only"], color="#c44e52", lw=1, ls="--")
-        ax.text(len(names) - 0.5, src["lds_source_only"], "source image alone (reference)", color="#c44e52",
-                fontsize=7, ha="right", va="bottom")
+        ax.text(-0.5, src["lds_source_only"], " source image alone (reference)", color="#c44e52",
+                fontsize=7, ha="left", va="bottom")
+        ax.set_ylim(top=max(ax.get_ylim()[1], src["lds_source_only"] + 0.12))  # room for the line's label
     ax.set_xticks(range(len(names)), [r[m]["label"] for m in names], rotation=20, ha="right")
     ax.set_ylabel("LDS (Spearman)")
     ax.set_title(f"LDS, {report['num_queries']} queries x {report['num_subsets']} subset models "
