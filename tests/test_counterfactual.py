@@ -108,6 +108,22 @@ def test_floor_retrain_reproduces_the_weights_on_this_machine(tiny_explorer, tmp
     assert len(again["queries"]) == 2 and again["train_seconds"] == doc["train_seconds"]
 
 
+def test_a_floor_claimed_by_another_process_is_left_to_it(tiny_explorer, tmp_path):
+    """Two runners start together: the one that finds the K = 0 retrain claimed does not retrain it too."""
+    from abu_explorer import artifacts
+    from abu_explorer.machine import kind
+
+    recipe = tiny_recipes()[2]
+    queries = [q.from_generation(tiny_explorer, "red apple", seed=1, steps=3)]
+    key = counterfactual.request_key(tiny_explorer, None, counterfactual.FULL, 0, 0, recipe, {})
+    filed = counterfactual.result_dir(tmp_path, key, kind()) / "result.json"
+    with artifacts.claimed(filed) as held:
+        assert held
+        assert counterfactual.floor(tiny_explorer, queries, tmp_path, recipe, progress=False) is None
+    assert not filed.exists() and not (filed.parent / "unet.safetensors").exists()
+    assert counterfactual.floor(tiny_explorer, queries, tmp_path, recipe, progress=False)["k"] == 0
+
+
 def test_concurrent_jobs_match_their_solo_results(tiny_explorer, tmp_path):
     """Two retrains and a generation at once, in threads, give byte for byte what each gives alone: no
     request path moves another's random draws."""

@@ -194,10 +194,23 @@ def floor(explorer, queries: list, results_dir: Path, recipe: train.StageConfig 
     measured without another retrain. ``device``: retrain there (its table's machine kind)."""
     key = request_key(explorer, None, FULL, 0, 0, recipe, {})
     out = result_dir(results_dir, key, machine_kind(device))
-    doc = artifacts.load_json(out / "result.json") if (out / "result.json").exists() else None
     ids = [json.dumps(q.describe(), sort_keys=True) for q in queries]
+    doc = _filed(out)
     if doc is not None and all(i in doc["queries"] for i in ids):
         return doc
+    with artifacts.claimed(out / "result.json") as mine:
+        if not mine:  # another runner is retraining it: the table gains the floor once that one files it
+            print("K = 0 floor: being retrained by another process; left to it", flush=True)
+            return doc
+        return _fill_floor(explorer, queries, ids, out, key, _filed(out), recipe, progress, device)
+
+
+def _filed(out: Path) -> dict | None:
+    return artifacts.load_json(out / "result.json") if (out / "result.json").exists() else None
+
+
+def _fill_floor(explorer, queries, ids, out: Path, key: str, doc: dict | None, recipe, progress, device) -> dict:
+    """The floor's retrain (or its kept weights) and the dL of every query not yet measured under it."""
     weights = out / "unet.safetensors"
     if weights.exists():
         with components.seeded_global_rng(recipe.seed):
