@@ -268,7 +268,8 @@ def test_rankings_download_and_agreement(tiny_app, tmp_path):
     assert float(rows[0]["score"]) == shown[0]["results"][0]["score"]  # full precision
     table = exports.agreement(shown)
     a, b = ({r["index"] for r in x["results"]} for x in shown[:2])
-    assert "overlap@4" in table and f"| pixel | - | {len(a & b) / 4:.2f} |" in table
+    assert "each pair's top 4" in table and f"| 2 clip | {len(a & b)} | · |  |" in table
+    assert table.splitlines()[2] == "| | 1 | 2 | 3 |" and table.splitlines()[-1].startswith("| 3 random | ")
     with pytest.raises(ValueError, match="attribute first"):
         exports.write_rankings([None, None], {}, {}, tmp_path)
 

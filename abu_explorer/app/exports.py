@@ -1,5 +1,5 @@
 """What a researcher takes away from one query: every shown method's ranking as JSON and CSV (with the
-method's settings and the model's hashes), and how much the methods agree (overlap@K of every pair)."""
+method's settings and the model's hashes), and how much the methods agree (shared images in every pair's top K)."""
 from __future__ import annotations
 
 import csv
@@ -16,18 +16,19 @@ def overlap_at_k(tops: dict[str, list[int]]) -> tuple[int, dict[tuple[str, str],
 
 
 def agreement(results: list[dict]) -> str:
-    """Markdown: overlap@K (shared indices / K) between every pair of methods' top-K."""
+    """Markdown: how many training images each pair of methods' top K share (one triangle of the symmetric
+    matrix; columns numbered so that ten methods fit beside the galleries)."""
     results = [r for r in results if r]
     if len(results) < 2:
         return ""
     tops = {r["method"]: [x["index"] for x in r["results"]] for r in results}
     names = list(tops)
     k, overlap = overlap_at_k(tops)
-    lines = [f"**Agreement** (overlap@{k}: shared training images among the top {k})", "",
-             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for a in names:
-        cells = [f"{overlap[(a, b)]:.2f}" if a != b else "-" for b in names]
-        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines = [f"**Agreement**: training images shared by each pair's top {k} ({k} = the same set)", "",
+             "| | " + " | ".join(str(j + 1) for j in range(len(names))) + " |", "|---|" + "---|" * len(names)]
+    for i, a in enumerate(names):
+        cells = [str(round(overlap[(a, b)] * k)) if j < i else "·" if j == i else "" for j, b in enumerate(names)]
+        lines.append(f"| {i + 1} {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
