@@ -56,17 +56,19 @@ def plot(summary: dict, path: Path, title: str) -> None:
                 mu, se = sc * rand[metric][0], 0 if math.isnan(rand[metric][1]) else sc * rand[metric][1]
                 ax.axhspan(mu - se, mu + se, color="0.85", zorder=0, label="random mean ± s.e.")
                 ax.axhline(mu, color="0.6", lw=1, zorder=0)
+            named = set()  # each query in the legend once, whichever method first has its cell
             for j, m in enumerate(methods):
                 for c in (c for c in cells if c["method"] == m and metric in c):
                     qi = c["query_index"]
                     ax.scatter(j + 0.08 * (qi - 1), sc * c[metric], s=22, marker=markers[qi % len(markers)],
                                color=f"C{qi % 10}", alpha=0.8, zorder=2,
-                               label=prompts[qi] if prompts and m == methods[0] else None)
+                               label=prompts[qi] if prompts and qi not in named else None)
+                    named.add(qi)
                 row = next(r for r in summary["rows"] if r["method"] == m)
                 if not math.isnan(row[metric][0]):
                     ax.errorbar(j + 0.3, sc * row[metric][0], yerr=0 if math.isnan(row[metric][1]) else sc * row[metric][1],
                                 fmt="_", color="k", ms=14, capsize=4, zorder=3)
-            ax.set_xticks(range(len(methods)), methods)
+            ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
             ax.set_xlim(-0.5, len(methods) - 0.3)
             ax.set_xlabel(f"method (K = {ks[0]}; black: mean ± s.e.)" if ks else "method")
         ax.set_title(LABELS[metric], fontsize=9)
