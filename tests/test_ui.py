@@ -322,4 +322,4 @@ def test_cells_of_a_replaced_default_are_found_under_their_own_key(tiny_app, tmp
     assert app.counterfactual_key(query, "abu@before", 2) == counterfactual.request_key(
         app.explorer, query, "abu", 2, 0, app.recipe, old)  # the key the evaluation filed those cells under
     assert app.counterfactual_key(query, "abu@before", 2) != app.counterfactual_key(query, "abu", 2)
-    assert variant_label("abu@before") == "abu (before tuning: alpha = 0.01)" and variant_label("abu") == "abu"
+    assert variant_label("abu@before") == "abu, before tuning (alpha = 0.01)" and variant_label("abu") == "abu"

@@ -36,7 +36,9 @@ def variant(row: str) -> tuple[str, dict]:
     return name, dict(BEFORE_TUNING[name])
 
 
-def variant_label(row: str) -> str:
-    """"abu@before" -> "abu (before tuning: alpha = 0.01)"; a plain name stays as it is."""
-    name, opts = variant(row)
-    return name if not opts else f"{name} (before tuning: " + ", ".join(f"{k} = {v}" for k, v in opts.items()) + ")"
+def variant_label(row: str, name: str | None = None) -> str:
+    """"abu@before" -> "abu, before tuning (alpha = 0.01)" (``name`` in place of "abu" when given); a plain row is
+    its name. The one wording of a variant row, in the app's tiles and in every report."""
+    base, opts = variant(row)
+    name = name or base
+    return name if not opts else f"{name}, before tuning (" + ", ".join(f"{k} = {v}" for k, v in opts.items()) + ")"

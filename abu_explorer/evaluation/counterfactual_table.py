@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from abu_explorer import artifacts
+from abu_explorer.attribution.settings import variant, variant_label
 from abu_explorer.evaluation import counterfactual
 from abu_explorer.evaluation import stats
 from abu_explorer.evaluation.counterfactual_plot import METRICS, plot
@@ -155,7 +156,7 @@ def table(summary: dict, num_train: int) -> str:
             stat = f"{test['above_random']}/{test['queries']}: {stats.p_text(test['sign_test_p'])}{ci}"
         else:
             stat = "-"
-        lines.append(f"| {r['method']} | {r['k']} ({100 * r['k'] / num_train:.2f}%) | {r['n']} | "
+        lines.append(f"| {variant_label(r['method'])} | {r['k']} ({100 * r['k'] / num_train:.2f}%) | {r['n']} | "
                      f"{fmt('delta_loss', 1e3)} | {versus} | {stat} | {ratio} | {fmt('delta_g_mse', 1e3)} | "
                      f"{fmt('delta_g_clip', 1)} | {paper} | {'/'.join(map(str, r.get('source_removed', []))) or '-'} |")
     floor = summary.get("floor")
@@ -174,7 +175,6 @@ def planned(explorer, queries: list[dict], methods: list[str], ks: list[int], dr
             recipe: train.StageConfig = train.UNET_RECIPE) -> tuple[dict, list, list[Cell], list[str]]:
     """The loaded rankers, the built queries, every cell in plan order and each cell's request key."""
     from abu_explorer.attribution import spec
-    from abu_explorer.attribution.settings import variant
 
     # "abu@before": AbU with the settings its tuning replaced, a row of its own (filed under AbU's key for them)
     rankers = {m: spec(variant(m)[0]).load(explorer, **variant(m)[1]) for m in methods  # unknown names fail here
@@ -200,7 +200,6 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
     ({"address", "threads"}): the missing cells run as Ray tasks instead (``ray_cells``), and the table reads
     them from the kind of machine that trained them. ``device``: where each UNet retrains (with Ray: on the
     workers, each task holding one GPU)."""
-    from abu_explorer.attribution.settings import variant
 
     rankers, built, cells, keys = planned(explorer, queries, methods, ks, draws, recipe)
     if ray is not None and any("@" in m for m in methods):

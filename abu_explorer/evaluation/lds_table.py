@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from abu_explorer import artifacts
+from abu_explorer.attribution.settings import BEFORE_TUNING, variant_label
 from abu_explorer.evaluation import lds, stats
 from abu_explorer.training import train
 
@@ -21,8 +22,6 @@ def report_rows(methods: list[str], options: dict | None) -> list[tuple[str, str
     """(row id, method, its options) per row: each method as asked, then each tuned method with the defaults
     the tuning split replaced (``settings.BEFORE_TUNING``; unless ``options`` set that method's settings), so the
     test split says what the choice changed."""
-    from abu_explorer.attribution.settings import BEFORE_TUNING
-
     options = options or {}
     rows = [(name, name, options.get(name)) for name in methods]
     return rows + [(f"{name}@before", name, dict(old)) for name, old in BEFORE_TUNING.items()
@@ -117,8 +116,7 @@ def evaluate(explorer, methods: list[str], built: list, folder: Path, subset_doc
         by_m = {str(m): float(lds.lds_per_query(scores, masks[:m], losses[:m]).mean())  # how it settles with M
                 for m in range(3, len(subset_docs) + 1)}
         m = spec(name)
-        label = m.label if row_id == name else f"{m.label.split(' (')[0]}, before tuning (" + ", ".join(
-            f"{k} = {v}" for k, v in opts.items()) + ")"
+        label = m.label if row_id == name else variant_label(row_id, m.label.split(" (")[0])
         rows[row_id] = {"label": label, "lds": mean, "ci95": [lo, hi], "lds_half": by_m[str(half)], "lds_by_m": by_m,
                       "lds_other_query": lds.other_query_control(scores, masks, losses),
                       "per_query": per_query.tolist(), "mode": "exact" if "exact" in m.modes else "",
