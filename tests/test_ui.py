@@ -112,7 +112,12 @@ def test_counterfactual_job_runs_once_and_is_cached(tiny_app):
     cached = tiny_app.cached_counterfactual(query, "clip", 2)
     assert cached == job.result and len(cached["removed"]) == 2
     img, md = tiny_app.counterfactual_view(cached)
-    assert img is not None and "dL" in md
+    assert img is not None and "dL" in md and "K = 0" not in md  # no floor filed yet
+    from abu_explorer.evaluation import counterfactual
+
+    counterfactual.floor(tiny_app.explorer, [query], tiny_app.results_dir, tiny_app.recipe, progress=False)
+    _, md = tiny_app.counterfactual_view(cached)  # the floor of the result's machine kind, beside its dL
+    assert "(K = 0) on that kind: dL +0.0000" in md and f"adds {cached['delta_loss']:+.4f}" in md
 
 
 def test_request_queues_the_method_and_the_random_control_once(tiny_app, tmp_path):

@@ -313,4 +313,9 @@ class ExplorerApp:
         where = f" on {on.get('cpu_model', '')} ({on.get('kind') or on.get('device', '')})" if on else ""
         lines.append(f"retrained{where} in {result['train_seconds'] / 60:.1f} min without: "
                      + ", ".join(result["removed_captions"][:8]) + (" ..." if result["k"] > 8 else ""))
+        floor = counterfactual.floor_delta(self.explorer, self.results_dir, result["query"], on.get("kind", ""),
+                                           self.recipe) if on.get("kind") else None
+        if floor is not None:  # what a retrain on every row gives on that kind: the part of dL no removal made
+            lines.append(f"a retrain on every row (K = 0) on that kind: dL {floor:+.4f}, so the removal adds "
+                         f"{result['delta_loss'] - floor:+.4f}")
         return img, "  \n".join(lines)

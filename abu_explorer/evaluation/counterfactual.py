@@ -205,6 +205,14 @@ def floor(explorer, queries: list, results_dir: Path, recipe: train.StageConfig 
         return _fill_floor(explorer, queries, ids, out, key, _filed(out), recipe, progress, device)
 
 
+def floor_delta(explorer, results_dir: Path, query: dict, kind: str,
+                recipe: train.StageConfig = train.UNET_RECIPE) -> float | None:
+    """The filed K = 0 floor's dL for ``query`` (a result's ``query`` field) on machine ``kind``, or None."""
+    doc = _filed(result_dir(results_dir, request_key(explorer, None, FULL, 0, 0, recipe, {}), kind))
+    entry = None if doc is None else doc["queries"].get(json.dumps(query, sort_keys=True))
+    return None if entry is None else entry["delta_loss"]
+
+
 def _filed(out: Path) -> dict | None:
     return artifacts.load_json(out / "result.json") if (out / "result.json").exists() else None
 
