@@ -118,6 +118,11 @@ def test_counterfactual_job_runs_once_and_is_cached(tiny_app):
     counterfactual.floor(tiny_app.explorer, [query], tiny_app.results_dir, tiny_app.recipe, progress=False)
     _, md = tiny_app.counterfactual_view(cached)  # the floor of the result's machine kind, beside its dL
     assert "(K = 0) on that kind: dL +0.0000" in md and f"adds {cached['delta_loss']:+.4f}" in md
+    from abu_explorer.app import examples
+
+    item = {"source": {**query.source, "prompt": query.prompt}}  # the Examples tab's tiles of the same query
+    tiles = examples.counterfactual_tiles(tiny_app, item, 2)
+    assert tiles[0][1] == "original (K = 0 retrain: dL +0.0000)" and tiles[1][1].startswith("-clip K=2: dL")
 
 
 def test_request_queues_the_method_and_the_random_control_once(tiny_app, tmp_path):

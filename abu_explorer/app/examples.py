@@ -13,6 +13,7 @@ from pathlib import Path
 
 from abu_explorer import artifacts
 from abu_explorer.attribution import names, spec
+from abu_explorer.evaluation import counterfactual
 from abu_explorer.evaluation.counterfactual_table import load_queries, slug
 
 HINT = "python -m abu_explorer examples"
@@ -194,8 +195,12 @@ def counterfactual_tiles(app, item: dict, k: int, size: int = 160):
     results = counterfactuals(app, item, k)
     if not results:
         return []
+    kind = results[0].get("trained_on", {}).get("kind")  # that kind's K = 0 retrain, when it measured this query
+    floor = counterfactual.floor_delta(app.explorer, app.results_dir, results[0]["query"], kind, app.recipe) \
+        if kind else None
     tiles = [(Image.open(app.result_folder(results[0]["key"]) / "original.png").convert("RGB")
-              .resize((size, size), Image.Resampling.NEAREST), "original")]
+              .resize((size, size), Image.Resampling.NEAREST),
+              "original" + ("" if floor is None else f" (K = 0 retrain: dL {floor:+.4f})"))]
     for r in results:
         path = app.result_folder(r["key"]) / "regenerated.png"
         if path.exists():
