@@ -1,5 +1,5 @@
 """The leave-K-out figure: dL, dG-MSE and dG-CLIP against K per method with the random control as a band, or,
-at one K, each query's value per method over that band."""
+at one K, each query's value per method over that band; the K = 0 retrain's mean dL (the floor) as a dotted line."""
 from __future__ import annotations
 
 import math
@@ -71,6 +71,10 @@ def plot(summary: dict, path: Path, title: str) -> None:
             ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
             ax.set_xlim(-0.5, len(methods) - 0.3)
             ax.set_xlabel(f"method (K = {ks[0]}; black: mean ± s.e.)" if ks else "method")
+        floor = summary.get("floor") or {}
+        if metric == "delta_loss" and floor.get("queries"):  # what a retrain on every row gives on this kind
+            dls = [v["delta_loss"] for v in floor["queries"].values()]
+            ax.axhline(sc * sum(dls) / len(dls), color="C3", ls=":", lw=1.2, zorder=1, label="K = 0 retrain (floor)")
         ax.set_title(LABELS[metric], fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7)
