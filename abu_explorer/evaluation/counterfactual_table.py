@@ -200,7 +200,6 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
     ({"address", "threads"}): the missing cells run as Ray tasks instead (``ray_cells``), and the table reads
     them from the kind of machine that trained them. ``device``: where each UNet retrains (with Ray: on the
     workers, each task holding one GPU)."""
-
     rankers, built, cells, keys = planned(explorer, queries, methods, ks, draws, recipe)
     if ray is not None and any("@" in m for m in methods):
         raise ValueError("method variants (name@before) run in this process only: drop --ray for them")
