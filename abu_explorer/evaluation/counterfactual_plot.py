@@ -77,8 +77,9 @@ def plot(summary: dict, path: Path, title: str) -> None:
             ax.axhline(sc * sum(dls) / len(dls), color="C3", ls=":", lw=1.2, zorder=1, label="K = 0 retrain (floor)")
         ax.set_title(LABELS[metric], fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()  # below the panels: over them it hides markers
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     artifacts.save_figure(path, fig)
     plt.close(fig)
