@@ -148,7 +148,10 @@ def test_a_box_example_shows_its_known_sources_through_the_api(tiny_app, tmp_pat
         _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
                                 **LAUNCH)
         (a, b), = boxes.choose_pairs(tiny_app.explorer, 1)
-        out = Client(url, verbose=False).predict(f"box_{a}_{b}_a", api_name="/example")
+        client = Client(url, verbose=False)
+        out = client.predict(f"box_{a}_{b}_a", api_name="/example")
+        k = examples.grid_ks(len(tiny_app.explorer.dataset))[-1]  # the tiles at a K of the tab's choice: none run
+        assert client.predict(f"box_{a}_{b}_a", k, api_name="/example_k") == []
         heads = [o for o in out if isinstance(o, str) and o.startswith("**")]
         pixel = next(h for h in heads if h.startswith("**Pixel NN**"))
         assert "own source **#" in pixel and "other #" in pixel

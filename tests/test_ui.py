@@ -123,6 +123,8 @@ def test_counterfactual_job_runs_once_and_is_cached(tiny_app):
     item = {"source": {**query.source, "prompt": query.prompt}}  # the Examples tab's tiles of the same query
     tiles = examples.counterfactual_tiles(tiny_app, item, 2)
     assert tiles[0][1] == "original (K = 0 retrain: dL +0.0000)" and tiles[1][1].startswith("-clip K=2: dL")
+    assert examples.counterfactual_tiles(tiny_app, item, 3) == []  # another K of the tab's choice: not retrained
+    assert examples.grid_ks(2015) == [8, 17, 68] and examples.grid_ks(100) == [1, 3]
 
 
 def test_request_queues_the_method_and_the_random_control_once(tiny_app, tmp_path):

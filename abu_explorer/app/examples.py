@@ -14,7 +14,7 @@ from pathlib import Path
 from abu_explorer import artifacts
 from abu_explorer.attribution import names, spec
 from abu_explorer.evaluation import counterfactual
-from abu_explorer.evaluation.counterfactual_table import load_queries, slug
+from abu_explorer.evaluation.counterfactual_table import GRID, load_queries, parse_ks, slug
 
 HINT = "python -m abu_explorer examples"
 TOP = 12
@@ -184,6 +184,11 @@ def counterfactuals(app, item: dict, k: int) -> list[dict]:
             if r is not None:
                 found.append({**r, "row": m})
     return found
+
+
+def grid_ks(n_train: int) -> list[int]:
+    """The leave-K-out evaluation's Ks at this N (its shares of N), the choices the Examples tab offers."""
+    return sorted(set(parse_ks(GRID, n_train)))
 
 
 def counterfactual_tiles(app, item: dict, k: int, size: int = 160):

@@ -304,6 +304,9 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
     return summary
 
 
+GRID = "0.4%,0.84%,3.37%"  # the paper's three shares of N: 8, 17 and 68 at N = 2,015
+
+
 def parse_ks(text: str, n: int) -> list[int]:
     """Comma-separated K values, each a count ("17") or a share of N ("0.84%": rounded, at least 1)."""
     ks = []

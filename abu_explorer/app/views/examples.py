@@ -42,6 +42,7 @@ def build(app, assets: Path) -> None:
     from abu_explorer.attribution import METHODS
 
     items = examples.load(app)
+    ks = examples.grid_ks(len(app.explorer.dataset))
     k = default_k(len(app.explorer.dataset))
     gr.Markdown("Curated queries with every method's ranking and the finished remove-and-regenerate "
                 "checks, all precomputed: the whole story without waiting.")
@@ -53,8 +54,11 @@ def build(app, assets: Path) -> None:
                       label="example", elem_id="example-choice")
     with gr.Row():
         img = gr.Image(label="query", interactive=False, type="filepath", height=inputs.SHOW + 40)
-        cf = gr.Gallery(label=f"remove K={k} and regenerate (finished retrains)", columns=4,
-                        height=inputs.SHOW + 120, allow_preview=False, format="png")
+        with gr.Column(scale=3):
+            cf_k = gr.Radio(ks, value=k if k in ks else ks[len(ks) // 2], label="K removed (the evaluation's grid)",
+                            elem_id="example-k")
+            cf = gr.Gallery(label="remove the top K and regenerate (finished retrains)", columns=4,
+                            height=inputs.SHOW + 120, allow_preview=False, format="png")
     heads, gals = {}, {}
     for start in range(0, len(METHODS), PER_ROW):
         with gr.Row(equal_height=False):
@@ -99,8 +103,15 @@ def build(app, assets: Path) -> None:
             outs += [head, app.tiles(r, marks=marks, extra=extra) if r else []]
         return outs
 
-    choice.change(show, [choice], [img, cf] + [c for m in METHODS for c in (heads[m.name], gals[m.name])],
-                  **LIGHT, api_name="example", api_visibility="undocumented")
+    shown = [img, cf] + [c for m in METHODS for c in (heads[m.name], gals[m.name])]
+    @friendly
+    def show_k(name, k_shown):  # the tiles at the K the reader chose (``show`` gives the default K's)
+        item = next((it for it in items if it["name"] == name), None)
+        return examples.counterfactual_tiles(app, item, int(k_shown)) if item and k_shown else []
+
+    choice.change(show, [choice], shown, **LIGHT, api_name="example", api_visibility="undocumented").then(
+        show_k, [choice, cf_k], [cf], **LIGHT, api_name="example_k", api_visibility="undocumented")
+    cf_k.change(show_k, [choice, cf_k], [cf], **LIGHT, api_visibility="undocumented")
 
     @friendly
     def recustomize(name, method, k):
