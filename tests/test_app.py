@@ -221,10 +221,11 @@ def test_examples_tab_folds_each_evaluation_that_has_a_table_or_plot(tmp_path):
     (tmp_path / "lds_table.md").write_text("| method | LDS |\n|---|---|\n| AbU | +0.2 |\n")
     Image.new("RGB", (8, 8), "white").save(tmp_path / "lds_plot.png")
     Image.new("RGB", (8, 8), "white").save(tmp_path / "boxes_plot.png")
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "counterfactual_curve.png")  # the loss-vs-K curve alone
     with gr.Blocks() as demo:
         view.evaluations(tmp_path)
     folds = {b.elem_id: b for b in demo.blocks.values() if isinstance(b, gr.Accordion)}
-    assert set(folds) == {"evaluation-lds", "evaluation-boxes"}  # none for evaluations without files
+    assert set(folds) == {"evaluation-counterfactual", "evaluation-lds", "evaluation-boxes"}  # none without files
     texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown)]
     assert any("| AbU | +0.2 |" in t for t in texts)
-    assert sum(isinstance(b, gr.Image) for b in demo.blocks.values()) == 2
+    assert sum(isinstance(b, gr.Image) for b in demo.blocks.values()) == 3

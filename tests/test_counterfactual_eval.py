@@ -202,3 +202,46 @@ def test_a_tuned_method_keeps_a_row_with_the_settings_its_tuning_replaced(tiny_a
         ce.planned(exp, QUERIES[:1], ["pixel@before"], [2], 1)
     with pytest.raises(ValueError, match="drop --ray"):
         ce.run(exp, QUERIES[:1], ["abu@before"], [2], 1, tmp_path, None, progress=False, with_floor=False, ray={})
+
+
+def _cells(method, k, dls, draw=0):
+    return [{"method": method, "k": k, "draw": draw, "query_index": q, "query": {"prompt": "abc"[q % 3], "seed": q},
+             "delta_loss": dl, "delta_g_mse": 0.01 * q, "delta_g_clip": 0.9} for q, dl in enumerate(dls)]
+
+
+def test_between_methods_pairs_by_query_with_a_two_sided_sign_test():
+    from abu_explorer.evaluation import counterfactual_compare as cc
+
+    results = (_cells("abu", 17, [0.05, 0.04, 0.03]) + _cells("pixel", 17, [0.04, 0.05, 0.01])
+               + _cells("abuplus", 17, [0.06, 0.055, 0.04]) + _cells("random", 17, [0.02, 0.02, 0.02])
+               + _cells("random", 17, [0.0, 0.02, 0.04], draw=1) + _cells("abu", 8, [0.03, 0.03]))
+    pairs = cc.comparisons(results, ["abu", "abuplus", "random", "pixel"], 17)
+    assert [(c["a"], c["b"]) for c in pairs] == [("abu", "abuplus"), ("abu", "pixel"), ("abuplus", "pixel")]
+    abu_pixel = pairs[1]
+    assert (abu_pixel["a_higher"], abu_pixel["b_higher"], abu_pixel["queries"]) == (2, 1, 3)
+    assert abu_pixel["mean_difference"] == pytest.approx((0.01 - 0.01 + 0.02) / 3)
+    assert abu_pixel["sign_test_p_two_sided"] == 1.0 and not abu_pixel["significant"]
+    assert pairs[2]["sign_test_p_two_sided"] == 0.25 == pairs[2]["min_possible_p"]  # 3 of 3: still not 0.05
+    # random is averaged over its draws per query; 6 queries that all agree reach p = 2/64
+    assert cc.per_query(results, "random", 17) == pytest.approx({0: 0.01, 1: 0.02, 2: 0.03})
+    six = _cells("abu", 17, [0.05] * 6) + _cells("clip", 17, [0.01] * 6)
+    assert cc.compare(six, "abu", "clip", 17)["sign_test_p_two_sided"] == pytest.approx(2 / 64)
+    assert cc.compare(results, "abu", "clip", 17)["queries"] == 0 and not cc.comparisons(results, ["pixel"], 17)
+    line = cc.table([abu_pixel]).splitlines()[2]
+    assert line.startswith("| abu | pixel | 17 | 3 | +6.7 |") and line.endswith("| 2 / 1 | p = 1.000 | no |")
+
+
+def test_the_curve_over_k_and_the_one_k_figure(tmp_path, monkeypatch):
+    from abu_explorer.evaluation import counterfactual_plot as cp
+
+    results = (_cells("abu", 8, [0.03, 0.02, 0.025]) + _cells("abu", 17, [0.05, 0.04, 0.03])
+               + _cells("pixel", 17, [0.04, 0.05, 0.01]) + _cells("random", 8, [0.01, 0.02, 0.015])
+               + _cells("random", 17, [0.02, 0.02, 0.02]))
+    summary = {**ce.summarize(results, ["abu", "random", "pixel"]), "cells": results, "num_train": 2015,
+               "queries": [{"prompt": p} for p in ("a", "b", "c")],
+               "floor": {"queries": {"a": {"delta_loss": 0.01}}}}
+    cp.curve(summary, tmp_path / "curve.png", "curve")
+    drawn, original = [], cp._per_method
+    monkeypatch.setattr(cp, "_per_method", lambda ax, s, metric, k: drawn.append(k) or original(ax, s, metric, k))
+    cp.plot(summary, tmp_path / "plot.png", "one K")  # K = 17 has the most cells
+    assert set(drawn) == {17} and (tmp_path / "curve.png").stat().st_size > 0 and (tmp_path / "plot.png").exists()

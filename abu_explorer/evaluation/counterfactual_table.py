@@ -21,9 +21,9 @@ import torch
 
 from abu_explorer import artifacts
 from abu_explorer.attribution.settings import variant, variant_label
-from abu_explorer.evaluation import counterfactual
+from abu_explorer.evaluation import counterfactual, counterfactual_compare as compare
 from abu_explorer.evaluation import stats
-from abu_explorer.evaluation.counterfactual_plot import METRICS, plot
+from abu_explorer.evaluation.counterfactual_plot import METRICS, curve, plot
 from abu_explorer.training import train
 from abu_explorer.machine import kind as machine_kind
 
@@ -278,7 +278,7 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
                     "unet_hash": explorer.component_hash("unet"),
                     "cells": [{**{k: r[k] for k in ("key", "query_index", "method", "k", "draw", *METRICS, "trained_on")
                                   if k in r}, "mode": r.get("removal_settings", {}).get("mode", "")} for r in results]})
-    artifacts.save_json(assets_dir / "counterfactual_summary.json", summary)
+    summary["between"] = [c for k in sorted({r["k"] for r in results}) for c in compare.comparisons(results, methods, k)]
     per_cell = ["| query | method | mode | draw | source image removed | dL x1e-3 | dG-MSE x1e-3 | dG-CLIP | key |",
                 "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["k"], r["query_index"], methods.index(r["method"]), r["draw"])):
@@ -289,13 +289,20 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
                         f"| {r['draw'] if r['method'] == 'random' else ''} | {removed} "
                         f"| {r['delta_loss'] * 1e3:+.1f} | {r.get('delta_g_mse', math.nan) * 1e3:.1f} "
                         f"| {r.get('delta_g_clip', math.nan):.3f} | `{r['key']}` |")
+    artifacts.save_json(assets_dir / "counterfactual_summary.json", summary)
+    between = ("\n\nBetween methods (paired by query: the same query's dL under each method's removal; two-sided "
+               "exact sign test, so the smallest possible p is 2 / 2^queries: 0.25 with 3 queries; a bootstrap over "
+               "3 queries has only 10 distinct resamples and is too narrow: read the sign test):\n\n"
+               + compare.table(summary["between"], variant_label)) if summary["between"] else ""
     artifacts.save_text(assets_dir / "counterfactual_table.md",
-                        table(summary, n) + f"\n\nEvery cell retrained on one machine kind: {kind()} "
+                        table(summary, n) + between + f"\n\nEvery cell retrained on one machine kind: {kind()} "
                         f"({results[0]['trained_on'].get('cpu_model', '') if results else ''}).\n\nPer retrain (K = "
                         + ", ".join(str(k) for k in sorted({r["k"] for r in results})) + "):\n\n" + "\n".join(per_cell) + "\n")
-    plot(summary, assets_dir / "counterfactual_plot.png",
-         f"Leave-K-out retraining on the embedded model: {len({r['query_index'] for r in results})} queries, "
-         f"mean ± s.e.; all on {kind()}")
+    title = (f"Leave-K-out retraining on the embedded model: {len({r['query_index'] for r in results})} queries, "
+             f"mean ± s.e.; all on {kind()}")
+    plot(summary, assets_dir / "counterfactual_plot.png", title)
+    if len({r["k"] for r in results}) > 1:
+        curve(summary, assets_dir / "counterfactual_curve.png", title)
     for qi, d in enumerate(queries):
         mine = [r for r in results if r["query_index"] == qi and r["draw"] == 0 and "delta_g_clip" in r]
         mine.sort(key=lambda r: (r["k"], methods.index(r["method"])))

@@ -19,20 +19,21 @@ EVALUATIONS = (("counterfactual", "Remove and regenerate: leave-K-out (mean ± s
 
 
 def evaluations(assets: Path) -> None:
-    """Each evaluation's committed table and plot (``assets/<name>_table.md``, ``_plot.png``), folded; the
-    protocols are in docs/evaluation.md."""
+    """Each evaluation's committed table and figures (``assets/<name>_table.md``, ``_curve.png``, ``_plot.png``),
+    folded; the protocols are in docs/evaluation.md."""
     import gradio as gr
 
     gr.Markdown("#### Evaluations (protocols and commands: docs/evaluation.md)")
     for name, title in EVALUATIONS:
-        table, plot = assets / f"{name}_table.md", assets / f"{name}_plot.png"
-        if not (table.exists() or plot.exists()):
+        table = assets / f"{name}_table.md"
+        figures = [f for f in (assets / f"{name}_curve.png", assets / f"{name}_plot.png") if f.exists()]
+        if not (table.exists() or figures):
             continue
         with gr.Accordion(title, open=False, elem_id=f"evaluation-{name}"):
+            for figure in figures:  # the curve over K first: the figure the evaluation is built around
+                gr.Image(str(figure), label=title, interactive=False, show_label=False)
             if table.exists():
                 gr.Markdown(table.read_text())
-            if plot.exists():
-                gr.Image(str(plot), label=title, interactive=False, show_label=False)
 
 
 def build(app, assets: Path) -> None:
