@@ -57,6 +57,9 @@ def _against_k(ax, summary: dict, metric: str) -> None:
             continue
         mu, se = zip(*(_mean_se(r, metric) for r in rs))
         ks = [r["k"] for r in rs]
+        if m == "random" and len(ks) == 1:  # a band needs two Ks: one K's control as a grey bar
+            ax.errorbar(ks, mu, yerr=se, color="0.55", fmt="_", ms=16, capsize=4, zorder=1, label="random ± s.e.")
+            continue
         if m == "random":
             ax.fill_between(ks, [a - b for a, b in zip(mu, se)], [a + b for a, b in zip(mu, se)], color="0.85",
                             zorder=0, label="random ± s.e.")
