@@ -4,6 +4,7 @@ Both draw the K = 0 retrain's mean dL (the floor) as a dotted line."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 from abu_explorer import artifacts
@@ -105,10 +106,10 @@ def plot(summary: dict, path: Path, title: str, k: int | None = None) -> None:
     """Each method's per-query values at one K (default: the K with the most cells), so a reader sees which
     differences clear chance and which queries drive a mean."""
     if k is None:
-        counts = {}
+        counts = Counter()
         for r in summary["rows"]:
-            counts[r["k"]] = counts.get(r["k"], 0) + r["n"]
-        k = max(counts, key=lambda kk: (counts[kk], -kk))
+            counts[r["k"]] += r["n"]
+        k = max(counts, key=lambda kk: (counts[kk], -kk))  # ties: the smaller K
     _figure(summary, path, title, lambda ax, metric: _per_method(ax, summary, metric, k))
 
 
