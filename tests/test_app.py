@@ -149,9 +149,9 @@ def test_a_box_example_shows_its_known_sources_through_the_api(tiny_app, tmp_pat
                                 **LAUNCH)
         (a, b), = boxes.choose_pairs(tiny_app.explorer, 1)
         client = Client(url, verbose=False)
-        out = client.predict(f"box_{a}_{b}_a", api_name="/example")
         k = examples.grid_ks(len(tiny_app.explorer.dataset))[-1]  # the tiles at a K of the tab's choice: none run
-        assert client.predict(f"box_{a}_{b}_a", k, api_name="/example_k") == []
+        out = client.predict(f"box_{a}_{b}_a", k, api_name="/example")
+        assert out[1] == [] and client.predict(f"box_{a}_{b}_a", k, api_name="/example_k") == []
         heads = [o for o in out if isinstance(o, str) and o.startswith("**")]
         pixel = next(h for h in heads if h.startswith("**Pixel NN**"))
         assert "own source **#" in pixel and "other #" in pixel
@@ -195,7 +195,7 @@ def test_a_customized_example_frames_its_exemplars_and_recustomizes(tiny_app, tm
         _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
                                 **LAUNCH)
         client = Client(url, verbose=False)
-        out = client.predict("custom_t0", api_name="/example")
+        out = client.predict("custom_t0", examples.grid_ks(len(tiny_app.explorer.dataset))[-1], api_name="/example")
         pixel = next(o for o in out if isinstance(o, str) and o.startswith("**Pixel NN**"))
         ranks = [int(x.split("**")[0]) for x in pixel.split("exemplars at ")[1].split("#")[1:]]
         gallery = out[[i for i, o in enumerate(out) if o is pixel][0] + 1]

@@ -81,11 +81,11 @@ def build(app, assets: Path) -> None:
         evaluations(assets)
 
     @friendly
-    def show(name):
+    def show(name, k_shown):
         item = next((it for it in items if it["name"] == name), None)
         if item is None:
             raise inputs.UIError(f"no example {name!r}")
-        outs = [item["image_path"], examples.counterfactual_tiles(app, item, k)]
+        outs = [item["image_path"], examples.counterfactual_tiles(app, item, int(k_shown or k))]
         known, marks, extra = item.get("known") or {}, None, examples.extra_rows(item, item["folder"])
         if "own" in known:
             marks = {known["own"]: (OWN, "box's own source"), known["other"]: (OTHER, "the other source")}
@@ -106,13 +106,12 @@ def build(app, assets: Path) -> None:
 
     shown = [img, cf] + [c for m in METHODS for c in (heads[m.name], gals[m.name])]
     @friendly
-    def show_k(name, k_shown):  # the tiles at the K the reader chose (``show`` gives the default K's)
+    def show_k(name, k_shown):  # only the tiles, when the reader picks another K
         item = next((it for it in items if it["name"] == name), None)
         return examples.counterfactual_tiles(app, item, int(k_shown)) if item and k_shown else []
 
-    choice.change(show, [choice], shown, **LIGHT, api_name="example", api_visibility="undocumented").then(
-        show_k, [choice, cf_k], [cf], **LIGHT, api_name="example_k", api_visibility="undocumented")
-    cf_k.change(show_k, [choice, cf_k], [cf], **LIGHT, api_visibility="undocumented")
+    choice.change(show, [choice, cf_k], shown, **LIGHT, api_name="example", api_visibility="undocumented")
+    cf_k.change(show_k, [choice, cf_k], [cf], **LIGHT, api_name="example_k", api_visibility="undocumented")
 
     @friendly
     def recustomize(name, method, k):
