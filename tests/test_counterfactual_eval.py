@@ -223,7 +223,11 @@ def test_between_methods_pairs_by_query_with_a_two_sided_sign_test():
     assert abu_pixel["sign_test_p_two_sided"] == 1.0 and not abu_pixel["significant"]
     assert pairs[2]["sign_test_p_two_sided"] == 0.25 == pairs[2]["min_possible_p"]  # 3 of 3: still not 0.05
     # random is averaged over its draws per query; 6 queries that all agree reach p = 2/64
-    assert cc.per_query(results, "random", 17) == pytest.approx({0: 0.01, 1: 0.02, 2: 0.03})
+    by_query = cc.per_query(results, "random", 17)
+    assert [by_query[cc.query_id(r)] for r in results[:3]] == pytest.approx([0.01, 0.02, 0.03])
+    # pairs are made by the query itself, not by its index in one queries file
+    moved = [{**r, "query_index": 2 - r["query_index"]} for r in _cells("pixel", 17, [0.04, 0.05, 0.01])]
+    assert cc.compare(_cells("abu", 17, [0.05, 0.04, 0.03]) + moved, "abu", "pixel", 17) == abu_pixel
     six = _cells("abu", 17, [0.05] * 6) + _cells("clip", 17, [0.01] * 6)
     assert cc.compare(six, "abu", "clip", 17)["sign_test_p_two_sided"] == pytest.approx(2 / 64)
     assert cc.compare(results, "abu", "clip", 17)["queries"] == 0 and not cc.comparisons(results, ["pixel"], 17)

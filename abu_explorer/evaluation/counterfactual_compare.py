@@ -6,6 +6,7 @@ With n queries the smallest two-sided p is 2 / 2^n: 3 queries give 0.25, so no d
 can be significant there; 6 queries reach 0.031 only if all six agree."""
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -14,12 +15,17 @@ from abu_explorer.evaluation import stats
 SUBJECTS = ("abu", "abuplus")  # the rows compared with every other method; the rest only with these
 
 
-def per_query(results: list[dict], method: str, k: int) -> dict[int, float]:
-    """Query index -> the method's mean dL at K over that query's cells (random: over its draws)."""
+def query_id(r: dict) -> str:
+    """The query a result answered (prompt, seed, steps, ...), whatever its index in the file that ran it."""
+    return json.dumps(r["query"], sort_keys=True)
+
+
+def per_query(results: list[dict], method: str, k: int) -> dict[str, float]:
+    """Query -> the method's mean dL at K over that query's cells (random: over its draws)."""
     by = {}
     for r in results:
         if r["method"] == method and r["k"] == k:
-            by.setdefault(r["query_index"], []).append(r["delta_loss"])
+            by.setdefault(query_id(r), []).append(r["delta_loss"])
     return {q: statistics.mean(v) for q, v in by.items()}
 
 

@@ -9,7 +9,6 @@ per-query regeneration strips are rewritten.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import statistics
@@ -74,10 +73,6 @@ def plan(num_queries: int, methods: list[str], ks: list[int], draws: int) -> lis
     return sorted(cells, key=lambda c: (ks.index(c.k), c.draw, methods.index(c.method), c.query))
 
 
-def _query_id(r: dict) -> str:
-    return json.dumps(r["query"], sort_keys=True)
-
-
 def summarize(results: list[dict], methods: list[str], sources: dict[str, int] | None = None) -> dict:
     """Mean +- standard error over queries (and random draws) per method and K. Also, per method, the paired
     difference dL - (the same query's mean random dL) over the queries that have a random draw, which
@@ -86,13 +81,13 @@ def summarize(results: list[dict], methods: list[str], sources: dict[str, int] |
     by_query, per_draw = {}, {}  # the random control's dL, by (K, query) and by (K, draw)
     for r in results:
         if r["method"] == "random":
-            by_query.setdefault((r["k"], _query_id(r)), []).append(r["delta_loss"])
+            by_query.setdefault((r["k"], compare.query_id(r)), []).append(r["delta_loss"])
             per_draw.setdefault(r["k"], {}).setdefault(r["draw"], []).append(r["delta_loss"])
     rows = []
     for m in methods:
         for k in sorted({r["k"] for r in results if r["method"] == m}):
             rs = [r for r in results if r["method"] == m and r["k"] == k]
-            row = {"method": m, "k": k, "n": len(rs), "queries": len({_query_id(r) for r in rs})}
+            row = {"method": m, "k": k, "n": len(rs), "queries": len({compare.query_id(r) for r in rs})}
             known = [r for r in rs if (sources or {}).get(r["query"]["prompt"]) is not None and "removed" in r]
             if known:
                 row["source_removed"] = [sum(sources[r["query"]["prompt"]] in r["removed"] for r in known), len(known)]
@@ -101,8 +96,8 @@ def summarize(results: list[dict], methods: list[str], sources: dict[str, int] |
             if m == "random":
                 row["delta_loss_per_draw"] = {d: statistics.mean(v) for d, v in sorted(per_draw[k].items())}
             else:
-                diffs = [r["delta_loss"] - statistics.mean(by_query[(k, _query_id(r))])
-                         for r in rs if (k, _query_id(r)) in by_query]
+                diffs = [r["delta_loss"] - statistics.mean(by_query[(k, compare.query_id(r))])
+                         for r in rs if (k, compare.query_id(r)) in by_query]
                 row["delta_loss_vs_random"] = stats.mean_se(diffs)
                 row["vs_random_test"] = versus_random(diffs)
             rows.append(row)
