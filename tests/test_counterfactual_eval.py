@@ -4,6 +4,7 @@ import math
 import statistics
 
 import pytest
+import torch
 
 from abu_explorer.evaluation import counterfactual, counterfactual_table as ce, stats
 from conftest import tiny_recipes
@@ -172,6 +173,11 @@ def test_a_cell_claimed_by_another_process_is_left_to_it(tiny_explorer, tmp_path
     settings = counterfactual.removal_settings(tiny_explorer, "pixel", spec("pixel").load(tiny_explorer))
     key = counterfactual.request_key(tiny_explorer, built[0], "pixel", 2, 0, recipe, settings)
     first = counterfactual.result_dir(tmp_path, key) / "result.json"
+    from abu_explorer.training import checkpoint
+
+    net = torch.nn.Linear(2, 2)  # the other runner's epoch checkpoint, as its retrain writes it
+    checkpoint.save(first.parent / "ckpt" / "unet-ckpt.safetensors", net, torch.optim.AdamW(net.parameters()),
+                    {"epoch": 3, "config": recipe.to_dict()})
     with artifacts.claimed(first) as held:
         assert held
         out = ce.run(tiny_explorer, QUERIES, ["pixel"], [2], 1, tmp_path, None, progress=False, max_cells=1,
@@ -181,6 +187,7 @@ def test_a_cell_claimed_by_another_process_is_left_to_it(tiny_explorer, tmp_path
         seen = progress.counterfactual_status(tiny_explorer, QUERIES, ["pixel"], [2], 1, tmp_path, recipe)
     assert [c["state"] for c in seen["cells"]] == ["running", "done"] and seen["floor"] == "missing"
     assert "1 of 2 cells done, 1 running, 0 missing" in progress.show(seen)
+    assert f"running  'red apple' pixel K=2 draw 0 (epoch 3/{recipe.epochs} at " in progress.show(seen)
     assert [c["state"] for c in progress.counterfactual_status(tiny_explorer, QUERIES, ["pixel"], [2], 1, tmp_path,
                                                                recipe)["cells"]] == ["missing", "done"]
     assert out["done"] == 1 and not first.exists()

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from abu_explorer.evaluation import lds, lds_table
 
@@ -331,6 +332,11 @@ def test_a_subset_claimed_by_another_process_is_left_to_it(tiny_app, tmp_path):
     queries = [{"prompt": exp.dataset.captions[2], "seed": 2, "steps": 3}]
     recipe = tiny_recipes()[2]
     folder = lds.results_folder(tmp_path, lds.protocol(exp, queries, recipe))
+    from abu_explorer.training import checkpoint
+
+    net = torch.nn.Linear(2, 2)  # the other process's epoch checkpoint
+    checkpoint.save(folder / "ckpt" / "subset_000" / "unet-ckpt.safetensors", net,
+                    torch.optim.AdamW(net.parameters()), {"epoch": 2, "config": recipe.to_dict()})
     with artifacts.claimed(folder / "subset_000.json") as held:  # as another process would hold it
         assert held
         out = lds_table.run(exp, queries, ["pixel"], 3, tmp_path, None, recipe, max_subsets=1, progress=False,
@@ -338,6 +344,7 @@ def test_a_subset_claimed_by_another_process_is_left_to_it(tiny_app, tmp_path):
         seen = progress.lds_status(exp, queries, ["pixel"], 3, tmp_path, recipe=recipe)
     assert seen["subsets"] == ["running", "done", "missing"] and seen["scores"] == {"pixel": "0/1 queries"}
     assert progress.show(seen).startswith("subset models: 1 of 3 done, 1 running")
+    assert f"running  subset 0 (epoch 2/{recipe.epochs} at " in progress.show(seen)
     assert out["subsets_done"] == 1
     assert [p.name for p in folder.glob("subset_*.json")] == ["subset_001.json"]
 

@@ -127,3 +127,35 @@ def test_lds_subset_models_as_ray_tasks_equal_the_in_process_run(tiny_model_dir,
     monkeypatch.setattr(ray_cells, "run_subset", lambda task: (_ for _ in ()).throw(AssertionError("ran again")))
     assert lds_table.run(exp, queries, ["pixel"], 2, tmp_path / "ray", None, recipe, progress=False,
                          ray=ray_opts)["subsets_done"] == 2
+
+
+def test_a_worker_holds_the_cells_claim_and_waits_for_another_holder(tmp_path, monkeypatch):
+    """A Ray worker takes the claim an in-process runner takes: it waits while another holds it, and ``--status``
+    sees its cell as running while it retrains."""
+    import threading
+
+    from abu_explorer import artifacts, model
+    from abu_explorer.machine import kind as machine_kind
+
+    task = ray_cells.CellTask("unused", QUERIES[0], "pixel", 3, 0, {}, str(tmp_path), 1, "k1")
+    out = counterfactual.result_dir(tmp_path, "k1", machine_kind("cpu"))
+    seen = []
+
+    def fake_run(*args, **kwargs):  # the retrain: records whether the claim is held, files a result
+        seen.append(artifacts.held(out / "result.json"))
+        artifacts.save_json(out / "result.json", {"key": "k1", "trained_on": {"kind": machine_kind("cpu")}})
+        return {"key": "k1", "trained_on": {"kind": machine_kind("cpu")}}
+
+    monkeypatch.setattr(model, "load", lambda path: None)
+    monkeypatch.setattr(ce, "build_queries", lambda explorer, queries: [None])
+    monkeypatch.setattr(ce.train, "StageConfig", lambda **kw: None)
+    monkeypatch.setattr(counterfactual, "run", fake_run)
+    done = {}
+    with artifacts.claimed(out / "result.json") as mine:  # another runner retrains this cell
+        assert mine
+        worker = threading.Thread(target=lambda: done.update(ray_cells.run_cell(task)))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not seen  # waiting, not retraining the same cell
+    worker.join(timeout=30)
+    assert seen == [True] and done["key"] == "k1" and set(done["files"]) == {"result.json"}

@@ -1,18 +1,30 @@
 """What a long evaluation has done and what is left, without running any of it (``evaluate counterfactual
 --status``, ``evaluate lds --status``). Each unit is *done* (its result is filed), *running* (another process
-holds its claim) or *missing*."""
+holds its claim) or *missing*; a unit that is not done shows how far its epoch checkpoint got (a stopped
+one resumes from there)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from abu_explorer import artifacts
 from abu_explorer.evaluation import counterfactual, counterfactual_table, lds
 from abu_explorer.machine import kind as machine_kind
-from abu_explorer.training import train
+from abu_explorer.training import checkpoint, train
 
 
 def state(path: Path) -> str:
     return "done" if Path(path).exists() else "running" if artifacts.held(path) else "missing"
+
+
+def reached(ckpt_dir: Path) -> str | None:
+    """How far the retrain checkpointed in ``ckpt_dir`` got: "epoch 93/150 at 13:50" (local time), or None."""
+    found = sorted(Path(ckpt_dir).glob("*-ckpt.safetensors"))
+    if not found:
+        return None
+    done = checkpoint.progress_of(found[0])
+    stamp = time.strftime("%H:%M", time.localtime(found[0].stat().st_mtime))
+    return f"epoch {done['epoch']}/{done['config']['epochs']} at {stamp}"
 
 
 def counterfactual_status(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int,
@@ -20,9 +32,11 @@ def counterfactual_status(explorer, queries: list[dict], methods: list[str], ks:
     """Every cell of the plan on this machine kind, and its K = 0 floor."""
     _, _, cells, keys = counterfactual_table.planned(explorer, queries, methods, ks, draws, recipe)
     kind = machine_kind(device)
-    rows = [{"prompt": queries[c.query]["prompt"], "method": c.method, "k": c.k, "draw": c.draw, "key": key,
-             "state": state(counterfactual.result_dir(results_dir, key, kind) / "result.json")}
-            for c, key in zip(cells, keys)]
+    rows = []
+    for c, key in zip(cells, keys):
+        out = counterfactual.result_dir(results_dir, key, kind)
+        rows.append({"prompt": queries[c.query]["prompt"], "method": c.method, "k": c.k, "draw": c.draw, "key": key,
+                     "state": state(out / "result.json"), "checkpoint": reached(out / "ckpt")})
     floor_key = counterfactual.request_key(explorer, None, counterfactual.FULL, 0, 0, recipe, {})
     return {"kind": kind, "cells": rows,
             "floor": state(counterfactual.result_dir(results_dir, floor_key, kind) / "result.json")}
@@ -43,6 +57,7 @@ def lds_status(explorer, queries: list[dict], methods: list[str], subsets: int, 
         parts = len(list(path.with_suffix(".parts").glob("*.npy")))
         scores[name] = "done" if path.exists() else f"{parts}/{len(described)} queries"
     return {"folder": str(folder), "subsets": [state(folder / f"subset_{j:03d}.json") for j in range(subsets)],
+            "checkpoints": {j: reached(folder / "ckpt" / f"subset_{j:03d}") for j in range(subsets)},
             "scores": scores, "split": split, "filed": filed_scores(folder, defaults)}
 
 
@@ -74,12 +89,14 @@ def show(report: dict) -> str:
         lines = [f"{counts['done']} of {len(cells)} cells done, {counts['running']} running, {counts['missing']} "
                  f"missing ({report['kind']}); K = 0 floor: {report['floor']}"]
         lines += [f"  {c['state']:8s} {c['prompt']!r} {c['method']} K={c['k']} draw {c['draw']}"
-                  for c in cells if c["state"] != "done"]
+                  + (f" ({c['checkpoint']})" if c.get("checkpoint") else "") for c in cells if c["state"] != "done"]
         return "\n".join(lines)
     subs = report["subsets"]
     lines = [f"subset models: {subs.count('done')} of {len(subs)} done, {subs.count('running')} running "
              f"({report['folder']})"]
-    lines += [f"  {s:8s} subset {j}" for j, s in enumerate(subs) if s != "done"]
+    marks = report.get("checkpoints", {})
+    lines += [f"  {s:8s} subset {j}" + (f" ({marks[j]})" if marks.get(j) else "") for j, s in enumerate(subs)
+              if s != "done"]
     lines.append(f"scores ({report['split']} split, default settings and tables): "
                  + ", ".join(f"{m} {s}" for m, s in report["scores"].items()))
     if report.get("filed"):

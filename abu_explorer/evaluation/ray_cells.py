@@ -7,7 +7,10 @@ takes part by joining the cluster as a worker. Each cell is one task:
 
 1. the worker loads the model from ``precomputed`` (a path every worker can read) and builds the query;
 2. it runs ``counterfactual.run`` into ``scratch`` (resumable: its epoch checkpoints live there, so a task
-   that is retried after a lost worker resumes where the checkpoints stopped when ``scratch`` is shared);
+   that is retried after a lost worker resumes where the checkpoints stopped when ``scratch`` is shared); it
+   holds the cell's claim meanwhile, as the in-process runner does, so the two never retrain one cell twice
+   and ``--status`` lists it as running (claims are ``flock`` locks: on a shared scratch folder they need a
+   file system that honours them);
 3. it returns the finished result folder as bytes, and the driver writes each file atomically where the
    evaluation reads it (``RESULTS/<kind of the machine that trained it>/<key>/``), ``result.json`` last.
 
@@ -21,6 +24,7 @@ returns ``subset_JJJ.json`` (each query's loss under it), which the driver files
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -70,7 +74,9 @@ def run_subset(task: SubsetTask) -> dict:
     kind = machine_kind(task.device)
     folder = lds.results_folder(Path(task.scratch), doc, kind)
     built = lds.query_latents(explorer, task.queries)
-    result = lds.train_subset(explorer, task.subset, built, folder, recipe, progress=False, device=task.device)
+    # the claim an in-process runner takes: one trains, the other waits and then reads the filed result
+    with artifacts.claimed(folder / f"subset_{task.subset:03d}.json", wait=True):
+        result = lds.train_subset(explorer, task.subset, built, folder, recipe, progress=False, device=task.device)
     return {"kind": kind, "key": lds.key_of(doc), "doc": result}
 
 
@@ -95,6 +101,7 @@ def run_cell(task: CellTask) -> dict:
 
     from abu_explorer.evaluation import counterfactual
     from abu_explorer.evaluation.counterfactual_table import build_queries
+    from abu_explorer.machine import kind as machine_kind
     from abu_explorer.model import load
     from abu_explorer.training import train
 
@@ -102,11 +109,14 @@ def run_cell(task: CellTask) -> dict:
     explorer = load(task.precomputed)
     query = build_queries(explorer, [task.query])[0]
     recipe = train.StageConfig(**task.recipe)
-    result = counterfactual.run(explorer, query, task.method, task.k, Path(task.scratch), recipe=recipe,
-                                draw=task.draw, progress=False, device=task.device)
+    # the claim an in-process runner takes (and ``--status`` reads): one retrains, the other waits, then reads
+    claim = counterfactual.result_dir(Path(task.scratch), task.key, machine_kind(task.device)) / "result.json"
+    with artifacts.claimed(claim, wait=True) if task.key else contextlib.nullcontext():
+        result = counterfactual.run(explorer, query, task.method, task.k, Path(task.scratch), recipe=recipe,
+                                    draw=task.draw, progress=False, device=task.device)
     kind = result["trained_on"]["kind"]
     folder = counterfactual.result_dir(Path(task.scratch), result["key"], kind)
-    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
     return {"kind": kind, "key": result["key"], "files": files}
 
 

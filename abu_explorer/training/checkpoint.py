@@ -44,3 +44,14 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, e
             raise ValueError(f"{path} lacks {k}; it was written without it: delete it to start over")
         v.copy_(tensors[f"extra.{k}"])
     return json.loads(meta["progress"])
+
+
+def progress_of(path: Path) -> dict | None:
+    """The progress dict of the checkpoint at ``path`` (its epoch, the recipe), read from the file's header
+    alone; None where there is none."""
+    from safetensors import safe_open
+
+    if not Path(path).exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["progress"])
