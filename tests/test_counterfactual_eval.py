@@ -256,3 +256,21 @@ def test_the_curve_over_k_and_the_one_k_figure(tmp_path, monkeypatch):
     monkeypatch.setattr(cp, "_per_method", lambda ax, s, metric, k: drawn.append(k) or original(ax, s, metric, k))
     cp.plot(summary, tmp_path / "plot.png", "one K")  # K = 17 has the most cells
     assert set(drawn) == {17} and (tmp_path / "curve.png").stat().st_size > 0 and (tmp_path / "plot.png").exists()
+
+
+def test_the_curve_names_methods_as_the_app_does_and_marks_a_mean_over_fewer_queries():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from abu_explorer.evaluation import counterfactual_plot as cp
+
+    results = (_cells("abu", 17, [0.05, 0.04, 0.03]) + _cells("abu", 68, [0.06])
+               + _cells("abu@before", 17, [0.05, 0.05, 0.05]) + _cells("random", 17, [0.02, 0.02, 0.02]))
+    summary = ce.summarize(results, ["abu", "abu@before", "random"])
+    fig, ax = plt.subplots()
+    cp._against_k(ax, summary, "delta_loss")
+    assert [t.get_text() for t in ax.texts] == ["n=1"]  # AbU at K = 68: one query of three
+    assert ax.get_legend_handles_labels()[1] == ["AbU", "AbU, alpha 0.01", "random ± s.e."]
+    plt.close(fig)

@@ -16,6 +16,19 @@ SCALE = {"delta_loss": 1e3, "delta_g_mse": 1e3, "delta_g_clip": 1.0}  # the tabl
 MARKERS = "osD^v<>ph*"
 
 
+def _label(row: str) -> str:
+    """A row's short name: "AbU+", "Pixel NN", "AbU, alpha 0.01" (a variant row: the settings it changes)."""
+    from abu_explorer.attribution import spec
+    from abu_explorer.attribution.settings import variant
+
+    base, opts = variant(row)
+    try:
+        name = spec(base).label.split(" (")[0]
+    except ValueError:
+        name = base
+    return ", ".join([name] + [f"{k} {v}" for k, v in opts.items()])
+
+
 def _mean_se(row: dict, metric: str) -> tuple[float, float]:
     mu, se = row[metric]
     return SCALE[metric] * mu, 0.0 if math.isnan(se) else SCALE[metric] * se
@@ -42,16 +55,23 @@ def _per_method(ax, summary: dict, metric: str, k: int) -> None:
         if not math.isnan(row[metric][0]):
             mu, se = _mean_se(row, metric)
             ax.errorbar(j + 0.3, mu, yerr=se, fmt="_", color="k", ms=14, capsize=4, zorder=3)
-    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(methods)), [_label(m) for m in methods], rotation=30, ha="right", fontsize=8)
     ax.set_xlim(-0.5, len(methods) - 0.3)
     ax.set_xlabel(f"method (K = {k}; black: mean ± s.e.)")
 
 
 def _against_k(ax, summary: dict, metric: str) -> None:
-    """Several Ks: mean +- s.e. against K (log axis), one line per method, the random control as a band."""
+    """Several Ks: mean +- s.e. against K (log axis), one line per method, the random control as a band. A point
+    over fewer queries than the table's most is marked "n=..": its mean is not over the same queries."""
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     methods = list(dict.fromkeys(r["method"] for r in summary["rows"]))
+    most = max(r["queries"] for r in summary["rows"])
+
+    def mark(xs, mu, rs):
+        for x, y, r in zip(xs, mu, rs):
+            if r["queries"] < most:
+                ax.annotate(f"n={r['queries']}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
     for j, m in enumerate(methods):
         rs = sorted((r for r in summary["rows"] if r["method"] == m and not math.isnan(r[metric][0])), key=lambda r: r["k"])
         if not rs:
@@ -60,14 +80,17 @@ def _against_k(ax, summary: dict, metric: str) -> None:
         ks = [r["k"] for r in rs]
         if m == "random" and len(ks) == 1:  # a band needs two Ks: one K's control as a grey bar
             ax.errorbar(ks, mu, yerr=se, color="0.55", fmt="_", ms=16, capsize=4, zorder=1, label="random ± s.e.")
+            mark(ks, mu, rs)
             continue
         if m == "random":
             ax.fill_between(ks, [a - b for a, b in zip(mu, se)], [a + b for a, b in zip(mu, se)], color="0.85",
                             zorder=0, label="random ± s.e.")
             ax.plot(ks, mu, color="0.55", lw=1, ls="--", zorder=1)
+            mark(ks, mu, rs)
             continue
         xs = [k * (1 + 0.03 * (j - len(methods) / 2)) for k in ks]  # dodge: the bars do not overlap
-        ax.errorbar(xs, mu, yerr=se, capsize=3, label=m, marker="o" if len(ks) > 1 else "s", zorder=2)
+        ax.errorbar(xs, mu, yerr=se, capsize=3, label=_label(m), marker="o" if len(ks) > 1 else "s", zorder=2)
+        mark(xs, mu, rs)
     ks = sorted({r["k"] for r in summary["rows"]})
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(ks))
