@@ -4,7 +4,7 @@
     python scripts/browser_check.py --url http://127.0.0.1:7860 --screenshot app.png
 
 Uses Debian's /usr/bin/chromium (``apt-get install chromium``); ``playwright install`` is not needed.
-``tests/test_browser.py`` runs ``drive`` against the app on the tiny test model.
+``tests/test_browser.py`` runs ``drive`` and ``examples_tab`` against the app on the tiny test model.
 """
 from __future__ import annotations
 
@@ -175,12 +175,16 @@ def _gallery_tiles(page, name: str) -> int:
     return _gallery_state(page, name)["loaded"]
 
 
-def _gallery_state(page, name: str) -> dict:
+def _gallery_state(page, name: str, selector: str | None = None) -> dict:
+    """Tiles and loaded tiles of a method's gallery (or of the gallery at ``selector``), with their captions."""
     return page.evaluate(
         """sel => {
-            const imgs = [...document.querySelectorAll(sel + ' button img')];
-            return {tiles: imgs.length, loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length};
-        }""", f"#gallery-{name}")
+            const buttons = [...document.querySelectorAll(sel + ' button:has(img)')];
+            const imgs = buttons.map(b => b.querySelector('img'));
+            return {tiles: imgs.length, loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+                    captions: buttons.map(b => (b.querySelector('.caption-label') || {}).textContent || '')
+                                     .map(t => t.trim())};
+        }""", selector or f"#gallery-{name}")
 
 
 def _detail_panel(page):
@@ -297,6 +301,50 @@ def drive(url: str, screenshot: str | None = None, prompt: str = "red apple", ti
         finally:
             browser.close()
     lap("total")
+    return seen
+
+
+def examples_tab(url: str, steps: list[tuple[int, int]], timeout_s: float = 60.0, headless: bool = True) -> dict:
+    """The Examples tab: at the first step's K, pick the first example; then click each further step's K.
+    Returns, per step, the remove-and-regenerate tiles the page showed (count and captions).
+
+    ``steps`` is [(K, tiles expected)]: the original plus one per finished retrain at that K, 0 where none ran.
+    A step whose gallery does not reach its count raises ``BrowserCheckError``.
+    """
+    from playwright.sync_api import sync_playwright
+
+    gallery = "#example-counterfactuals"
+    seen: dict = {"url": url, "steps": []}
+
+    def pick_k(page, k):
+        page.locator(f"#example-k label:has(input[value='{k}'])").click()
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=headless, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(timeout_s * 1000)
+            page.goto(url, wait_until="domcontentloaded")
+            page.get_by_role("tab", name="Examples").click()
+            choice = page.locator("#example-choice label").first
+            choice.wait_for(state="visible")
+            seen["example"] = choice.inner_text().strip()
+            seen["k_shown"] = int(page.locator("#example-k input:checked").get_attribute("value"))
+            for i, (k, want) in enumerate(steps):
+                if i == 0:
+                    if k != seen["k_shown"]:
+                        pick_k(page, k)  # no example yet: nothing to draw
+                    choice.click()
+                else:
+                    pick_k(page, k)
+                try:
+                    state = _until(page, f"{want} tiles at K = {k}", lambda w=want: (
+                        (g := _gallery_state(page, "", gallery))["loaded"] == g["tiles"] == w and g), timeout_s)
+                except BrowserCheckError as e:
+                    raise BrowserCheckError(f"{e}; the gallery shows {_gallery_state(page, '', gallery)}") from None
+                seen["steps"].append({"k": k, "tiles": state["tiles"], "captions": state["captions"]})
+        finally:
+            browser.close()
     return seen
 
 

@@ -5,6 +5,7 @@ Needs /usr/bin/chromium (Debian's ``chromium`` package; .ci/run installs it) and
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,47 @@ def test_a_tile_shows_its_full_caption_on_hover(seen):
     hover = seen["tile_hover"]
     assert hover["title"].startswith("#1 ") and "(idx " in hover["title"], hover
     assert hover["title"] == hover["label"] and not hover["label_cut"], hover
+
+
+def test_the_examples_tab_shows_the_retrains_at_the_k_picked(chromium, tiny_app, tmp_path, monkeypatch):
+    """Examples tab in Chromium: an example picked at K shows its finished retrain's tiles; another K of the
+    radio (none retrained there) empties the strip; back at K, the tiles return."""
+    import sys
+    import time
+
+    from abu_explorer.app import examples
+    from abu_explorer.app.demo import LAUNCH
+    from abu_explorer.app.service import ExplorerApp
+
+    monkeypatch.setattr(examples, "GRID", "5%,10%")  # two Ks at the tiny model's N = 24: 1 and 2
+    assert examples.grid_ks(len(tiny_app.explorer.dataset)) == [1, 2]
+    app = ExplorerApp(tiny_app.explorer, tmp_path / "results", recipe=tiny_app.recipe)
+    folder = tiny_app.explorer.root / "examples"
+    assert not folder.exists()
+    queries = tmp_path / "q.json"
+    queries.write_text(json.dumps({"queries": [{"prompt": "red apple", "seed": 3, "steps": 4}]}))
+    demo = None
+    try:
+        examples.build(app, queries, folder, methods=["pixel"], progress=False)
+        item, = examples.load(app)
+        job = app.submit_counterfactual(app.query(item["source"]), "pixel", 2)
+        t0 = time.time()
+        while job.status in ("queued", "running") and time.time() - t0 < 300:
+            time.sleep(0.2)
+        assert job.status == "done", job.error
+        sys.path.insert(0, str(ROOT))
+        import app as app_module
+
+        demo = app_module.build_demo(app)
+        demo.queue(max_size=8)
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                                **LAUNCH)
+        seen = browser_check.examples_tab(url, [(2, 2), (1, 0), (2, 2)])
+        print(json.dumps(seen, indent=1))
+    finally:
+        if demo is not None:
+            demo.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    first, other, back = seen["steps"]
+    assert first["captions"][0].startswith("original") and first["captions"][1].startswith("-pixel K=2: dL")
+    assert other["tiles"] == 0 and back["captions"] == first["captions"]

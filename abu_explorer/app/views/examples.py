@@ -59,7 +59,8 @@ def build(app, assets: Path) -> None:
             cf_k = gr.Radio(ks, value=k if k in ks else ks[len(ks) // 2], label="K removed (the evaluation's grid)",
                             elem_id="example-k")
             cf = gr.Gallery(label="remove the top K and regenerate (finished retrains)", columns=4,
-                            height=inputs.SHOW + 120, allow_preview=False, format="png")
+                            height=inputs.SHOW + 120, allow_preview=False, format="png",
+                            elem_id="example-counterfactuals")
     heads, gals = {}, {}
     for start in range(0, len(METHODS), PER_ROW):
         with gr.Row(equal_height=False):
