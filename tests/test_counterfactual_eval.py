@@ -108,6 +108,16 @@ def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_pa
     # 5. nothing left: a third run only reads
     third = ce.run(tiny_explorer, QUERIES, ["pixel", "random"], [2], 2, results, None, progress=False, recipe=recipe)
     assert third["done"] == 6 and len(retrained) == 7
+    # 6. a query added later: --status says the floor lacks it; the run measures it from the kept floor weights
+    from abu_explorer.evaluation import progress
+
+    more = QUERIES + [{"prompt": "red heart", "seed": 4, "steps": 3}]
+    status = progress.counterfactual_status(tiny_explorer, more, ["pixel"], [2], 1, results, recipe)
+    assert status["floor"] == ("done for 2 of 3 queries (the next run measures the rest from its kept weights, "
+                               "no retrain)")
+    fourth = ce.run(tiny_explorer, more, ["pixel"], [2], 1, results, None, progress=False, max_cells=0, recipe=recipe)
+    assert len(fourth["floor"]["queries"]) == 3 and len(retrained) == 7
+    assert progress.counterfactual_status(tiny_explorer, more, ["pixel"], [2], 1, results, recipe)["floor"] == "done"
 
 
 def test_runner_rejects_bad_requests_before_any_work(tiny_explorer, tmp_path):

@@ -4,6 +4,7 @@ holds its claim) or *missing*; a unit that is not done shows how far its epoch c
 one resumes from there)."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -30,16 +31,31 @@ def reached(ckpt_dir: Path) -> str | None:
 def counterfactual_status(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int,
                           results_dir: Path, recipe: train.StageConfig = train.UNET_RECIPE, device: str = "cpu") -> dict:
     """Every cell of the plan on this machine kind, and its K = 0 floor."""
-    _, _, cells, keys = counterfactual_table.planned(explorer, queries, methods, ks, draws, recipe)
+    _, built, cells, keys = counterfactual_table.planned(explorer, queries, methods, ks, draws, recipe)
     kind = machine_kind(device)
     rows = []
     for c, key in zip(cells, keys):
         out = counterfactual.result_dir(results_dir, key, kind)
         rows.append({"prompt": queries[c.query]["prompt"], "method": c.method, "k": c.k, "draw": c.draw, "key": key,
                      "state": state(out / "result.json"), "checkpoint": reached(out / "ckpt")})
-    floor_key = counterfactual.request_key(explorer, None, counterfactual.FULL, 0, 0, recipe, {})
-    return {"kind": kind, "cells": rows,
-            "floor": state(counterfactual.result_dir(results_dir, floor_key, kind) / "result.json")}
+    return {"kind": kind, "cells": rows, "floor": floor_state(explorer, built, results_dir, kind, recipe)}
+
+
+def floor_state(explorer, built: list, results_dir: Path, kind: str, recipe: train.StageConfig) -> str:
+    """The K = 0 floor's state; once filed, how many of the plan's queries it measured, and whether the rest
+    can be measured from its kept weights (seconds) or need its retrain again."""
+    key = counterfactual.request_key(explorer, None, counterfactual.FULL, 0, 0, recipe, {})
+    out = counterfactual.result_dir(results_dir, key, kind)
+    found = state(out / "result.json")
+    if found != "done":
+        return found
+    measured = artifacts.load_json(out / "result.json")["queries"]
+    left = sum(json.dumps(q.describe(), sort_keys=True) not in measured for q in built)
+    if not left:
+        return "done"
+    how = "from its kept weights, no retrain" if (out / "unet.safetensors").exists() else \
+        "its weights (unet.safetensors) are gone: a retrain"
+    return f"done for {len(built) - left} of {len(built)} queries (the next run measures the rest {how})"
 
 
 def lds_status(explorer, queries: list[dict], methods: list[str], subsets: int, results_dir: Path,
