@@ -284,3 +284,17 @@ def test_the_curve_names_methods_as_the_app_does_and_marks_a_mean_over_fewer_que
     assert [t.get_text() for t in ax.texts] == ["n=1"]  # AbU at K = 68: one query of three
     assert ax.get_legend_handles_labels()[1] == ["AbU", "AbU, alpha 0.01", "random ± s.e."]
     plt.close(fig)
+
+
+def test_the_ratio_to_random_is_over_the_queries_random_has_run():
+    """While the control is half-run at a K, dL / random sets each method against random on the same queries only."""
+    def cell(method, prompt, dl):
+        return {"method": method, "k": 8, "draw": 0, "query": {"prompt": prompt}, "delta_loss": dl,
+                "delta_g_mse": 0.0, "delta_g_clip": 1.0}
+
+    results = [cell("abu", "apple", 0.06), cell("abu", "pear", 0.02), cell("random", "apple", 0.02)]
+    summary = ce.summarize(results, ["abu", "random"])
+    abu = summary["rows"][0]
+    assert abu["ratio_to_random"] == pytest.approx(3.0) and abu["delta_loss"][0] == pytest.approx(0.04)
+    line = dict(zip(*(row.split("|") for row in ce.table(summary, 2015).splitlines()[0:3:2])))
+    assert line[" dL / random "].strip() == "3.00"  # not 0.04 / 0.02 = 2.00

@@ -96,9 +96,13 @@ def summarize(results: list[dict], methods: list[str], sources: dict[str, int] |
             if m == "random":
                 row["delta_loss_per_draw"] = {d: statistics.mean(v) for d, v in sorted(per_draw[k].items())}
             else:
-                diffs = [r["delta_loss"] - statistics.mean(by_query[(k, compare.query_id(r))])
-                         for r in rs if (k, compare.query_id(r)) in by_query]
+                paired = [(r["delta_loss"], statistics.mean(by_query[(k, compare.query_id(r))]))
+                          for r in rs if (k, compare.query_id(r)) in by_query]
+                diffs = [dl - rand for dl, rand in paired]
                 row["delta_loss_vs_random"] = stats.mean_se(diffs)
+                # over the queries random has run at this K, so that a half-run control is not set against all
+                rand = statistics.mean(rand for _, rand in paired) if paired else math.nan
+                row["ratio_to_random"] = statistics.mean(dl for dl, _ in paired) / rand if paired and rand > 0 else math.nan
                 row["vs_random_test"] = versus_random(diffs)
             rows.append(row)
     return {"rows": rows}
@@ -141,7 +145,9 @@ def table(summary: dict, num_train: int) -> str:
         else:  # the control itself: its per-draw means show how much one draw moves it
             versus = "per draw: " + " / ".join(f"{v * 1e3:.1f}" for v in r.get("delta_loss_per_draw", {}).values())
         rm = rand_mean.get(r["k"], math.nan)
-        ratio = "-" if math.isnan(rm) or rm <= 0 or math.isnan(r["delta_loss"][0]) else f"{r['delta_loss'][0] / rm:.2f}"
+        ratio = r.get("ratio_to_random", 1.0 if r["method"] == "random" else
+                      r["delta_loss"][0] / rm if rm > 0 else math.nan)  # older summaries: the unpaired ratio
+        ratio = "-" if math.isnan(ratio) else f"{ratio:.2f}"
         p, p_rand = paper_dl(r["method"], r["k"], num_train), paper_dl("random", r["k"], num_train)
         paper = "-" if p is None else f"{p:.1f} ({p / p_rand:.2f})"
         test = r.get("vs_random_test")
