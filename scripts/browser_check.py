@@ -9,6 +9,7 @@ Uses Debian's /usr/bin/chromium (``apt-get install chromium``); ``playwright ins
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -219,6 +220,22 @@ def _tile_hover(page) -> dict:
         }""")
 
 
+@contextlib.contextmanager
+def _opened(url: str, timeout_s: float, headless: bool):
+    """A Chromium page at ``url`` (Debian's browser, the check's viewport and timeout); closed on leaving."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=headless, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(timeout_s * 1000)
+            page.goto(url, wait_until="domcontentloaded")
+            yield page
+        finally:
+            browser.close()
+
+
 def drive(url: str, screenshot: str | None = None, prompt: str = "red apple", timeout_s: float = 120.0,
           two_clicks: bool = True, headless: bool = True) -> dict:
     """Run the main flow of the app in Chromium at ``url`` and return what the page showed.
@@ -230,76 +247,67 @@ def drive(url: str, screenshot: str | None = None, prompt: str = "red apple", ti
     reported, not raised: ``seen[step]["ok"]`` and, when False, ``seen[step]["error"]``.
     ``timeout_s`` bounds generation and, separately, the whole attribution.
     """
-    from playwright.sync_api import sync_playwright
-
     seen: dict = {"url": url, "prompt": prompt, "seconds": {}}
     t0 = time.monotonic()
 
     def lap(name):
         seen["seconds"][name] = round(time.monotonic() - t0, 2)
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=headless, args=CHROMIUM_ARGS)
+    with _opened(url, timeout_s, headless) as page:
+        prompt_box = page.locator("#prompt textarea, #prompt input").first
+        prompt_box.wait_for(state="visible")
+        # demo.load fills the prompt from the URL once the page connects; type ours after it did
+        _until(page, "the prompt's initial value", lambda: prompt_box.input_value() != "", 30)
+        seen["title"] = page.title()
+        lap("loaded")
+
+        prompt_box.fill(prompt)
+        page.locator("#generate").click()
+        query = _until(page, "the generated query image", lambda: _loaded_img(page, "#query"), timeout_s)
+        seen["query_image"] = {"width": query["w"], "height": query["h"]}
+        lap("generated")
+
+        if two_clicks:
+            seen["two_click_box"] = _soft(page, lambda: _two_click_box(page, 30))
+            lap("two_click_box")
+            seen["dragged_box"] = _soft(page, lambda: _dragged_box(page, 30))
+            lap("dragged_box")
+        for field, value in zip(_box_fields(page), BOX):
+            field.fill(str(value))
+            field.press("Tab")  # blur, so the component commits the value
+        seen["box"] = _box_values(page)
+        if [float(v) for v in seen["box"]] != [float(v) for v in BOX]:
+            raise BrowserCheckError(f"box fields hold {seen['box']}, expected {list(BOX)}")
+
+        page.locator("#attribute").click()
+        deadline = time.monotonic() + timeout_s
+        for name in METHODS:
+            left = max(1.0, deadline - time.monotonic())
+            _until(page, f"tiles in gallery-{name}", lambda n=name: _gallery_tiles(page, n), left)
+        # give every tile's image a moment to load, then count (a tile that never loads is reported, not fatal)
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.set_default_timeout(timeout_s * 1000)
-            page.goto(url, wait_until="domcontentloaded")
-            prompt_box = page.locator("#prompt textarea, #prompt input").first
-            prompt_box.wait_for(state="visible")
-            # demo.load fills the prompt from the URL once the page connects; type ours after it did
-            _until(page, "the prompt's initial value", lambda: prompt_box.input_value() != "", 30)
-            seen["title"] = page.title()
-            lap("loaded")
+            _until(page, "all tile images", lambda: all(
+                (g := _gallery_state(page, n))["loaded"] == g["tiles"] for n in METHODS), 15)
+        except BrowserCheckError:
+            pass
+        states = {name: _gallery_state(page, name) for name in METHODS}
+        seen["tiles"] = {name: g["loaded"] for name, g in states.items()}
+        seen["tiles_not_loaded"] = {name: g["tiles"] - g["loaded"] for name, g in states.items()
+                                    if g["tiles"] != g["loaded"]}
+        seen["headings"] = {name: page.locator(f"#head-{name}").inner_text().strip() for name in METHODS}
+        empty = [name for name, text in seen["headings"].items() if not text]
+        if empty:
+            raise BrowserCheckError(f"empty headings: {empty}")
+        lap("attributed")
 
-            prompt_box.fill(prompt)
-            page.locator("#generate").click()
-            query = _until(page, "the generated query image", lambda: _loaded_img(page, "#query"), timeout_s)
-            seen["query_image"] = {"width": query["w"], "height": query["h"]}
-            lap("generated")
+        seen["tile_hover"] = _tile_hover(page)
+        seen["tile"] = _soft(page, lambda: _open_first_tile(page))
+        lap("tile_selected")
 
-            if two_clicks:
-                seen["two_click_box"] = _soft(page, lambda: _two_click_box(page, 30))
-                lap("two_click_box")
-                seen["dragged_box"] = _soft(page, lambda: _dragged_box(page, 30))
-                lap("dragged_box")
-            for field, value in zip(_box_fields(page), BOX):
-                field.fill(str(value))
-                field.press("Tab")  # blur, so the component commits the value
-            seen["box"] = _box_values(page)
-            if [float(v) for v in seen["box"]] != [float(v) for v in BOX]:
-                raise BrowserCheckError(f"box fields hold {seen['box']}, expected {list(BOX)}")
-
-            page.locator("#attribute").click()
-            deadline = time.monotonic() + timeout_s
-            for name in METHODS:
-                left = max(1.0, deadline - time.monotonic())
-                _until(page, f"tiles in gallery-{name}", lambda n=name: _gallery_tiles(page, n), left)
-            # give every tile's image a moment to load, then count (a tile that never loads is reported, not fatal)
-            try:
-                _until(page, "all tile images", lambda: all(
-                    (g := _gallery_state(page, n))["loaded"] == g["tiles"] for n in METHODS), 15)
-            except BrowserCheckError:
-                pass
-            states = {name: _gallery_state(page, name) for name in METHODS}
-            seen["tiles"] = {name: g["loaded"] for name, g in states.items()}
-            seen["tiles_not_loaded"] = {name: g["tiles"] - g["loaded"] for name, g in states.items()
-                                        if g["tiles"] != g["loaded"]}
-            seen["headings"] = {name: page.locator(f"#head-{name}").inner_text().strip() for name in METHODS}
-            empty = [name for name, text in seen["headings"].items() if not text]
-            if empty:
-                raise BrowserCheckError(f"empty headings: {empty}")
-            lap("attributed")
-
-            seen["tile_hover"] = _tile_hover(page)
-            seen["tile"] = _soft(page, lambda: _open_first_tile(page))
-            lap("tile_selected")
-
-            if screenshot:
-                page.screenshot(path=str(screenshot), full_page=True)
-                seen["screenshot"] = str(screenshot)
-            seen["new_query_clears"] = _soft(page, lambda: _new_query_clears(page, timeout_s))
-        finally:
-            browser.close()
+        if screenshot:
+            page.screenshot(path=str(screenshot), full_page=True)
+            seen["screenshot"] = str(screenshot)
+        seen["new_query_clears"] = _soft(page, lambda: _new_query_clears(page, timeout_s))
     lap("total")
     return seen
 
@@ -311,40 +319,31 @@ def examples_tab(url: str, steps: list[tuple[int, int]], timeout_s: float = 60.0
     ``steps`` is [(K, tiles expected)]: the original plus one per finished retrain at that K, 0 where none ran.
     A step whose gallery does not reach its count raises ``BrowserCheckError``.
     """
-    from playwright.sync_api import sync_playwright
-
     gallery = "#example-counterfactuals"
     seen: dict = {"url": url, "steps": []}
 
     def pick_k(page, k):
         page.locator(f"#example-k label:has(input[value='{k}'])").click()
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=headless, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.set_default_timeout(timeout_s * 1000)
-            page.goto(url, wait_until="domcontentloaded")
-            page.get_by_role("tab", name="Examples").click()
-            choice = page.locator("#example-choice label").first
-            choice.wait_for(state="visible")
-            seen["example"] = choice.inner_text().strip()
-            seen["k_shown"] = int(page.locator("#example-k input:checked").get_attribute("value"))
-            for i, (k, want) in enumerate(steps):
-                if i == 0:
-                    if k != seen["k_shown"]:
-                        pick_k(page, k)  # no example yet: nothing to draw
-                    choice.click()
-                else:
-                    pick_k(page, k)
-                try:
-                    state = _until(page, f"{want} tiles at K = {k}", lambda w=want: (
-                        (g := _gallery_state(page, "", gallery))["loaded"] == g["tiles"] == w and g), timeout_s)
-                except BrowserCheckError as e:
-                    raise BrowserCheckError(f"{e}; the gallery shows {_gallery_state(page, '', gallery)}") from None
-                seen["steps"].append({"k": k, "tiles": state["tiles"], "captions": state["captions"]})
-        finally:
-            browser.close()
+    with _opened(url, timeout_s, headless) as page:
+        page.get_by_role("tab", name="Examples").click()
+        choice = page.locator("#example-choice label").first
+        choice.wait_for(state="visible")
+        seen["example"] = choice.inner_text().strip()
+        seen["k_shown"] = int(page.locator("#example-k input:checked").get_attribute("value"))
+        for i, (k, want) in enumerate(steps):
+            if i == 0:
+                if k != seen["k_shown"]:
+                    pick_k(page, k)  # no example yet: nothing to draw
+                choice.click()
+            else:
+                pick_k(page, k)
+            try:
+                state = _until(page, f"{want} tiles at K = {k}", lambda w=want: (
+                    (g := _gallery_state(page, "", gallery))["loaded"] == g["tiles"] == w and g), timeout_s)
+            except BrowserCheckError as e:
+                raise BrowserCheckError(f"{e}; the gallery shows {_gallery_state(page, '', gallery)}") from None
+            seen["steps"].append({"k": k, "tiles": state["tiles"], "captions": state["captions"]})
     return seen
 
 
