@@ -193,8 +193,8 @@ def floor(explorer, queries: list, results_dir: Path, recipe: train.StageConfig 
     its weights stay beside the result (``unet.safetensors``, not committed), so that a query added later is
     measured without another retrain. ``device``: retrain there (its table's machine kind)."""
     key = request_key(explorer, None, FULL, 0, 0, recipe, {})
-    out = result_dir(results_dir, key, machine_kind(device))
-    ids = [json.dumps(q.describe(), sort_keys=True) for q in queries]
+    out = floor_dir(explorer, results_dir, machine_kind(device), recipe)
+    ids = [floor_query_id(q.describe()) for q in queries]
     doc = _filed(out)
     if doc is not None and all(i in doc["queries"] for i in ids):
         return doc
@@ -208,9 +208,19 @@ def floor(explorer, queries: list, results_dir: Path, recipe: train.StageConfig 
 def floor_delta(explorer, results_dir: Path, query: dict, kind: str,
                 recipe: train.StageConfig = train.UNET_RECIPE) -> float | None:
     """The filed K = 0 floor's dL for ``query`` (a result's ``query`` field) on machine ``kind``, or None."""
-    doc = _filed(result_dir(results_dir, request_key(explorer, None, FULL, 0, 0, recipe, {}), kind))
-    entry = None if doc is None else doc["queries"].get(json.dumps(query, sort_keys=True))
+    doc = _filed(floor_dir(explorer, results_dir, kind, recipe))
+    entry = None if doc is None else doc["queries"].get(floor_query_id(query))
     return None if entry is None else entry["delta_loss"]
+
+
+def floor_dir(explorer, results_dir: Path, kind: str, recipe: train.StageConfig = train.UNET_RECIPE) -> Path:
+    """Where machine ``kind``'s K = 0 floor is filed."""
+    return result_dir(results_dir, request_key(explorer, None, FULL, 0, 0, recipe, {}), kind)
+
+
+def floor_query_id(query: dict) -> str:
+    """The floor's name for a query (its description): the key of its entry in the floor's ``queries``."""
+    return json.dumps(query, sort_keys=True)
 
 
 def _filed(out: Path) -> dict | None:

@@ -146,7 +146,7 @@ def table(summary: dict, num_train: int) -> str:
             versus = "per draw: " + " / ".join(f"{v * 1e3:.1f}" for v in r.get("delta_loss_per_draw", {}).values())
         rm = rand_mean.get(r["k"], math.nan)
         ratio = r.get("ratio_to_random", 1.0 if r["method"] == "random" else
-                      r["delta_loss"][0] / rm if rm > 0 else math.nan)  # older summaries: the unpaired ratio
+                      r["delta_loss"][0] / rm if rm > 0 else math.nan)  # rows without a paired ratio: the ratio of means
         ratio = "-" if math.isnan(ratio) else f"{ratio:.2f}"
         p, p_rand = paper_dl(r["method"], r["k"], num_train), paper_dl("random", r["k"], num_train)
         paper = "-" if p is None else f"{p:.1f} ({p / p_rand:.2f})"

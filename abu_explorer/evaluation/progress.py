@@ -4,7 +4,6 @@ holds its claim) or *missing*; a unit that is not done shows how far its epoch c
 one resumes from there)."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -44,13 +43,12 @@ def counterfactual_status(explorer, queries: list[dict], methods: list[str], ks:
 def floor_state(explorer, built: list, results_dir: Path, kind: str, recipe: train.StageConfig) -> str:
     """The K = 0 floor's state; once filed, how many of the plan's queries it measured, and whether the rest
     can be measured from its kept weights (seconds) or need its retrain again."""
-    key = counterfactual.request_key(explorer, None, counterfactual.FULL, 0, 0, recipe, {})
-    out = counterfactual.result_dir(results_dir, key, kind)
+    out = counterfactual.floor_dir(explorer, results_dir, kind, recipe)
     found = state(out / "result.json")
     if found != "done":
         return found
     measured = artifacts.load_json(out / "result.json")["queries"]
-    left = sum(json.dumps(q.describe(), sort_keys=True) not in measured for q in built)
+    left = sum(counterfactual.floor_query_id(q.describe()) not in measured for q in built)
     if not left:
         return "done"
     how = "from its kept weights, no retrain" if (out / "unet.safetensors").exists() else \
