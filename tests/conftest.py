@@ -43,12 +43,18 @@ def _gradient_tables_stay_in_the_session(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _thread_count_is_left_alone():
-    """A test that changes torch's (process-wide) thread count changes the arithmetic of every test after it."""
+    """A test that changes torch's thread count changes the arithmetic of every test after it. The count is read
+    here and in a new thread: ``torch.set_num_threads`` called in another thread leaves this one's count alone but
+    sets the count every thread started later begins with (a thread pool's workers, the app's handlers)."""
     yield
-    threads = torch.get_num_threads()
-    if threads != THREADS:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        threads = torch.get_num_threads(), pool.submit(torch.get_num_threads).result()
+    if threads != (THREADS, THREADS):
         torch.set_num_threads(THREADS)
-        pytest.fail(f"this test left torch at {threads} threads (the suite runs at {THREADS}); restore it")
+        pytest.fail(f"this test left torch at {threads[0]} threads here and {threads[1]} in a new thread (the suite "
+                    f"runs at {THREADS}); restore it in the thread that changed it or here")
 
 
 @pytest.fixture(scope="session")

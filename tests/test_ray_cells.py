@@ -151,9 +151,17 @@ def test_a_worker_holds_the_cells_claim_and_waits_for_another_holder(tmp_path, m
     monkeypatch.setattr(ce.train, "StageConfig", lambda **kw: None)
     monkeypatch.setattr(counterfactual, "run", fake_run)
     done = {}
+    threads = torch.get_num_threads()
+
+    def in_worker():  # a Ray worker is its own process; here the thread sets back the count run_cell set
+        try:
+            done.update(ray_cells.run_cell(task))
+        finally:
+            torch.set_num_threads(threads)
+
     with artifacts.claimed(out / "result.json") as mine:  # another runner retrains this cell
         assert mine
-        worker = threading.Thread(target=lambda: done.update(ray_cells.run_cell(task)))
+        worker = threading.Thread(target=in_worker)
         worker.start()
         worker.join(timeout=1.0)
         assert worker.is_alive() and not seen  # waiting, not retraining the same cell
