@@ -192,8 +192,8 @@ def floor(explorer, queries: list, results_dir: Path, recipe: train.StageConfig 
     weights, and the floor under every other cell of a table made elsewhere. One retrain serves every query;
     its weights stay beside the result (``unet.safetensors``, not committed), so that a query added later is
     measured without another retrain. ``device``: retrain there (its table's machine kind)."""
-    key = request_key(explorer, None, FULL, 0, 0, recipe, {})
     out = floor_dir(explorer, results_dir, machine_kind(device), recipe)
+    key = out.name  # the floor's request key (``floor_dir`` files it under it)
     ids = [floor_query_id(q.describe()) for q in queries]
     doc = _filed(out)
     if doc is not None and all(i in doc["queries"] for i in ids):
