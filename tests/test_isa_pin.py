@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,15 +99,38 @@ def test_write_on_a_pinned_avx512_machine_records_a_match_only(avx512, monkeypat
 
 
 @pytest.mark.slow
-def test_this_machine_pinned_matches_the_avx2_reference():
-    """AVX2 hardware reproduces the recorded reference; a CPU model recorded as matching when pinned still does."""
+def test_this_machine_pinned_matches_the_avx2_reference(monkeypatch, tmp_path):
+    """AVX2 hardware reproduces the recorded reference; a CPU model recorded as matching when pinned still does.
+    The fingerprint runs in a child process with the caller's pin, and leaves the caller's thread counts alone."""
+    import concurrent.futures
+
+    import torch
+
     if "t1" not in isa_pin.reference():
         pytest.skip(f"no AVX2 reference for {isa_pin.avx2_kind()}")
     if machine.vector_isa() != "AVX2" and not isa_pin.pinned_match_recorded():
         pytest.skip(f"{machine.cpu_name()} ({machine.vector_isa()}) is not recorded as matching; run `bench isa`")
-    code = ("from abu_explorer import machine; assert machine.pin_isa(); "
-            "from abu_explorer.evaluation import isa_pin; print(isa_pin.compute(1))")
-    env = {k: v for k, v in os.environ.items() if k not in machine.PIN_ENV}
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split()[-1] == isa_pin.reference()["t1"]
+    for k, v in machine.PIN_ENV.items():  # torch here is not pinned; the child starts pinned from this environment
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(isa_pin, "CACHE", tmp_path)
+
+    def fresh_thread_count() -> int:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(torch.get_num_threads).result()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the fingerprint's 1: a count it changed would show
+    seen = set()  # the counts of this thread and of threads started while the fingerprint runs
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # as an app's request thread would call it
+            job = pool.submit(isa_pin.cached, 1)
+            while not job.done():
+                seen.add((torch.get_num_threads(), fresh_thread_count()))
+                time.sleep(0.2)
+            value = job.result()
+        seen.add((torch.get_num_threads(), fresh_thread_count()))
+    finally:
+        torch.set_num_threads(before)
+    assert value == isa_pin.reference()["t1"]
+    assert seen == {(2, 2)}
+    assert [json.loads(f.read_text())["fingerprint"] for f in tmp_path.glob("*.json")] == [value]

@@ -12,7 +12,8 @@ uses:
 at one thread (the retrain children) and at the process's thread count. AVX2 hardware records it
 (``python -m abu_explorer bench isa --write``) in ``evaluation/isa_fingerprints.json``; a pinned AVX-512
 machine computes its own (once per CPU model, torch build and thread count; cached under ``cache/isa/``) and is
-filed under the AVX2 kind only when every recorded thread count matches.
+filed under the AVX2 kind only when every recorded thread count matches. The fingerprint is computed in a child
+process with the same pin, so the caller's torch thread count and memory are left as they were.
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 from abu_explorer import artifacts
@@ -65,6 +69,21 @@ def compute(threads: int, precomputed: Path = ROOT / "precomputed") -> str:
         torch.set_num_threads(before)
 
 
+def compute_in_child(threads: int) -> str:
+    """``compute`` in a child process that inherits this one's environment (the pin with it).
+
+    ``compute`` sets torch's thread count for about a minute; called from a thread other than the main one, that
+    also sets the count every thread started meanwhile begins with (an app's requests), so it never runs here."""
+    code = f"from abu_explorer.evaluation.isa_pin import compute; print(compute({int(threads)}))"
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": path},
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the ISA fingerprint ({threads} thread(s)) failed in its child process: {last}")
+    return out.stdout.split()[-1]
+
+
 def avx2_kind() -> str:
     """The kind an AVX2 machine of this vendor and torch build is filed under."""
     import torch
@@ -98,7 +117,7 @@ def cached(threads: int) -> str:
         return artifacts.load_json(path)["fingerprint"]
     print(f"checking that this CPU, pinned to AVX2, rounds like AVX2 hardware ({threads} thread(s), ~1 min) ...",
           flush=True)
-    value = compute(threads)
+    value = compute_in_child(threads)
     artifacts.save_json(path, {"fingerprint": value, "cpu_model": cpu_name(), "torch": torch.__version__,
                                "threads": threads, "pinned": isa_pinned()})
     return value
