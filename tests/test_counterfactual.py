@@ -1,4 +1,5 @@
 """Remove and regenerate on the tiny model: runs, caches, and the removed rows are really left out."""
+import pytest
 import torch
 
 from abu_explorer.evaluation import counterfactual
@@ -106,6 +107,31 @@ def test_floor_retrain_reproduces_the_weights_on_this_machine(tiny_explorer, tmp
     again = counterfactual.floor(tiny_explorer, more, tmp_path / "results", recipe,
                                  progress=False)  # from the kept weights: no retrain
     assert len(again["queries"]) == 2 and again["train_seconds"] == doc["train_seconds"]
+
+
+def test_a_floor_whose_weights_are_gone_is_retrained_and_must_reproduce(tiny_explorer, tmp_path):
+    """The kept weights are not committed: a new query on a fresh checkout retrains the floor, and the queries
+    filed before must come back bit for bit; a retrain that does not fails loudly and leaves the filed floor."""
+    import json
+
+    recipe = tiny_recipes()[2]
+    queries = [q.from_generation(tiny_explorer, "red apple", seed=1, steps=3)]
+    doc = counterfactual.floor(tiny_explorer, queries, tmp_path, recipe, progress=False)
+    out = counterfactual.floor_dir(tiny_explorer, tmp_path, doc["trained_on"]["kind"], recipe)
+    (out / "unet.safetensors").unlink()
+    more = queries + [q.from_training_image(tiny_explorer, 3)]
+    again = counterfactual.floor(tiny_explorer, more, tmp_path, recipe, progress=False)  # retrained, reproduced
+    assert len(again["queries"]) == 2 and (out / "unet.safetensors").exists()
+    (out / "unet.safetensors").unlink()
+    filed = json.loads((out / "result.json").read_text())
+    first = next(iter(filed["queries"].values()))
+    first["loss_full_retrain"] += 1e-7  # as if the floor had been trained on another kind of machine
+    (out / "result.json").write_text(json.dumps(filed))
+    with pytest.raises(ValueError, match="did not reproduce the filed floor"):
+        counterfactual.floor(tiny_explorer, more + [q.from_training_image(tiny_explorer, 5)], tmp_path, recipe,
+                             progress=False)
+    assert json.loads((out / "result.json").read_text()) == filed  # nothing overwritten
+    assert (out / "unet.not_reproduced.safetensors").exists() and not (out / "unet.safetensors").exists()
 
 
 def test_a_floor_claimed_by_another_process_is_left_to_it(tiny_explorer, tmp_path):

@@ -238,7 +238,6 @@ def _fill_floor(explorer, queries, ids, out: Path, key: str, doc: dict | None, r
         seconds = doc["train_seconds"] if doc else None
     else:
         unet, log = retrain(explorer, set(), recipe, out / "ckpt", progress, device=device)
-        artifacts.save_safetensors(weights, unet.state_dict())
         seconds = log["seconds"]
     doc = doc or {"key": key, "method": FULL, "k": 0, "recipe": recipe.to_dict(), "trained_on": machine(None, device),
                   "train_seconds": seconds, "queries": {}}
@@ -246,14 +245,32 @@ def _fill_floor(explorer, queries, ids, out: Path, key: str, doc: dict | None, r
         same = all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), explorer.unet.state_dict().values()))
     doc["identical_to_shipped_weights"] = same
     for qid, q in zip(ids, queries):
-        if qid not in doc["queries"]:
+        entry = doc["queries"].get(qid)
+        if entry is not None and not weights.exists():  # retrained now: the filed floor must come back exactly
+            _check_reproduced(explorer, unet, q, qid, entry, out)
+        if entry is None:
             ctx = explorer.encode_text([q.prompt])
             loss0 = query_loss(explorer.unet, explorer.scheduler, q.latent, ctx, q.mask)
             loss1 = query_loss(unet, explorer.scheduler, q.latent, ctx, q.mask)
             doc["queries"][qid] = {"loss_original": loss0, "loss_full_retrain": loss1, "delta_loss": loss1 - loss0}
+    if not weights.exists():
+        artifacts.save_safetensors(weights, unet.state_dict())
     artifacts.save_json(out / "result.json", doc)
     shutil.rmtree(out / "ckpt", ignore_errors=True)
     return doc
+
+
+def _check_reproduced(explorer, unet, q, qid: str, entry: dict, out: Path) -> None:
+    """A floor retrained after its weights were lost (they are not committed) must give a query it measured
+    before the same loss, bit for bit: the same recipe and seed on the same machine kind. Anything else means
+    this machine is not of the floor's kind, and the floor is not silently replaced."""
+    ctx = explorer.encode_text([q.prompt])
+    again = query_loss(unet, explorer.scheduler, q.latent, ctx, q.mask)
+    if again != entry["loss_full_retrain"]:
+        artifacts.save_safetensors(out / "unet.not_reproduced.safetensors", unet.state_dict())
+        raise ValueError(f"the K = 0 retrain did not reproduce the filed floor: {qid} has loss {again!r} under it, "
+                         f"{entry['loss_full_retrain']!r} filed in {out / 'result.json'} (its weights are kept as "
+                         "unet.not_reproduced.safetensors; remove the folder to file a floor of this machine)")
 
 
 def record(explorer, key: str, query, method: str, k: int, draw: int, removed: list[int], loss0: float,
