@@ -118,6 +118,13 @@ def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_pa
     fourth = ce.run(tiny_explorer, more, ["pixel"], [2], 1, results, None, progress=False, max_cells=0, recipe=recipe)
     assert len(fourth["floor"]["queries"]) == 3 and len(retrained) == 7
     assert progress.counterfactual_status(tiny_explorer, more, ["pixel"], [2], 1, results, recipe)["floor"] == "done"
+    # 7. a table of fewer queries: its floor row is over its own queries, the filed floor keeps all three
+    fifth = ce.run(tiny_explorer, QUERIES[:1], ["pixel"], [2], 1, results, None, progress=False, max_cells=0,
+                   recipe=recipe)
+    assert len(fifth["floor"]["queries"]) == 1 and len(retrained) == 7
+    assert fifth["floor"]["queries"].items() <= fourth["floor"]["queries"].items()
+    assert len(ce.run(tiny_explorer, more, ["pixel"], [2], 1, results, None, progress=False, max_cells=0,
+                      recipe=recipe)["floor"]["queries"]) == 3
 
 
 def test_runner_rejects_bad_requests_before_any_work(tiny_explorer, tmp_path):

@@ -205,6 +205,9 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
     if ray is not None and any("@" in m for m in methods):
         raise ValueError("method variants (name@before) run in this process only: drop --ray for them")
     floor = counterfactual.floor(explorer, built, results_dir, recipe, progress, device) if with_floor else None
+    if floor is not None:  # the filed floor may hold queries of other tables: this table's row is over its own
+        ids = {counterfactual.floor_query_id(q.describe()) for q in built}
+        floor = {**floor, "queries": {i: v for i, v in floor["queries"].items() if i in ids}}
     if ray is not None:
         _run_on_ray(explorer, queries, cells, keys, results_dir, recipe, max_cells, {**ray, "device": device}, progress)
     results, done_now = [], 0
