@@ -230,7 +230,8 @@ def _filed(out: Path) -> dict | None:
 def _fill_floor(explorer, queries, ids, out: Path, key: str, doc: dict | None, recipe, progress, device) -> dict:
     """The floor's retrain (or its kept weights) and the dL of every query not yet measured under it."""
     weights = out / "unet.safetensors"
-    if weights.exists():
+    retrained = not weights.exists()
+    if not retrained:
         with components.seeded_global_rng(recipe.seed):
             unet = components.build_unet(dict(explorer.unet.config))
         unet.load_state_dict(artifacts.load_safetensors(weights))
@@ -246,14 +247,14 @@ def _fill_floor(explorer, queries, ids, out: Path, key: str, doc: dict | None, r
     doc["identical_to_shipped_weights"] = same
     for qid, q in zip(ids, queries):
         entry = doc["queries"].get(qid)
-        if entry is not None and not weights.exists():  # retrained now: the filed floor must come back exactly
+        if entry is not None and retrained:  # the filed floor must come back exactly
             _check_reproduced(explorer, unet, q, qid, entry, out)
         if entry is None:
             ctx = explorer.encode_text([q.prompt])
             loss0 = query_loss(explorer.unet, explorer.scheduler, q.latent, ctx, q.mask)
             loss1 = query_loss(unet, explorer.scheduler, q.latent, ctx, q.mask)
             doc["queries"][qid] = {"loss_original": loss0, "loss_full_retrain": loss1, "delta_loss": loss1 - loss0}
-    if not weights.exists():
+    if retrained:
         artifacts.save_safetensors(weights, unet.state_dict())
     artifacts.save_json(out / "result.json", doc)
     shutil.rmtree(out / "ckpt", ignore_errors=True)
