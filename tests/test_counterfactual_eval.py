@@ -125,6 +125,24 @@ def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_pa
     assert fifth["floor"]["queries"].items() <= fourth["floor"]["queries"].items()
     assert len(ce.run(tiny_explorer, more, ["pixel"], [2], 1, results, None, progress=False, max_cells=0,
                       recipe=recipe)["floor"]["queries"]) == 3
+    # 8. the report folder holds one table. A run of a part of it rewrites the whole table's report from the cache;
+    # a run of another table stops before any work and changes nothing there, unless forced: then the old table's
+    # files go (no strip of a query it lacks stays beside the new one)
+    whole = ce.table_id(QUERIES, ["pixel", "random"], [2], 2)
+    assert second["report"]["table"] == whole
+    (assets / "counterfactual_table.md").unlink()
+    part = ce.run(tiny_explorer, QUERIES[:1], ["pixel"], [2], 1, results, assets, progress=False, recipe=recipe)
+    assert part["done"] == 1 and part["report"]["table"] == whole and len(part["report"]["cells"]) == 6
+    assert (assets / "counterfactual_table.md").read_text() == table
+    before = {f.name: f.read_bytes() for f in assets.iterdir()}
+    other = [QUERIES[0], {"prompt": "red heart", "seed": 4, "steps": 3}]
+    with pytest.raises(FileExistsError, match=r"a table this run is not part of \(2 queries, K = 2, pixel, random\)"):
+        ce.run(tiny_explorer, other, ["pixel"], [2], 1, results, assets, progress=False, recipe=recipe)
+    assert {f.name: f.read_bytes() for f in assets.iterdir()} == before
+    ce.run(tiny_explorer, other, ["pixel"], [2], 1, results, assets, progress=False, recipe=recipe, force=True)
+    assert not (assets / "counterfactual_strip_banana.png").exists() and len(retrained) == 8
+    assert (assets / "counterfactual_strip_red_heart.png").exists()
+    assert "| banana |" not in (assets / "counterfactual_table.md").read_text()
 
 
 def test_runner_rejects_bad_requests_before_any_work(tiny_explorer, tmp_path):

@@ -102,7 +102,9 @@ def add_commands(sub, default_model: str) -> None:
     e.add_argument("--draws", type=int, default=2, help="random draws per query")
     e.add_argument("--max-cells", type=int, default=None, help="stop after this many new retrains")
     add_retrain_options(e, "cell", "results/counterfactual")
-    e.add_argument("--assets", default="assets", help="where the table, plot and strips go ('' for none)")
+    e.add_argument("--assets", default="assets", help="where the table, plot and strips go ('' for none); "
+                   "a folder holds one table (queries, methods, Ks, draws)")
+    e.add_argument("--force", action="store_true", help="replace the report of another table in --assets")
     add_precomputed(e, default_model)
     add_native_isa(e)
     e.set_defaults(func=cmd_evaluate)

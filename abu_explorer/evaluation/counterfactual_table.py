@@ -172,6 +172,36 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]
 
 
+def table_id(queries: list[dict], methods: list[str], ks: list[int], draws: int) -> dict:
+    """What makes a report one table: its queries, its methods (in row order), its Ks and random draws."""
+    return {"queries": queries, "methods": list(methods), "k": sorted(set(ks)), "draws": draws}
+
+
+def report_table(assets_dir: Path, ident: dict, force: bool = False) -> dict:
+    """The table whose report ``assets_dir`` holds once this run (``ident``) is done. A folder holds one table:
+    a run of a part of it (fewer queries, methods, Ks or draws) rewrites the whole table's report from the cache;
+    another table's report stops the run before any work, unless ``force``: then its files go first, so no
+    curve or strip of the old table stays beside the new one."""
+    old = Path(assets_dir) / "counterfactual_summary.json"
+    if not old.exists():
+        return ident
+    summary = artifacts.load_json(old)
+    t = summary.get("table")
+    if t and all(q in t["queries"] for q in ident["queries"]) and set(ident["methods"]) <= set(t["methods"]) \
+            and set(ident["k"]) <= set(t["k"]) and ident["draws"] <= t["draws"] and not (force and t != ident):
+        return t
+    if not force:
+        what = (f"{len(t['queries'])} queries, K = {', '.join(map(str, t['k']))}, {', '.join(t['methods'])}" if t
+                else "written before reports named their table")
+        raise FileExistsError(f"{assets_dir} holds the report of a table this run is not part of ({what}); pass "
+                              "--assets DIR for this one, or --force to replace it")
+    names = ["summary.json", "table.md", "plot.png", "curve.png",
+             *(f"strip_{slug(d['prompt'])}.png" for d in summary.get("queries", []))]
+    for name in names:
+        (Path(assets_dir) / f"counterfactual_{name}").unlink(missing_ok=True)
+    return ident
+
+
 def planned(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int,
             recipe: train.StageConfig = train.UNET_RECIPE) -> tuple[dict, list, list[Cell], list[str]]:
     """The loaded rankers, the built queries, every cell in plan order and each cell's request key."""
@@ -195,20 +225,30 @@ def planned(explorer, queries: list[dict], methods: list[str], ks: list[int], dr
 def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws: int, results_dir: Path,
         assets_dir: Path | None, progress: bool = True, max_cells: int | None = None,
         recipe: train.StageConfig = train.UNET_RECIPE, with_floor: bool = True, ray: dict | None = None,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", force: bool = False) -> dict:
     """Run (or read from the cache) every cell on this machine; ``max_cells`` bounds the retrains of this call.
     The table holds this machine kind's cells only; ``with_floor`` adds its K = 0 retrain first. ``ray``
     ({"address", "threads"}): the missing cells run as Ray tasks instead (``ray_cells``), and the table reads
     them from the kind of machine that trained them. ``device``: where each UNet retrains (with Ray: on the
-    workers, each task holding one GPU)."""
+    workers, each task holding one GPU). ``assets_dir`` gets the report (``report_table``: of this table or of
+    the one it is part of; ``force``: replace another table's report)."""
     rankers, built, cells, keys = planned(explorer, queries, methods, ks, draws, recipe)
+    ident = table_id(queries, methods, ks, draws)
+    shown = report_table(assets_dir, ident, force) if assets_dir is not None else None
+
+    def rewrite() -> dict:  # the folder's table: this one, or the one this run is part of (read from the cache)
+        if shown == ident:
+            return write_report(explorer, queries, methods, results, results_dir, assets_dir, floor, device, ident)
+        return run(explorer, shown["queries"], shown["methods"], shown["k"], shown["draws"], results_dir,
+                   assets_dir, False, 0, recipe, with_floor, ray, device)["report"]
+
     if ray is not None and any("@" in m for m in methods):
         raise ValueError("method variants (name@before) run in this process only: drop --ray for them")
     floor = counterfactual.floor(explorer, built, results_dir, recipe, progress, device) if with_floor else None
     if floor is not None:  # the filed floor may hold queries of other tables: this table's row is over its own
         ids = {counterfactual.floor_query_id(q.describe()) for q in built}
         floor = {**floor, "queries": {i: v for i, v in floor["queries"].items() if i in ids}}
-    if ray is not None:
+    if ray is not None and max_cells != 0:
         _run_on_ray(explorer, queries, cells, keys, results_dir, recipe, max_cells, {**ray, "device": device}, progress)
     results, done_now = [], 0
     for i, (cell, key) in enumerate(zip(cells, keys)):
@@ -238,10 +278,9 @@ def run(explorer, queries: list[dict], methods: list[str], ks: list[int], draws:
                 print(f"  {counterfactual.show(r).splitlines()[0]} ({(time.perf_counter() - t0) / 60:.1f} min)",
                       flush=True)
         results.append({**r, "query_index": cell.query})
-        if assets_dir is not None and not cached:
-            write_report(explorer, queries, methods, results, results_dir, assets_dir, floor, device)
-    report = write_report(explorer, queries, methods, results, results_dir, assets_dir, floor, device) \
-        if assets_dir else None
+        if shown is not None and not cached:
+            rewrite()
+    report = rewrite() if shown is not None else None
     return {"cells": len(cells), "done": len(results), "report": report, "floor": floor}
 
 
@@ -260,9 +299,9 @@ def _run_on_ray(explorer, queries, cells, keys, results_dir: Path, recipe, max_c
 
 
 def write_report(explorer, queries, methods, results, results_dir: Path, assets_dir: Path,
-                 floor: dict | None = None, device: str = "cpu") -> dict:
+                 floor: dict | None = None, device: str = "cpu", ident: dict | None = None) -> dict:
     """Summary JSON + markdown table + plot + one regeneration strip per query (first draw; a row per K), of the
-    machine kind that retrains on ``device``."""
+    machine kind that retrains on ``device``; ``ident`` (``table_id``) names the table it reports."""
     from functools import partial
 
     from abu_explorer.machine import kind as machine_kind
@@ -278,7 +317,7 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
     captions = explorer.dataset.captions
     sources = {d["prompt"]: captions.index(d["prompt"]) for d in queries if d["prompt"] in captions}
     summary = summarize(results, methods, sources)
-    summary.update({"num_train": n, "queries": queries, "machine_kind": kind(), "floor": floor,
+    summary.update({"table": ident, "num_train": n, "queries": queries, "machine_kind": kind(), "floor": floor,
                     "unet_hash": explorer.component_hash("unet"),
                     "cells": [{**{k: r[k] for k in ("key", "query_index", "method", "k", "draw", *METRICS, "trained_on")
                                   if k in r}, "mode": r.get("removal_settings", {}).get("mode", "")} for r in results]})
@@ -351,7 +390,7 @@ def main(args) -> int:
         if (args.ray or args.ray_address) else None
     out = run(exp, queries, methods, ks, args.draws, Path(args.results), Path(args.assets) if args.assets else None,
               progress=not args.quiet, max_cells=args.max_cells, with_floor=not args.no_floor, ray=ray,
-              device=args.device)
+              device=args.device, force=args.force)
     if out["report"]:
         print(table(out["report"], len(exp.dataset)))
     print(f"{out['done']}/{out['cells']} cells done")
