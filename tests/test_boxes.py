@@ -64,7 +64,8 @@ def test_run_resumes_and_the_command_writes_its_report(tiny_explorer, tmp_path, 
 
     monkeypatch.setattr(model, "load", lambda _: tiny_explorer)
     args = argparse.Namespace(threads=0, layouts="halves,pasted", methods="pixel,random", mode="exact", pairs=2, options="",
-                              precomputed="unused", results=str(tmp_path / "r"), assets=str(tmp_path / "a"), quiet=True)
+                              precomputed="unused", results=str(tmp_path / "r"), assets=str(tmp_path / "a"), quiet=True,
+                              force=False)
     assert boxes_report.main(args) == 0
     out = capsys.readouterr().out
     assert "| Pixel NN | " in out and "| Random | " in out and "p = " in out
@@ -83,6 +84,16 @@ def test_run_resumes_and_the_command_writes_its_report(tiny_explorer, tmp_path, 
     for shard in ("2/2", "1", "a/b", "0/0"):
         with pytest.raises(ValueError, match="--shard takes I/N"):
             boxes_report.main(argparse.Namespace(**{**vars(args), "shard": shard}))
+    # the assets folder holds one table per mode: other methods stop before any work unless forced
+    before = {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()}
+    monkeypatch.setattr(boxes, "run_method", lambda *a, **k: pytest.fail("ran before the folder was checked"))
+    with pytest.raises(FileExistsError, match=r"methods \['pixel', 'random'\] there, \['pixel'\] here"):
+        boxes_report.main(argparse.Namespace(**{**vars(args), "methods": "pixel"}))
+    assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == before
+    monkeypatch.undo()
+    monkeypatch.setattr(model, "load", lambda _: tiny_explorer)
+    assert boxes_report.main(argparse.Namespace(**{**vars(args), "methods": "pixel", "force": True})) == 0
+    assert list(json.loads((tmp_path / "a" / "boxes_summary.json").read_text())["methods"]) == ["pixel"]
 
 
 def test_shards_fill_one_results_file_together(tiny_explorer, tmp_path):

@@ -166,6 +166,18 @@ def test_one_set_of_subset_models_serves_both_splits(tiny_app, tmp_path):
     built = lds.query_latents(exp, [queries[1], queries[3]])
     alone = lds_table.evaluate(exp, ["pixel"], built, Path(test["folder"]), docs, [1, 3], [queries[1], queries[3]])
     assert alone["methods"]["pixel"]["per_query"] == tune["methods"]["pixel"]["per_query"]
+    # the assets folder holds one table: another split (or other methods) stops before any work unless forced
+    assets = tmp_path / "assets"
+    lds_table.run(exp, queries, ["pixel"], 3, tmp_path, assets, recipe, progress=False, split="test")
+    lds_table.run(exp, queries, ["pixel"], 3, tmp_path, assets, recipe, progress=False, split="test")  # the same
+    before = {f.name: f.read_bytes() for f in assets.iterdir()}
+    with pytest.raises(FileExistsError, match="split 'test' there, 'tune' here"):
+        lds_table.run(exp, queries, ["pixel"], 3, tmp_path, assets, recipe, progress=False, split="tune")
+    with pytest.raises(FileExistsError, match=r"methods \['pixel'\] there, \['random'\] here"):
+        lds_table.run(exp, queries, ["random"], 3, tmp_path, assets, recipe, progress=False, split="test")
+    assert {f.name: f.read_bytes() for f in assets.iterdir()} == before
+    lds_table.run(exp, queries, ["pixel"], 3, tmp_path, assets, recipe, progress=False, split="tune", force=True)
+    assert json.loads((assets / "lds_summary.json").read_text())["split"] == "tune"
 
 
 def test_scores_resume_query_by_query(tiny_app, tmp_path, monkeypatch):

@@ -168,6 +168,7 @@ def main(args) -> int:
     import torch
 
     from abu_explorer.attribution import spec
+    from abu_explorer.evaluation import report_guard
     from abu_explorer.machine import kind
     from abu_explorer.model import load
 
@@ -201,6 +202,11 @@ def main(args) -> int:
     if not isinstance(options, dict) or set(options) - set(methods):
         raise ValueError("--options takes a JSON object keyed by method names of --methods, e.g. "
                          "'{\"abu\": {\"box_contrast\": true}}'")
+    ident = {"methods": methods, "options": options, "mode": args.mode, "pairs": len(pairs), "layouts": layouts,
+             "protocol": folder.name, "machine_kind": kind()}
+    stem = "boxes" if args.mode == "exact" else "boxes_fast"
+    if args.assets:  # the folder holds one table per mode: another one stops here, before any work
+        report_guard.claim(Path(args.assets) / f"{stem}_summary.json", ident, args.force)
     per_method = {m: boxes.run_method(exp, m, pairs, layouts, args.mode, folder, not args.quiet, options.get(m), shard)
                   for m in methods}
     summary = summarize(per_method, layouts, len(exp.dataset))
@@ -210,10 +216,10 @@ def main(args) -> int:
     notes = contrast_notes(summary, per_method, labels, folder)
     if notes:
         print(notes)
-    summary.update({"machine_kind": kind(), "mode": args.mode, "pairs": len(pairs), "layouts": layouts})
+    summary.update({"machine_kind": kind(), "mode": args.mode, "pairs": len(pairs), "layouts": layouts,
+                    "table": ident})
     if args.assets:
         out = Path(args.assets)
-        stem = "boxes" if args.mode == "exact" else "boxes_fast"
         artifacts.save_json(out / f"{stem}_summary.json", summary)
         artifacts.save_text(out / f"{stem}_table.md", table(summary, labels) + f"\n\n{tops}"
                             + (f"\n\n{notes}" if notes else "")

@@ -127,7 +127,9 @@ def add_commands(sub, default_model: str) -> None:
     lds_cmd.add_argument("--stability", action="store_true", help="with --sweep: score each setting again with the "
                          "next draw seed and report the top-10 overlap of the two rankings (twice the scoring)")
     add_retrain_options(lds_cmd, "subset model", "results/lds")
-    lds_cmd.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
+    lds_cmd.add_argument("--assets", default="assets", help="where the table and plot go ('' for none); a folder "
+                         "holds one table (split, methods, options, queries, subsets)")
+    lds_cmd.add_argument("--force", action="store_true", help="replace the report of another table in --assets")
     add_precomputed(lds_cmd, default_model)
     add_native_isa(lds_cmd)
     lds_cmd.set_defaults(func=cmd_lds)
@@ -146,7 +148,9 @@ def add_commands(sub, default_model: str) -> None:
     bx.add_argument("--mode", default="exact", help="exact (the benchmark) or fast (a quick look; filed apart)")
     bx.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     bx.add_argument("--results", default="results/boxes")
-    bx.add_argument("--assets", default="assets", help="where the table and plot go ('' for none)")
+    bx.add_argument("--assets", default="assets", help="where the table and plot go ('' for none); a folder holds "
+                    "one table per mode (methods, options, pairs, layouts)")
+    bx.add_argument("--force", action="store_true", help="replace the report of another table in --assets")
     bx.add_argument("--shard", default="0/1", help="I/N: only composites I, I+N, ... (0 <= I < N), so that N "
                     "processes fill the same results together; the table then counts what is filed so far")
     bx.add_argument("--quiet", action="store_true")
@@ -159,7 +163,8 @@ def add_commands(sub, default_model: str) -> None:
     cz.add_argument("--concepts", default="evaluation/customized_concepts.json")
     cz.add_argument("--write-concepts", action="store_true", help="write the concept rule's list to --concepts "
                     "(category words left empty) and stop")
-    cz.add_argument("--force", action="store_true", help="with --write-concepts: overwrite the list")
+    cz.add_argument("--force", action="store_true", help="with --write-concepts: overwrite the list; else: replace "
+                    "the report of another table in --assets (a folder holds one: methods, test concepts, settings)")
     cz.add_argument("--prompt", action="append", default=[], help="your own customized model (--precomputed of "
                     "precompute --custom-diffusion --exemplars): a prompt to attribute (repeatable); prints each "
                     "method's Recall@10 and AP of the exemplars")

@@ -137,6 +137,13 @@ def main(args) -> int:
     if not (folder / "protocol.json").exists():
         artifacts.save_json(folder / "protocol.json", protocol)
     work = Path(args.work) / customized.key_of(protocol)
+    ident = {"methods": methods, "concepts": [c["id"] for c in concepts if c["split"] == "test"],
+             "abu_settings": dict(customized.CUSTOM_ABU), "protocol": customized.key_of(protocol),
+             "machine_kind": kind()}
+    if args.assets and ident["concepts"]:  # the test split's table: another one stops here, before any work
+        from abu_explorer.evaluation import report_guard
+
+        report_guard.claim(Path(args.assets) / "customized_summary.json", ident, args.force)
     results = []
     for c in concepts:
         results += customized.run_concept(base, c, methods, work, folder, not args.quiet)
@@ -146,7 +153,8 @@ def main(args) -> int:
         summary = summarize(results, methods, split)
         if not any(summary["methods"].values()):
             continue
-        summary.update({"machine_kind": kind(), "protocol": customized.key_of(protocol)})
+        summary.update({"machine_kind": kind(), "protocol": customized.key_of(protocol)},
+                       **({"table": ident} if split == "test" else {}))
         print(f"\n{split} split:\n" + table(summary, labels))
         if args.assets and split == "test":
             out = Path(args.assets)

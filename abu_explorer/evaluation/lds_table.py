@@ -31,20 +31,27 @@ def report_rows(methods: list[str], options: dict | None) -> list[tuple[str, str
 def run(explorer, queries: list[dict], methods: list[str], subsets: int, results_dir: Path,
         assets_dir: Path | None, recipe: train.StageConfig = train.UNET_RECIPE, max_subsets: int | None = None,
         progress: bool = True, split: str = "test", ray: dict | None = None, device: str = "cpu",
-        num_queries: int = 0, options: dict | None = None, built: list | None = None, report: bool = True) -> dict:
+        num_queries: int = 0, options: dict | None = None, built: list | None = None, report: bool = True,
+        force: bool = False) -> dict:
     """Train what is missing of subsets 0..subsets-1 (at most ``max_subsets`` in this call), then the report.
     Every subset model measures all of ``queries`` (both splits, each tagged with its ``split``); the report
     covers those of ``split`` (untagged queries count as any split), the first ``num_queries`` of them if > 0.
     ``ray`` ({"address", "threads", "scratch", "num_cpus"}): the missing subsets run as Ray tasks; ``device``:
     where each subset UNet trains (the table is that machine kind's); ``options``: {method: settings} the methods
     are scored with instead of their defaults; ``built``: a list the queries' latents are kept in between calls;
-    ``report=False``: train only (no scores, no table)."""
+    ``report=False``: train only (no scores, no table); ``force``: replace another table's report in
+    ``assets_dir`` (``report_guard``)."""
     from tqdm.auto import tqdm
 
+    from abu_explorer.evaluation import report_guard
     from abu_explorer.machine import kind
 
     doc = lds.protocol(explorer, queries, recipe)
     folder = lds.results_folder(results_dir, doc, kind(device))
+    ident = {"split": split, "methods": list(methods), "options": options or {}, "num_queries": num_queries,
+             "subsets": subsets, "protocol": folder.name, "machine_kind": kind(device)}
+    if report and assets_dir is not None:
+        report_guard.claim(Path(assets_dir) / "lds_summary.json", ident, force)
     if not (folder / "protocol.json").exists():
         artifacts.save_json(folder / "protocol.json", doc)
     built = built if built is not None else []  # the latents, made when a subset trains here or the report runs
@@ -84,7 +91,7 @@ def run(explorer, queries: list[dict], methods: list[str], subsets: int, results
         out.update(evaluate(explorer, methods, [latents()[i] for i in chosen], folder,
                             [artifacts.load_json(p) for p in finished], chosen, [queries[i] for i in chosen],
                             progress, options))
-        out["split"] = split
+        out.update(split=split, table=ident)
         if assets_dir is not None:
             write(out, Path(assets_dir), len(explorer.dataset))
     return out
@@ -265,7 +272,8 @@ def main(args) -> int:
     if args.sweep:
         return sweep(exp, queries, methods, options, args, common)
     out = run(exp, queries, methods, args.subsets, Path(args.results), Path(args.assets) if args.assets else None,
-              max_subsets=args.max_subsets, ray=ray, options=options, report=not args.train_only, **common)
+              max_subsets=args.max_subsets, ray=ray, options=options, report=not args.train_only, force=args.force,
+              **common)
     if "methods" in out:
         print(table(out))
     print(f"{out['subsets_done']}/{out['subsets_planned']} subset models done ({out['folder']})")
