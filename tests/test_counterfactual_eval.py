@@ -222,6 +222,10 @@ def test_a_cell_claimed_by_another_process_is_left_to_it(tiny_explorer, tmp_path
         seen = progress.counterfactual_status(tiny_explorer, QUERIES, ["pixel"], [2], 1, tmp_path, recipe)
     assert [c["state"] for c in seen["cells"]] == ["running", "done"] and seen["floor"] == "missing"
     assert "1 of 2 cells done, 1 running, 0 missing" in progress.show(seen)
+    took = json.loads(next(tmp_path.rglob("result.json")).read_text())["train_seconds"]
+    assert seen["median_train_seconds"] == took and "the missing cells" not in progress.show(seen)  # none missing
+    shown = progress.show({**seen, "cells": [{**seen["cells"][0], "state": "missing"}, seen["cells"][1]]})
+    assert f"the missing cells: about {took / 3600:.1f} h of retraining" in shown
     assert f"running  'red apple' pixel K=2 draw 0 (epoch 3/{recipe.epochs} at " in progress.show(seen)
     assert [c["state"] for c in progress.counterfactual_status(tiny_explorer, QUERIES, ["pixel"], [2], 1, tmp_path,
                                                                recipe)["cells"]] == ["missing", "done"]

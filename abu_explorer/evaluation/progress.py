@@ -4,6 +4,7 @@ holds its claim) or *missing*; a unit that is not done shows how far its epoch c
 one resumes from there)."""
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -32,12 +33,16 @@ def counterfactual_status(explorer, queries: list[dict], methods: list[str], ks:
     """Every cell of the plan on this machine kind, and its K = 0 floor."""
     _, built, cells, keys = counterfactual_table.planned(explorer, queries, methods, ks, draws, recipe)
     kind = machine_kind(device)
-    rows = []
+    rows, seconds = [], []
     for c, key in zip(cells, keys):
         out = counterfactual.result_dir(results_dir, key, kind)
         rows.append({"prompt": queries[c.query]["prompt"], "method": c.method, "k": c.k, "draw": c.draw, "key": key,
                      "state": state(out / "result.json"), "checkpoint": reached(out / "ckpt")})
-    return {"kind": kind, "cells": rows, "floor": floor_state(explorer, built, results_dir, kind, recipe)}
+        if rows[-1]["state"] == "done":
+            seconds.append(artifacts.load_json(out / "result.json").get("train_seconds"))
+    seconds = [t for t in seconds if t]
+    return {"kind": kind, "cells": rows, "floor": floor_state(explorer, built, results_dir, kind, recipe),
+            "median_train_seconds": statistics.median(seconds) if seconds else None}
 
 
 def floor_state(explorer, built: list, results_dir: Path, kind: str, recipe: train.StageConfig) -> str:
@@ -102,6 +107,11 @@ def show(report: dict) -> str:
         counts = {s: sum(c["state"] == s for c in cells) for s in ("done", "running", "missing")}
         lines = [f"{counts['done']} of {len(cells)} cells done, {counts['running']} running, {counts['missing']} "
                  f"missing ({report['kind']}); K = 0 floor: {report['floor']}"]
+        median = report.get("median_train_seconds")
+        if median and counts["missing"]:
+            lines.append(f"the missing cells: about {counts['missing'] * median / 3600:.1f} h of retraining at the "
+                         f"done cells' median ({median / 60:.0f} min each; n runners side by side take about 1/n of it "
+                         "where each has its own cores)")
         lines += [f"  {c['state']:8s} {c['prompt']!r} {c['method']} K={c['k']} draw {c['draw']}"
                   + (f" ({c['checkpoint']})" if c.get("checkpoint") else "") for c in cells if c["state"] != "done"]
         return "\n".join(lines)
