@@ -143,6 +143,10 @@ def test_runner_resumes_and_never_retrains_a_finished_cell(tiny_explorer, tmp_pa
     assert not (assets / "counterfactual_strip_banana.png").exists() and len(retrained) == 8
     assert (assets / "counterfactual_strip_red_heart.png").exists()
     assert "| banana |" not in (assets / "counterfactual_table.md").read_text()
+    # a table that holds the folder's grows it, no --force needed (nothing of the old one is lost)
+    grown = ce.run(tiny_explorer, other, ["pixel", "random"], [2], 1, results, assets, progress=False, recipe=recipe,
+                   max_cells=0)
+    assert grown["report"]["table"] == ce.table_id(other, ["pixel", "random"], [2], 1) and len(retrained) == 8
 
 
 def test_runner_rejects_bad_requests_before_any_work(tiny_explorer, tmp_path):

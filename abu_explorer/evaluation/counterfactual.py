@@ -29,6 +29,8 @@ from abu_explorer.training import train
 
 QUERY_KEY = 2**41  # noise key of the counterfactual loss (no training row has it)
 FULL = "full"  # the K = 0 cell: retrained on every row (the arithmetic floor)
+SOURCE = "source"  # a reference cell, K = 1: only the training image whose caption is the query's prompt
+UNRANKED = ("random", SOURCE, FULL)  # removals by a rule fixed in code: no method, no settings
 
 
 @torch.no_grad()
@@ -56,7 +58,7 @@ def removal_settings(explorer, method: str, ranker=None) -> dict:
     of its tables (``ranker``: an already loaded instance). The random control's rule is fixed in code."""
     from abu_explorer.attribution import spec
 
-    if method in ("random", FULL):
+    if method in UNRANKED:
         return {}
     ranker = ranker or spec(method).load(explorer)
     return {"mode": removal_mode(method), **ranker.settings()}
@@ -64,12 +66,14 @@ def removal_settings(explorer, method: str, ranker=None) -> dict:
 
 def removal(explorer, query, method: str, k: int, draw: int = 0, ranker=None) -> list[int]:
     """The K rows to remove: a method's top-K in exact mode where it has one (``ranker``: an already loaded
-    instance), or K uniformly random rows (seeded by query and draw)."""
+    instance), K uniformly random rows (seeded by query and draw), or the query's source image alone."""
     from abu_explorer.attribution import spec
 
     n = len(explorer.dataset)
     if not 1 <= k < n:
         raise ValueError(f"K must be in [1, {n - 1}]: a retrain needs at least one of the {n} images, got {k}")
+    if method == SOURCE:
+        return [source_row(explorer, query.prompt, k)]
     if method == "random":
         from abu_explorer.attribution.random_baseline import query_seed
 
@@ -77,6 +81,15 @@ def removal(explorer, query, method: str, k: int, draw: int = 0, ranker=None) ->
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
     ranker = ranker or spec(method).load(explorer)
     return [i for i, _ in ranker.score(query, removal_mode(method)).top(k)]
+
+
+def source_row(explorer, prompt: str, k: int = 1) -> int:
+    """The training row the source reference removes: the first whose caption is ``prompt`` (K is always 1)."""
+    captions = explorer.dataset.captions
+    if k != 1 or prompt not in captions:
+        raise ValueError(f"the source reference removes the one training image captioned with the query's prompt: "
+                         f"it needs K = 1 and a prompt that is a training caption (got K = {k}, {prompt!r})")
+    return captions.index(prompt)
 
 
 def request_key(explorer, query, method: str, k: int, draw: int, recipe: train.StageConfig,
@@ -119,7 +132,7 @@ def run(explorer, query, method: str, k: int, results_dir: Path, recipe: train.S
     if explorer.retrain_note:
         raise ValueError(explorer.retrain_note)
     lock = lock or contextlib.nullcontext()
-    if method != "random":
+    if method not in UNRANKED:
         ranker = ranker or spec(method).load(explorer)
     settings = removal_settings(explorer, method, ranker)
     key = request_key(explorer, query, method, k, draw, recipe, settings)

@@ -29,14 +29,16 @@ def per_query(results: list[dict], method: str, k: int) -> dict[str, float]:
     return {q: statistics.mean(v) for q, v in by.items()}
 
 
-def compare(results: list[dict], a: str, b: str, k: int) -> dict:
-    """``a`` minus ``b`` per query they share at K: how often ``a`` is higher, the two-sided sign-test p
-    (ties count for neither side) and the mean difference with its 95% bootstrap interval."""
-    da, db = per_query(results, a, k), per_query(results, b, k)
+def compare(results: list[dict], a: str, b: str, k: int, k_b: int | None = None) -> dict:
+    """``a`` minus ``b`` per query they share at K (``b`` at ``k_b`` when given: the source reference's K = 1):
+    how often ``a`` is higher, the two-sided sign-test p (ties count for neither side) and the mean difference
+    with its 95% bootstrap interval."""
+    k_b = k if k_b is None else k_b
+    da, db = per_query(results, a, k), per_query(results, b, k_b)
     diffs = [da[q] - db[q] for q in sorted(da.keys() & db.keys())]
     higher, lower = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     p = stats.mcnemar_p(higher, lower) if diffs else math.nan
-    return {"a": a, "b": b, "k": k, "queries": len(diffs), "a_higher": higher, "b_higher": lower,
+    return {"a": a, "b": b, "k": k, "k_b": k_b, "queries": len(diffs), "a_higher": higher, "b_higher": lower,
             "sign_test_p_two_sided": p, "min_possible_p": min(1.0, 2 * 0.5 ** len(diffs)) if diffs else math.nan,
             "mean_difference": statistics.mean(diffs) if diffs else math.nan,
             "bootstrap_ci95": stats.bootstrap_ci(diffs), "significant": bool(diffs and p < 0.05)}
@@ -59,7 +61,8 @@ def table(rows: list[dict], label=lambda m: m) -> str:
     for c in rows:
         lo, hi = c["bootstrap_ci95"]
         ci = "-" if math.isnan(lo) else f"[{lo * 1e3:+.1f}, {hi * 1e3:+.1f}]"
-        lines.append(f"| {label(c['a'])} | {label(c['b'])} | {c['k']} | {c['queries']} | {c['mean_difference'] * 1e3:+.1f} "
+        b = label(c["b"]) + (f" (K = {c['k_b']})" if c.get("k_b", c["k"]) != c["k"] else "")
+        lines.append(f"| {label(c['a'])} | {b} | {c['k']} | {c['queries']} | {c['mean_difference'] * 1e3:+.1f} "
                      f"| {ci} | {c['a_higher']} / {c['b_higher']} | {stats.p_text(c['sign_test_p_two_sided'])} "
                      f"| {'yes' if c['significant'] else 'no'} |")
     return "\n".join(lines)

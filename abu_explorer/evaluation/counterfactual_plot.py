@@ -20,7 +20,10 @@ def _label(row: str) -> str:
     """A row's short name: "AbU+", "Pixel NN", "AbU, alpha 0.01" (a variant row: the settings it changes)."""
     from abu_explorer.attribution import spec
     from abu_explorer.attribution.settings import variant
+    from abu_explorer.evaluation.counterfactual import SOURCE
 
+    if row == SOURCE:
+        return "source image alone"
     base, opts = variant(row)
     try:
         name = spec(base).label.split(" (")[0]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +18,14 @@ from pathlib import Path
 import torch
 
 from abu_explorer import artifacts
-from abu_explorer.attribution.settings import variant, variant_label
+from abu_explorer.attribution.settings import variant
 from abu_explorer.evaluation import counterfactual, counterfactual_compare as compare
-from abu_explorer.evaluation import stats
+from abu_explorer.evaluation.counterfactual import SOURCE
 from abu_explorer.evaluation.counterfactual_plot import METRICS, curve, plot
+from abu_explorer.evaluation.counterfactual_summary import (  # noqa: F401  (the table's numbers, re-exported)
+    PAPER_DL, PAPER_FRACTIONS, label, paper_dl, summarize, table, versus_random)
 from abu_explorer.training import train
 from abu_explorer.machine import kind as machine_kind
-
-# The paper's Table 1 (MSCOCO, N ~ 118k): dL x1e-3 at K = 500 / 1000 / 4000, i.e. these fractions of N.
-# Random is quoted as one figure for all K. IF is not in that table. Absolute values depend on the model and
-# data; the ratio to random is the comparable part.
-PAPER_FRACTIONS = (0.0042, 0.0085, 0.034)
-PAPER_DL = {"abu": (5.6, 6.7, 9.8), "dtrak": (5.4, 6.6, 9.6), "dino": (4.8, 5.6, 8.1), "clip": (4.2, 4.7, 6.4),
-            "pixel": (3.6, 3.6, 4.0), "random": (3.5, 3.5, 3.5)}
 
 
 @dataclass(frozen=True)
@@ -63,109 +57,16 @@ def build_queries(explorer, queries: list[dict]) -> list:
 
 
 def plan(num_queries: int, methods: list[str], ks: list[int], draws: int) -> list[Cell]:
-    """Rounds: for each K, each method (random once per draw), all queries."""
+    """Rounds: for each K, each method (random once per draw), all queries; the source reference (K = 1 whatever
+    the table's Ks) last."""
     cells = []
     for k in ks:
-        for m in methods:
+        for m in (m for m in methods if m != SOURCE):
             for d in range(draws if m == "random" else 1):
                 cells += [Cell(q, m, k, d) for q in range(num_queries)]
     # random draw 1+ after every method's first round: the control's spread matters less than coverage
-    return sorted(cells, key=lambda c: (ks.index(c.k), c.draw, methods.index(c.method), c.query))
-
-
-def summarize(results: list[dict], methods: list[str], sources: dict[str, int] | None = None) -> dict:
-    """Mean +- standard error over queries (and random draws) per method and K. Also, per method, the paired
-    difference dL - (the same query's mean random dL) over the queries that have a random draw, which
-    removes the queries' own spread; and random's per-draw means (the spread of the control). ``sources``:
-    prompt -> the training row whose caption it is; each row then counts the cells that removed that image."""
-    by_query, per_draw = {}, {}  # the random control's dL, by (K, query) and by (K, draw)
-    for r in results:
-        if r["method"] == "random":
-            by_query.setdefault((r["k"], compare.query_id(r)), []).append(r["delta_loss"])
-            per_draw.setdefault(r["k"], {}).setdefault(r["draw"], []).append(r["delta_loss"])
-    rows = []
-    for m in methods:
-        for k in sorted({r["k"] for r in results if r["method"] == m}):
-            rs = [r for r in results if r["method"] == m and r["k"] == k]
-            row = {"method": m, "k": k, "n": len(rs), "queries": len({compare.query_id(r) for r in rs})}
-            known = [r for r in rs if (sources or {}).get(r["query"]["prompt"]) is not None and "removed" in r]
-            if known:
-                row["source_removed"] = [sum(sources[r["query"]["prompt"]] in r["removed"] for r in known), len(known)]
-            for metric in METRICS:
-                row[metric] = stats.mean_se([r[metric] for r in rs if metric in r])
-            if m == "random":
-                row["delta_loss_per_draw"] = {d: statistics.mean(v) for d, v in sorted(per_draw[k].items())}
-            else:
-                paired = [(r["delta_loss"], statistics.mean(by_query[(k, compare.query_id(r))]))
-                          for r in rs if (k, compare.query_id(r)) in by_query]
-                diffs = [dl - rand for dl, rand in paired]
-                row["delta_loss_vs_random"] = stats.mean_se(diffs)
-                # over the queries random has run at this K, so that a half-run control is not set against all
-                rand = statistics.mean(rand for _, rand in paired) if paired else math.nan
-                row["ratio_to_random"] = statistics.mean(dl for dl, _ in paired) / rand if paired and rand > 0 else math.nan
-                row["vs_random_test"] = versus_random(diffs)
-            rows.append(row)
-    return {"rows": rows}
-
-
-def versus_random(diffs: list[float]) -> dict:
-    """Per-query differences (method dL - the same query's random mean): sign test and bootstrap interval.
-    With n queries the smallest possible one-sided p is 1/2^n: 3 queries cannot reach 0.05."""
-    wins = sum(d > 0 for d in diffs)
-    p = stats.sign_test_p(wins, len(diffs))
-    return {"queries": len(diffs), "above_random": wins, "sign_test_p": p, "min_possible_p": 0.5 ** len(diffs),
-            "bootstrap_ci95": stats.bootstrap_ci(diffs), "significant": bool(p < 0.05)}
-
-
-def paper_dl(method: str, k: int, num_train: int) -> float | None:
-    """The paper's dL x1e-3 for ``method`` at the setting nearest K/N, if one is within a factor 1.25."""
-    frac = k / num_train
-    i = min(range(len(PAPER_FRACTIONS)), key=lambda j: abs(math.log(frac / PAPER_FRACTIONS[j])))
-    if method not in PAPER_DL or abs(math.log(frac / PAPER_FRACTIONS[i])) > math.log(1.25):
-        return None
-    return PAPER_DL[method][i]
-
-
-def table(summary: dict, num_train: int) -> str:
-    lines = ["| method | K (% of N) | cells | dL x1e-3 | dL - random x1e-3 (paired by query) | above random: "
-             "sign test p (one-sided); 95% bootstrap CI x1e-3 | dL / random | dG-MSE x1e-3 | dG-CLIP "
-             "| paper dL x1e-3 (/ random) | source image removed (cells) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    rand_mean = {r["k"]: r["delta_loss"][0] for r in summary["rows"] if r["method"] == "random"}
-    for r in summary["rows"]:
-        def fmt(metric, scale, sign=""):
-            m, se = r[metric]
-            digits = 1 if scale > 1 else 3
-            if math.isnan(m):
-                return "-"
-            return f"{m * scale:{sign}.{digits}f}" + ("" if math.isnan(se) else f" ± {se * scale:.{digits}f}")
-
-        if "delta_loss_vs_random" in r:
-            versus = fmt("delta_loss_vs_random", 1e3, "+")
-        else:  # the control itself: its per-draw means show how much one draw moves it
-            versus = "per draw: " + " / ".join(f"{v * 1e3:.1f}" for v in r.get("delta_loss_per_draw", {}).values())
-        rm = rand_mean.get(r["k"], math.nan)
-        ratio = r.get("ratio_to_random", 1.0 if r["method"] == "random" else
-                      r["delta_loss"][0] / rm if rm > 0 else math.nan)  # rows without a paired ratio: the ratio of means
-        ratio = "-" if math.isnan(ratio) else f"{ratio:.2f}"
-        p, p_rand = paper_dl(r["method"], r["k"], num_train), paper_dl("random", r["k"], num_train)
-        paper = "-" if p is None else f"{p:.1f} ({p / p_rand:.2f})"
-        test = r.get("vs_random_test")
-        if test and test["queries"]:
-            lo, hi = test["bootstrap_ci95"]
-            ci = "" if math.isnan(lo) else f"; [{lo * 1e3:+.1f}, {hi * 1e3:+.1f}]"
-            stat = f"{test['above_random']}/{test['queries']}: {stats.p_text(test['sign_test_p'])}{ci}"
-        else:
-            stat = "-"
-        lines.append(f"| {variant_label(r['method'])} | {r['k']} ({100 * r['k'] / num_train:.2f}%) | {r['n']} | "
-                     f"{fmt('delta_loss', 1e3)} | {versus} | {stat} | {ratio} | {fmt('delta_g_mse', 1e3)} | "
-                     f"{fmt('delta_g_clip', 1)} | {paper} | {'/'.join(map(str, r.get('source_removed', []))) or '-'} |")
-    floor = summary.get("floor")
-    if floor:
-        dls = [v["delta_loss"] for v in floor["queries"].values()]
-        lines.append(f"| K = 0 retrain (floor) | 0 | 1 | {statistics.mean(dls) * 1e3:.3f} (max |dL| "
-                     f"{max(abs(d) for d in dls) * 1e3:.3f}) | - | - | - | - | - | - | - |")
-    return "\n".join(lines)
+    cells.sort(key=lambda c: (ks.index(c.k), c.draw, methods.index(c.method), c.query))
+    return cells + [Cell(q, SOURCE, 1) for q in range(num_queries) if SOURCE in methods]
 
 
 def slug(text: str) -> str:
@@ -177,18 +78,25 @@ def table_id(queries: list[dict], methods: list[str], ks: list[int], draws: int)
     return {"queries": queries, "methods": list(methods), "k": sorted(set(ks)), "draws": draws}
 
 
+def within(part: dict, whole: dict) -> bool:
+    """Is table ``part`` (``table_id``) a part of ``whole``: its queries, methods, Ks and draws among whole's?"""
+    return (all(q in whole["queries"] for q in part["queries"]) and set(part["methods"]) <= set(whole["methods"])
+            and set(part["k"]) <= set(whole["k"]) and part["draws"] <= whole["draws"])
+
+
 def report_table(assets_dir: Path, ident: dict, force: bool = False) -> dict:
     """The table whose report ``assets_dir`` holds once this run (``ident``) is done. A folder holds one table:
-    a run of a part of it (fewer queries, methods, Ks or draws) rewrites the whole table's report from the cache;
-    another table's report stops the run before any work, unless ``force``: then its files go first, so no
-    curve or strip of the old table stays beside the new one."""
+    a run of a part of it (fewer queries, methods, Ks or draws) rewrites the whole table's report from the cache,
+    a run of a table that holds it grows it; another table's report stops the run before any work, unless
+    ``force``: then its files go first, so no curve or strip of the old table stays beside the new one."""
     old = Path(assets_dir) / "counterfactual_summary.json"
     if not old.exists():
         return ident
     summary = artifacts.load_json(old)
     t = summary.get("table")
-    if t and all(q in t["queries"] for q in ident["queries"]) and set(ident["methods"]) <= set(t["methods"]) \
-            and set(ident["k"]) <= set(t["k"]) and ident["draws"] <= t["draws"] and not (force and t != ident):
+    if t and within(t, ident):
+        return ident
+    if t and within(ident, t) and not force:
         return t
     if not force:
         what = (f"{len(t['queries'])} queries, K = {', '.join(map(str, t['k']))}, {', '.join(t['methods'])}" if t
@@ -209,12 +117,15 @@ def planned(explorer, queries: list[dict], methods: list[str], ks: list[int], dr
 
     # "abu@before": AbU with the settings its tuning replaced, a row of its own (filed under AbU's key for them)
     rankers = {m: spec(variant(m)[0]).load(explorer, **variant(m)[1]) for m in methods  # unknown names fail here
-               if m != "random"}
+               if m not in counterfactual.UNRANKED}
     settings = {m: counterfactual.removal_settings(explorer, variant(m)[0], rankers.get(m)) for m in methods}
     n = len(explorer.dataset)
     for k in ks:
         if not 1 <= k < n:
             raise ValueError(f"K must be in [1, {n - 1}]: a retrain needs at least one of the {n} images, got {k}")
+    if SOURCE in methods:  # its one image must exist for every query: checked before any work
+        for d in queries:
+            counterfactual.source_row(explorer, d["prompt"])
     built = build_queries(explorer, queries)
     cells = plan(len(queries), methods, ks, draws)
     keys = [counterfactual.request_key(explorer, built[c.query], variant(c.method)[0], c.k, c.draw, recipe,
@@ -321,7 +232,10 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
                     "unet_hash": explorer.component_hash("unet"),
                     "cells": [{**{k: r[k] for k in ("key", "query_index", "method", "k", "draw", *METRICS, "trained_on")
                                   if k in r}, "mode": r.get("removal_settings", {}).get("mode", "")} for r in results]})
-    summary["between"] = [c for k in sorted({r["k"] for r in results}) for c in compare.comparisons(results, methods, k)]
+    between = [c for k in sorted({r["k"] for r in results}) for c in compare.comparisons(results, methods, k)]
+    between += [c for k in sorted({r["k"] for r in results if r["method"] != SOURCE}) for m in methods  # vs K = 1
+                if m != SOURCE for c in [compare.compare(results, m, SOURCE, k, 1)] if c["queries"]]
+    summary["between"] = list({(c["a"], c["b"], c["k"], c["k_b"]): c for c in between}.values())
     per_cell = ["| query | method | mode | draw | source image removed | dL x1e-3 | dG-MSE x1e-3 | dG-CLIP | key |",
                 "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["k"], r["query_index"], methods.index(r["method"]), r["draw"])):
@@ -336,7 +250,7 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
     between = ("\n\nBetween methods (paired by query: the same query's dL under each method's removal; two-sided "
                "exact sign test, so the smallest possible p is 2 / 2^queries: 0.25 with 3 queries; a bootstrap over "
                "3 queries has only 10 distinct resamples and is too narrow: read the sign test):\n\n"
-               + compare.table(summary["between"], variant_label)) if summary["between"] else ""
+               + compare.table(summary["between"], label)) if summary["between"] else ""
     artifacts.save_text(assets_dir / "counterfactual_table.md",
                         table(summary, n) + between + f"\n\nEvery cell retrained on one machine kind: {kind()} "
                         f"({results[0]['trained_on'].get('cpu_model', '') if results else ''}).\n\nPer retrain (K = "
@@ -344,7 +258,7 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
     title = (f"Leave-K-out retraining on the embedded model: {len({r['query_index'] for r in results})} queries, "
              f"mean ± s.e.; all on {kind()}")
     plot(summary, assets_dir / "counterfactual_plot.png", title)
-    if len({r["k"] for r in results}) > 1:
+    if len({r["k"] for r in results if r["method"] != SOURCE}) > 1:  # the source reference alone is no curve
         curve(summary, assets_dir / "counterfactual_curve.png", title)
     for qi, d in enumerate(queries):
         mine = [r for r in results if r["query_index"] == qi and r["draw"] == 0 and "delta_g_clip" in r]
