@@ -23,7 +23,7 @@ from abu_explorer.evaluation import counterfactual, counterfactual_compare as co
 from abu_explorer.evaluation.counterfactual import SOURCE
 from abu_explorer.evaluation.counterfactual_plot import METRICS, curve, plot
 from abu_explorer.evaluation.counterfactual_summary import (  # noqa: F401  (the table's numbers, re-exported)
-    PAPER_DL, PAPER_FRACTIONS, label, paper_dl, summarize, table, versus_random)
+    label, paper_dl, summarize, table, versus_random)
 from abu_explorer.training import train
 from abu_explorer.machine import kind as machine_kind
 
