@@ -127,6 +127,34 @@ def test_counterfactual_job_runs_once_and_is_cached(tiny_app):
     assert examples.grid_ks(2015) == [8, 17, 68] and examples.grid_ks(100) == [1, 3]
 
 
+def _finished(job):
+    t0 = time.time()
+    while job.status in ("queued", "running") and time.time() - t0 < 300:
+        time.sleep(0.2)
+    assert job.status == "done", job.error
+    return job.result
+
+
+def test_the_examples_tiles_end_with_the_source_reference_at_every_k(tiny_app):
+    from abu_explorer.app import examples
+
+    caption = tiny_app.explorer.dataset.captions[7]  # a prompt that is a training caption has a source image
+    query = tiny_app.query({**GEN, "prompt": caption})
+    item = {"source": {**query.source, "prompt": query.prompt}}
+    from abu_explorer.evaluation import counterfactual
+
+    source = counterfactual.run(tiny_app.explorer, query, "source", 1, tiny_app.results_dir, tiny_app.recipe,
+                                progress=False)  # as the evaluation files it (the app offers no such request)
+    assert source["removed"] == [7] and source["k"] == 1
+    assert examples.counterfactual_tiles(tiny_app, item, 2) == []  # the reference alone is no K's result
+    _finished(tiny_app.submit_counterfactual(query, "pixel", 2))
+    tiles = examples.counterfactual_tiles(tiny_app, item, 2)
+    assert [t[1].split(" K=")[0] for t in tiles[1:]] == ["-pixel", "-the source image alone (a reference: reads "
+                                                                  "the query's provenance)"]
+    assert tiles[2][1].endswith(f"K=1: dL {source['delta_loss']:+.4f}, MSE {source['delta_g_mse']:.3f}, "
+                                f"CLIP {source['delta_g_clip']:.2f}")
+
+
 def test_request_queues_the_method_and_the_random_control_once(tiny_app, tmp_path):
     app = ui.ExplorerApp(tiny_app.explorer, tmp_path, recipe=tiny_app.recipe)
     query = app.query(GEN)

@@ -164,7 +164,8 @@ def stale(app, item: dict, name: str) -> bool:
 
 
 def counterfactuals(app, item: dict, k: int) -> list[dict]:
-    """Every finished counterfactual result for this example at K (any method, any random draw)."""
+    """Every finished counterfactual result for this example at K (any method, any random draw), then the
+    source reference (only the training image captioned with the prompt removed, K = 1) when it was retrained."""
     # the request key needs only the query's description: no generation, so no wait for the UNet
     from abu_explorer.attribution.query import Query
 
@@ -183,7 +184,8 @@ def counterfactuals(app, item: dict, k: int) -> list[dict]:
             r = app.cached_counterfactual(query, m, k, draw)
             if r is not None:
                 found.append({**r, "row": m})
-    return found
+    source = app.cached_counterfactual(query, counterfactual.SOURCE, 1) if found else None
+    return found + ([{**source, "row": counterfactual.SOURCE}] if source else [])  # the K = 1 reference, at every K
 
 
 def grid_ks(n_train: int) -> list[int]:
@@ -195,7 +197,7 @@ def counterfactual_tiles(app, item: dict, k: int, size: int = 160):
     """[(image, caption)]: the original, then each finished counterfactual's regenerated image."""
     from PIL import Image
 
-    from abu_explorer.attribution.settings import variant_label
+    from abu_explorer.evaluation.counterfactual_summary import label as label_of
 
     results = counterfactuals(app, item, k)
     if not results:
@@ -209,7 +211,7 @@ def counterfactual_tiles(app, item: dict, k: int, size: int = 160):
     for r in results:
         path = app.result_folder(r["key"]) / "regenerated.png"
         if path.exists():
-            label = f"-{variant_label(r.get('row', r['method']))}" + (f" (draw {r['draw']})" if r["method"] == "random" else "")
+            label = f"-{label_of(r.get('row', r['method']))}" + (f" (draw {r['draw']})" if r["method"] == "random" else "")
             tiles.append((Image.open(path).convert("RGB").resize((size, size), Image.Resampling.NEAREST),
                           f"{label} K={r['k']}: dL {r['delta_loss']:+.4f}, MSE {r['delta_g_mse']:.3f}, "
                           f"CLIP {r['delta_g_clip']:.2f}"))

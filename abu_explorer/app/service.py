@@ -226,7 +226,8 @@ class ExplorerApp:
 
         base, old = variant(method)  # "abu@before": AbU's cells with the settings its tuning replaced
         if method not in self._removal_settings:
-            ranker = None if base == "random" else spec(base).load(self.explorer, **old) if old else self.method(base)
+            ranker = None if base in counterfactual.UNRANKED else \
+                spec(base).load(self.explorer, **old) if old else self.method(base)
             self._removal_settings[method] = counterfactual.removal_settings(self.explorer, base, ranker)
         return counterfactual.request_key(self.explorer, query, base, k, draw, self.recipe,
                                           self._removal_settings[method])
