@@ -35,6 +35,14 @@ def test_the_source_reference_removes_the_captioned_image_and_is_set_against_eac
     pixel = next(c for c in out["report"]["cells"] if c["method"] == "pixel")
     assert (pair["a"], pair["k"], pair["k_b"]) == ("pixel", 2, 1)
     assert pair["mean_difference"] == pytest.approx(pixel["delta_loss"] - source["delta_loss"])
+    from PIL import Image
+
+    strip = Image.open(tmp_path / "a" / f"counterfactual_strip_{ce.slug(prompt)}.png")
+    w, h = Image.open(filed.parent / "regenerated.png").size
+    tile = (w * 5 + 6, h * 5 + 3 * 13 + 4 + 6)  # sheet.grid at scale 5, 3 caption lines, pad 6
+    assert strip.size == (3 * tile[0] + 6, tile[1] + 6)  # one row (K = 2): original, the reference, pixel
+    ref = strip.crop((6 + tile[0], 6, 6 + tile[0] + w * 5, 6 + h * 5)).resize((w, h), Image.Resampling.NEAREST)
+    assert list(ref.getdata()) == list(Image.open(filed.parent / "regenerated.png").convert("RGB").getdata())
     text = (tmp_path / "a" / "counterfactual_table.md").read_text()
     assert "| the source image alone (a reference: reads the query's provenance) | 1 (" in text
     assert "| pixel | the source image alone (a reference: reads the query's provenance) (K = 1) | 2 | 1 |" in text

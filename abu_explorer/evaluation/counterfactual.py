@@ -316,25 +316,36 @@ def show(result: dict) -> str:
 
 
 def strip(results_dir: Path, results: list[dict], path: Path) -> None:
-    """One row per K: the original, then each method's regenerated image (in the order of ``results``' first
-    appearance), captioned with method, K and its metrics; a method without a cell at that K gets a blank tile."""
+    """One row per K: the original, the source reference (K = 1, repeated on every row) when it ran, then each
+    method's regenerated image (in the order of ``results``' first appearance), captioned with method, K and its
+    metrics; a method without a cell at that K gets a blank tile."""
     from PIL import Image
 
     from abu_explorer.data.sheet import grid
 
+    def tile(r):
+        return Image.open(Path(results_dir) / r["key"] / "regenerated.png").convert("RGB")
+
     original = Image.open(Path(results_dir) / results[0]["key"] / "original.png").convert("RGB")
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    by_cell = {(r["k"], r["method"]): r for r in results}
+    cells = [r for r in results if r["method"] != SOURCE] or results  # the reference alone: its own row
+    reference = next((r for r in results if r["method"] == SOURCE), None) if cells is not results else None
+    methods = list(dict.fromkeys(r["method"] for r in cells))
+    by_cell = {(r["k"], r["method"]): r for r in cells}
     images, captions = [], []
-    for k in sorted({r["k"] for r in results}):
+    for k in sorted({r["k"] for r in cells}):
         images.append(original)
         captions.append(f"original: {results[0]['query']['prompt']} (K = {k})")
+        if reference is not None:
+            images.append(tile(reference))
+            captions.append(f"-source image alone (K=1, reference): dL {reference['delta_loss']:+.4f} "
+                            f"CLIP {reference['delta_g_clip']:.2f}")
         for m in methods:
             r = by_cell.get((k, m))
             if r is None:
                 images.append(Image.new("RGB", original.size, "white"))
                 captions.append(f"-{m} K={k}: not run")
                 continue
-            images.append(Image.open(Path(results_dir) / r["key"] / "regenerated.png").convert("RGB"))
+            images.append(tile(r))
             captions.append(f"-{m} K={k}: dL {r['delta_loss']:+.4f} CLIP {r['delta_g_clip']:.2f}")
-    artifacts.save_png(path, grid(images, captions, cols=len(methods) + 1, scale=5, caption_lines=3))
+    cols = len(methods) + 1 + (reference is not None)
+    artifacts.save_png(path, grid(images, captions, cols=cols, scale=5, caption_lines=3))
