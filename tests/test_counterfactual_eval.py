@@ -331,3 +331,14 @@ def test_the_ratio_to_random_is_over_the_queries_random_has_run():
     assert abu["ratio_to_random"] == pytest.approx(3.0) and abu["delta_loss"][0] == pytest.approx(0.04)
     line = dict(zip(*(row.split("|") for row in ce.table(summary, 2015).splitlines()[0:3:2])))
     assert line[" dL / random "].strip() == "3.00"  # not 0.04 / 0.02 = 2.00
+
+
+def test_the_report_is_the_same_bytes_whatever_the_order_of_the_ks(tiny_explorer, tmp_path):
+    recipe, results = tiny_recipes()[2], tmp_path / "r"
+    reports = []
+    for i, ks in enumerate(([2, 1], [1, 2])):
+        ce.run(tiny_explorer, QUERIES[:1], ["pixel"], ks, 1, results, tmp_path / f"a{i}", progress=False,
+               recipe=recipe, with_floor=False)
+        reports.append((tmp_path / f"a{i}" / "counterfactual_summary.json").read_bytes())
+    assert reports[0] == reports[1]
+    assert [c["k"] for c in json.loads(reports[0])["cells"]] == [1, 2]

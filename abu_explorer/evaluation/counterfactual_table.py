@@ -228,6 +228,8 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
     captions = explorer.dataset.captions
     sources = {d["prompt"]: captions.index(d["prompt"]) for d in queries if d["prompt"] in captions}
     summary = summarize(results, methods, sources)
+    # one order whatever the command's order of Ks: a part of the table rewrites the same bytes
+    results = sorted(results, key=lambda r: (r["k"], r["query_index"], methods.index(r["method"]), r["draw"]))
     summary.update({"table": ident, "num_train": n, "queries": queries, "machine_kind": kind(), "floor": floor,
                     "unet_hash": explorer.component_hash("unet"),
                     "cells": [{**{k: r[k] for k in ("key", "query_index", "method", "k", "draw", *METRICS, "trained_on")
@@ -238,7 +240,7 @@ def write_report(explorer, queries, methods, results, results_dir: Path, assets_
     summary["between"] = list({(c["a"], c["b"], c["k"], c["k_b"]): c for c in between}.values())
     per_cell = ["| query | method | mode | draw | source image removed | dL x1e-3 | dG-MSE x1e-3 | dG-CLIP | key |",
                 "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["k"], r["query_index"], methods.index(r["method"]), r["draw"])):
+    for r in results:
         mode = r.get("removal_settings", {}).get("mode") or "-"
         source = sources.get(r["query"]["prompt"])
         removed = "-" if source is None else "yes" if source in r.get("removed", []) else "no"
